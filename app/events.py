@@ -1,0 +1,81 @@
+"""The event envelope, its Avro encoding, and the CloudEvents Kafka headers."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+from uuid import UUID
+
+import fastavro
+
+from app.schemas import EventSchema, load
+
+#: Version of the envelope format itself (the fields around `data`).
+MESSAGE_VERSION = 1
+CONTENT_TYPE = "application/avro"
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass
+class Event:
+    """One event: the envelope fields and the entity state in `data` (None on delete)."""
+
+    event_id: str
+    schema_version: int
+    service: str
+    entity: str
+    key: str
+    op: str
+    occurred_at: datetime
+    sequence: int
+    data: dict[str, Any] | None
+    message_version: int = MESSAGE_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def record(self) -> dict[str, Any]:
+        """The Avro record of this event."""
+        return {
+            "event_id": self.event_id,
+            "message_version": self.message_version,
+            "schema_version": self.schema_version,
+            "service": self.service,
+            "entity": self.entity,
+            "key": self.key,
+            "op": self.op,
+            "occurred_at": self.occurred_at,
+            "sequence": self.sequence,
+            "data": self.data,
+        }
+
+
+def encode(schema: EventSchema, record: dict[str, Any]) -> bytes:
+    """Plain Avro binary (no container, no framing) of a full event record."""
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, schema.parsed, record)
+    return buf.getvalue()
+
+
+def decode(schema: EventSchema, value: bytes) -> dict[str, Any]:
+    """The event record in `value`, read with `schema` as both writer and reader schema."""
+    return fastavro.schemaless_reader(io.BytesIO(value), schema.parsed)  # type: ignore[return-value]
+
+
+def ce_headers(schema: EventSchema, event_id: str | UUID, service: str, op: str,
+               occurred_at: datetime) -> list[tuple[str, bytes]]:
+    """CloudEvents Kafka binding, binary mode: the event's attributes as `ce_*` headers."""
+    return [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", str(event_id).encode()),
+        ("ce_source", f"/services/{service}".encode()),
+        ("ce_type", f"{schema.entity}.{op}.v{schema.version}".encode()),
+        ("ce_time", occurred_at.astimezone(timezone.utc).isoformat().encode()),
+        ("ce_dataschema", schema.dataschema.encode()),
+        ("content-type", CONTENT_TYPE.encode()),
+    ]
+
+
+def schema_for_topic(topic: str) -> EventSchema:
+    """The schema of a `<entity>-v<N>` topic."""
+    entity, _, version = topic.rpartition("-v")
+    return load(entity, int(version))

@@ -1,0 +1,47 @@
+"""The Faust app (`faust -A app.main worker -l info`): wires the relay and the agents."""
+from __future__ import annotations
+
+import faust
+from mode import Service
+
+import models  # noqa: F401  # the entity models, so the relay knows their topics
+from app.relay import Relay
+from app.settings import Settings
+
+
+def create_app(settings: Settings) -> faust.App:
+    """A Faust app configured from `settings` (no network I/O until the worker starts)."""
+    app = faust.App(
+        settings.app_id,
+        broker=settings.kafka_broker or "kafka://127.0.0.1:9092",
+        web_port=settings.web_port,
+        web_host="127.0.0.1",
+        # Tansu joins consumer groups in ~30 s with Faust's defaults; these make it ~5 s.
+        broker_session_timeout=10,
+        broker_rebalance_timeout=5,
+        broker_heartbeat_interval=1,
+        topic_partitions=1,
+        # Tansu has no idempotent/transactional producer: exactly-once comes from event ids
+        # and per-key sequences, so keep Faust at-least-once.
+        processing_guarantee="at_least_once",
+        producer_acks=-1,
+        autodiscover=False,
+    )
+    relay = Relay(settings)
+    app.relay = relay  # type: ignore[attr-defined]  # read by web views and metrics
+
+    @app.service
+    class OutboxRelay(Service):
+        """Runs the outbox relay inside the worker, stopping it with the worker."""
+
+        @Service.task
+        async def _relay(self) -> None:
+            await relay.run()
+
+        async def on_stop(self) -> None:
+            relay.stop()
+
+    return app
+
+
+app = create_app(Settings.from_env())

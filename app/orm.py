@@ -1,0 +1,324 @@
+"""EventedBase and Database: every write through the ORM leaves outbox rows in the same transaction.
+
+How a write becomes an event:
+- `before_flush` validates new and changed objects against the entity's Avro schema (a bad
+  write fails before any SQL is sent) and notes which aggregates the flush touches;
+- `after_flush` (and, for ORM bulk `insert()/update()/delete()`, the statement itself via
+  RETURNING) hands the touched aggregate keys to `app.outbox.record_events`, which bumps the
+  per-key sequence under a row lock and inserts one outbox row per aggregate with the
+  aggregate's full state read back from the database;
+- the relay (`app.outbox.Relay`) publishes committed rows. Rollback discards the rows with
+  everything else, so a rolled-back transaction never publishes.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+from sqlalchemy import event, inspect
+from sqlalchemy.engine import Result
+from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapper, ORMExecuteState, Session, UOWTransaction
+
+from app import outbox
+from app.entities import EntityPlan, SchemaMismatch, plan_for
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EventedBase", "Database", "EventedSession", "SchemaMismatch", "sensitive"]
+
+
+def sensitive() -> dict[str, Any]:
+    """Column `info` marking a column sensitive: never in events, caches, views or responses."""
+    return {"sensitive": True}
+
+
+class EventedBase(AsyncAttrs, DeclarativeBase):
+    """Base of every entity model; its writes and reads raise events.
+
+    Class attributes a model sets:
+    - `__entity__`: topic family (`orders` -> `orders-v2`); `__owner__`: owner service;
+      `__schema_version__`: current schema version; `__legacy__`: older version -> how it is
+      served (`"dual-publish"` or `"downconvert"`);
+    - for an extension instead: `__extends__` (the root model) and `__extension_field__`
+      (the field of the root's data record holding it). Its events are raised as the root.
+    """
+
+    __entity__: ClassVar[str]
+    __owner__: ClassVar[str]
+    __schema_version__: ClassVar[int]
+    __legacy__: ClassVar[dict[int, str]] = {}
+    __extends__: ClassVar[type["EventedBase"] | None] = None
+    __extension_field__: ClassVar[str | None] = None
+
+
+def evented_topics() -> list[str]:
+    """Every topic the outbox publishes to: each root entity's versions, access events, DLQ."""
+    from app.schemas import topic_name
+
+    topics = {topic_name("access", 1)}
+    for mapper in EventedBase.registry.mappers:
+        model = mapper.class_
+        if model.__extends__ is None:
+            topics.add(topic_name(model.__entity__, model.__schema_version__))
+            topics.update(topic_name(model.__entity__, v) for v in model.__legacy__)
+    return sorted(topics)
+
+
+class EventedSession(Session):
+    """The sync session behind every `Database.session()`; the event listeners attach here."""
+
+
+@dataclass
+class _Pending:
+    """Aggregates touched by the current flush: root model -> key -> op."""
+
+    touched: dict[type[EventedBase], dict[Any, str]] = field(default_factory=dict)
+    # Root instances created in this flush whose key is known only after the INSERT.
+    new_roots: list[EventedBase] = field(default_factory=list)
+
+    def note(self, root: type[EventedBase], key: Any, op: str) -> None:
+        """Record `op` for the aggregate, keeping the strongest: delete > create > update."""
+        keys = self.touched.setdefault(root, {})
+        current = keys.get(key)
+        if current is None or _STRENGTH[op] > _STRENGTH[current]:
+            keys[key] = op
+
+
+_STRENGTH = {"update": 0, "create": 1, "delete": 2}
+_PENDING = "evented.pending"
+_SKIP = "evented.skip"
+
+
+def _before_flush(session: Session, flush_context: UOWTransaction, instances: Any) -> None:
+    """Validate changed entities and note the aggregates this flush touches."""
+    pending = _Pending()
+    for obj in session.new:
+        if isinstance(obj, EventedBase):
+            plan = plan_for(type(obj))
+            plan.validate(obj)
+            if plan.is_root:
+                pending.new_roots.append(obj)
+            else:
+                _note_extension(pending, plan, obj, session)
+    for obj in session.dirty:
+        if isinstance(obj, EventedBase) and session.is_modified(obj, include_collections=False):
+            plan = plan_for(type(obj))
+            plan.validate(obj)
+            if plan.is_root:
+                pending.note(plan.root, plan.key_of(obj), "update")
+            else:
+                _note_extension(pending, plan, obj, session)
+    for obj in session.deleted:
+        if isinstance(obj, EventedBase):
+            plan = plan_for(type(obj))
+            if plan.is_root:
+                pending.note(plan.root, plan.key_of(obj), "delete")
+            else:
+                _note_extension(pending, plan, obj, session)
+    session.info[_PENDING] = pending
+
+
+def _note_extension(pending: _Pending, plan: EntityPlan, obj: EventedBase, session: Session) -> None:
+    """An extension's write is an update of its root (or part of the root's create/delete)."""
+    parent = getattr(obj, plan.parent_attr, None) if plan.parent_attr else None
+    if parent is not None and parent in session.new:
+        return  # the root's own create event carries the extension
+    key = plan.key_of(obj)
+    if key is None and parent is not None:
+        key = plan_for(type(parent)).key_of(parent)
+    if key is not None:
+        pending.note(plan.root, key, "update")
+
+
+def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
+    """Write one outbox row per touched aggregate, on the flush's own connection."""
+    pending: _Pending | None = session.info.pop(_PENDING, None)
+    if pending is None:
+        return
+    for obj in pending.new_roots:
+        plan = plan_for(type(obj))
+        pending.note(plan.root, plan.key_of(obj), "create")
+    if pending.touched:
+        conn = session.connection()
+        for root, keys in pending.touched.items():
+            outbox.record_events(conn, plan_for(root), keys, session.info["service"])
+
+
+def _do_orm_execute(state: ORMExecuteState) -> Result[Any] | None:
+    """ORM bulk insert/update/delete: add RETURNING of the aggregate key, then raise events."""
+    if not (state.is_insert or state.is_update or state.is_delete):
+        return None
+    if state.execution_options.get(_SKIP):
+        return None
+    mapper: Mapper[Any] | None = state.bind_mapper
+    if mapper is None or not issubclass(mapper.class_, EventedBase):
+        return None
+    plan = plan_for(mapper.class_)
+    statement = state.statement
+    user_returning = bool(getattr(statement, "_returning", ()))
+    key_col = plan.key_column
+    result = state.invoke_statement(statement=statement.returning(key_col))  # type: ignore[attr-defined]
+    if user_returning:
+        frozen = result.freeze()
+        keys = [row[-1] for row in frozen.data]
+        out: Result[Any] = frozen()
+    else:
+        keys = [row[0] for row in result.all()]
+        out = result
+    # The ORM hands back an iterator result once RETURNING is present; callers of a plain
+    # bulk UPDATE/DELETE read `rowcount`, which is exactly the number of rows returned.
+    out.rowcount = len(keys)  # type: ignore[attr-defined]
+    if plan.is_root:
+        op = "create" if state.is_insert else "delete" if state.is_delete else "update"
+    else:
+        op = "update"
+    if keys:
+        outbox.record_events(state.session.connection(), plan_for(plan.root),
+                             {k: op for k in keys}, state.session.info["service"])
+    return out
+
+
+def _on_load(target: EventedBase, context: Any) -> None:
+    """Every entity loaded from a row is a read: buffer it for the access log."""
+    access: AccessLog | None = context.session.info.get("access")
+    if access is not None:
+        plan = plan_for(type(target))
+        access.add(plan.root_entity, plan.key_of(target))
+
+
+_installed = False
+
+
+def install_listeners() -> None:
+    """Attach the event capture to `EventedSession` and `EventedBase`; idempotent."""
+    global _installed
+    if _installed:
+        return
+    event.listen(EventedSession, "before_flush", _before_flush)
+    event.listen(EventedSession, "after_flush", _after_flush)
+    event.listen(EventedSession, "do_orm_execute", _do_orm_execute)
+    event.listen(EventedBase, "load", _on_load, propagate=True)
+    _installed = True
+
+
+class AccessLog:
+    """Buffers ORM reads and writes them as one access event per entity and interval.
+
+    Reads are best-effort by design: they go through the outbox (so services need no Kafka
+    client) but in a separate, batched transaction, never in the reader's own.
+    """
+
+    def __init__(self, db: "Database", interval: float, max_keys: int) -> None:
+        self._db = db
+        self._interval = interval
+        self._max_keys = max_keys
+        self._batches: dict[str, _AccessBatch] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wakeup = asyncio.Event()
+        self.dropped = 0
+
+    def add(self, entity: str, key: Any) -> None:
+        """Note one read of `entity` `key`; cheap, no I/O."""
+        batch = self._batches.get(entity)
+        if batch is None:
+            batch = self._batches[entity] = _AccessBatch(first_at=time.time())
+        batch.keys.add(str(key))
+        batch.reads += 1
+        batch.last_at = time.time()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="access-log")
+        if len(batch.keys) >= self._max_keys:
+            self._wakeup.set()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._interval)
+            self._wakeup.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write the buffered reads as access events now."""
+        if not self._batches:
+            return
+        batches, self._batches = self._batches, {}
+        try:
+            async with self._db.engine.begin() as conn:
+                await conn.run_sync(lambda c: outbox.record_access(
+                    c, self._db.service, {e: b.as_data() for e, b in batches.items()}))
+        except Exception as exc:  # best-effort: a failed access batch must not break reads
+            self.dropped += sum(b.reads for b in batches.values())
+            log.warning("access events dropped: %s", exc)
+
+    async def close(self) -> None:
+        """Flush what is buffered and stop the background task."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()
+
+
+@dataclass
+class _AccessBatch:
+    first_at: float
+    last_at: float = 0.0
+    reads: int = 0
+    keys: set[str] = field(default_factory=set)
+
+    def as_data(self) -> dict[str, Any]:
+        return {
+            "first_at": datetime.fromtimestamp(self.first_at, timezone.utc),
+            "last_at": int(self.last_at * 1_000_000),
+            "reads": self.reads,
+            "keys": sorted(self.keys),
+        }
+
+
+class Database:
+    """An async engine whose sessions raise events for every write and read."""
+
+    def __init__(self, url: str, *, service: str = "orders", pool_size: int = 10,
+                 access_interval: float = 0.25, access_max_keys: int = 5000,
+                 record_reads: bool = True) -> None:
+        install_listeners()
+        self.service = service
+        self.engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+        self.access: AccessLog | None = (
+            AccessLog(self, access_interval, access_max_keys) if record_reads else None
+        )
+        self._sessions = async_sessionmaker(
+            self.engine, sync_session_class=EventedSession, expire_on_commit=False,
+            info={"service": service, "access": self.access},
+        )
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A session in a transaction: committed when the block ends, rolled back on error."""
+        async with self._sessions() as session:
+            try:
+                yield session
+                await session.commit()
+            except BaseException:
+                await session.rollback()
+                raise
+
+    async def create_all(self) -> None:
+        """Create the entity tables, the outbox and its NOTIFY trigger (idempotent)."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(EventedBase.metadata.create_all)
+            await conn.run_sync(outbox.install)
+
+    async def close(self) -> None:
+        """Flush the access log and close every pooled connection."""
+        if self.access is not None:
+            await self.access.close()
+        await self.engine.dispose()

@@ -1,0 +1,56 @@
+"""Order, the aggregate root of `orders`, and OrderShipping, its one-to-one extension."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, String, func
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.orm import EventedBase
+
+STATUSES = ("pending", "paid", "shipped", "cancelled")
+
+
+class Order(EventedBase):
+    """An order of a customer; events go to `orders-v2` (and v1 for legacy readers)."""
+
+    __tablename__ = "orders"
+    __entity__ = "orders"
+    __owner__ = "orders"
+    __schema_version__ = 2
+    # How older versions are served: "dual-publish" (the relay writes both topics) or
+    # "downconvert" (the worker's down-conversion agent derives v1 from v2).
+    __legacy__ = {1: "downconvert"}
+    __table_args__ = (CheckConstraint(f"status IN {STATUSES!r}", name="orders_status_valid"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    # No FK to customers: customers belong to another service and may live in another database.
+    customer_id: Mapped[int] = mapped_column(BigInteger, index=True)
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=func.now(), onupdate=func.now()
+    )
+
+    shipping: Mapped["OrderShipping | None"] = relationship(
+        back_populates="order", uselist=False, cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class OrderShipping(EventedBase):
+    """Shipping details of an order: an extension, so its writes raise the order's events."""
+
+    __tablename__ = "order_shipping"
+    __extends__ = Order
+    __extension_field__ = "shipping"
+
+    order_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("orders.id", ondelete="CASCADE"), primary_key=True
+    )
+    address: Mapped[str] = mapped_column(String(500))
+    carrier: Mapped[str] = mapped_column(String(100))
+    tracking_number: Mapped[str | None] = mapped_column(String(100), nullable=True)
+
+    order: Mapped[Order] = relationship(back_populates="shipping")

@@ -1,0 +1,106 @@
+"""Fixtures: real PostgreSQL and Redis (from the environment or embedded) and an embedded broker."""
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+
+import models  # noqa: F401  # registers the demo models on EventedBase
+from app.embedded import EmbeddedBroker, EmbeddedPostgres
+from app.orm import Database, EventedBase
+from app.relay import Relay
+from app.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One directory for the servers this test session starts."""
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(run_dir: Path) -> Iterator[str]:
+    """`DATABASE_URL` when set, else an embedded PostgreSQL started for this session."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    server = EmbeddedPostgres.start(run_dir / "postgres")
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+async def database_url(pg_server_url: str) -> AsyncIterator[str]:
+    """A database of its own for this test session, dropped at the end."""
+    base = pg_server_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    name = f"mse_test_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(base)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    url = pg_server_url.rsplit("/", 1)[0] + "/" + name
+    yield url
+    conn = await asyncpg.connect(base)
+    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await conn.close()
+
+
+@pytest.fixture(scope="session")
+def broker(run_dir: Path) -> Iterator[EmbeddedBroker]:
+    """The Tansu broker, always embedded (memory-only, started for this session)."""
+    server = EmbeddedBroker.start(run_dir / "broker")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, broker: EmbeddedBroker) -> Settings:
+    """Settings pointing at this session's servers."""
+    return Settings(database_url=database_url, kafka_broker=broker.url, service_name="orders",
+                    relay_poll_interval=0.5)
+
+
+@pytest.fixture(scope="session")
+async def schema(settings: Settings) -> None:
+    """Entity tables and the outbox, created once per session."""
+    db = Database(settings.database_url)
+    await db.create_all()
+    await db.close()
+
+
+@pytest.fixture
+async def db(settings: Settings, schema: None) -> AsyncIterator[Database]:
+    """A Database for the test; the outbox is emptied before and after.
+
+    Entity ids are never restarted, so every test's keys are new on the session's topics.
+    """
+    database = Database(settings.database_url, service=settings.service_name)
+    await _clear_outbox(database)
+    yield database
+    await database.close()
+    await _clear_outbox(database)
+
+
+async def _clear_outbox(database: Database) -> None:
+    async with database.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM outbox"))
+
+
+@pytest.fixture
+async def relay(settings: Settings, db: Database) -> AsyncIterator[Relay]:
+    """The outbox relay running in this test's event loop."""
+    r = Relay(settings, standby_poll=0.1)
+    task = asyncio.get_running_loop().create_task(r.run())
+    yield r
+    r.stop()
+    await asyncio.wait_for(task, 20)
