@@ -222,12 +222,18 @@ class _Server:
         return self
 
     def pause(self) -> None:
-        """Freeze the server with SIGSTOP: connections stay open but nothing is answered."""
-        self._require_running().send_signal(signal.SIGSTOP)
+        """Freeze the server with SIGSTOP (connections stay open, nothing is answered); waits until frozen."""
+        proc = self._require_running()
+        proc.send_signal(signal.SIGSTOP)
+        # kill() returns before every thread of a multi-threaded server has actually stopped;
+        # wait, so that a chaos test's next step really runs against a frozen server.
+        self._wait_stopped(proc.pid, stopped=True)
 
     def resume(self) -> None:
-        """Unfreeze a server paused with `pause()` (SIGCONT)."""
-        self._require_running().send_signal(signal.SIGCONT)
+        """Unfreeze a server paused with `pause()` (SIGCONT); waits until it runs again."""
+        proc = self._require_running()
+        proc.send_signal(signal.SIGCONT)
+        self._wait_stopped(proc.pid, stopped=False)
 
     def __enter__(self) -> Self:
         """Return the already-started server."""
@@ -312,6 +318,33 @@ class _Server:
                     f"--- last lines of {self.log_path} ---\n{_tail(self.log_path)}"
                 ) from err
             raise
+
+    @staticmethod
+    def _wait_stopped(pid: int, stopped: bool, timeout: float = 5.0) -> None:
+        """Wait until all threads of `pid` are (or none is) in the stopped state."""
+        import psutil
+
+        def states() -> list[str]:
+            task_dir = Path(f"/proc/{pid}/task")
+            if task_dir.is_dir():  # Linux: look at every thread, not just the main one
+                found = []
+                for stat in task_dir.glob("*/stat"):
+                    try:
+                        # The command name may contain spaces; the state follows the last ")".
+                        found.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+                    except (OSError, IndexError):
+                        pass  # thread exited meanwhile
+                return found
+            status = psutil.Process(pid).status()
+            return ["T" if status == psutil.STATUS_STOPPED else "R"]
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            current = states()
+            if all((s in "Tt") == stopped for s in current):
+                return
+            time.sleep(0.005)
+        raise TimeoutError(f"pid {pid} did not {'stop' if stopped else 'continue'} within {timeout:.1f}s")
 
     def _owns_listener(self) -> bool:
         """True if our process has a listening TCP socket on host:port."""

@@ -1,0 +1,54 @@
+"""A demo service: writes customers and orders through the ORM, moving orders through statuses."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+from sqlalchemy import select
+
+from app.orm import Database
+from app.settings import Settings
+from models import Customer, Order, OrderShipping
+
+CURRENCIES = ("EUR", "USD", "GBP")
+NEXT_STATUS = {"pending": "paid", "paid": "shipped"}
+
+
+async def write_one(db: Database, rng: random.Random, customer_ids: list[int]) -> None:
+    """One business step: a new order (sometimes with shipping), or an order moving on."""
+    async with db.session() as s:
+        roll = rng.random()
+        if roll < 0.5 or not customer_ids:
+            if not customer_ids or rng.random() < 0.1:
+                customer = Customer(name=f"customer {rng.randrange(10**6)}",
+                                    email=f"c{rng.randrange(10**9)}@example.com")
+                s.add(customer)
+                await s.flush()
+                customer_ids.append(customer.id)
+            order = Order(customer_id=rng.choice(customer_ids), amount_cents=rng.randrange(100, 50_000),
+                          currency=rng.choice(CURRENCIES))
+            if rng.random() < 0.5:
+                order.shipping = OrderShipping(address=f"{rng.randrange(1, 200)} Main St", carrier="DHL")
+            s.add(order)
+        else:
+            order = (await s.execute(
+                select(Order).where(Order.status.in_(NEXT_STATUS)).order_by(Order.id.desc()).limit(1)
+            )).scalar_one_or_none()
+            if order is not None:
+                order.status = "cancelled" if rng.random() < 0.1 else NEXT_STATUS[order.status]
+
+
+async def run_demo(settings: Settings, *, rate: float, count: int = 0) -> None:
+    """Write at `rate` per second until `count` writes (0: forever)."""
+    db = Database(settings.database_url, service="orders")
+    await db.create_all()
+    rng = random.Random()
+    customer_ids: list[int] = []
+    written = 0
+    try:
+        while count == 0 or written < count:
+            await write_one(db, rng, customer_ids)
+            written += 1
+            await asyncio.sleep(1 / rate)
+    finally:
+        await db.close()

@@ -1,0 +1,115 @@
+"""`python -m app dev`: embedded servers for unset URLs, the worker and a demo writer, live counts."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from app.settings import Settings
+
+
+def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_seconds: float) -> int:
+    """Run the whole system until Ctrl-C (or `for_seconds`); every child is stopped by PID."""
+    from app.cli import check_all, init_db
+    from app.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedRedis
+
+    run = Path(data_dir).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    servers: list[Any] = []
+    children: list[subprocess.Popen[bytes]] = []
+    logs: list[IO[bytes]] = []
+    env = dict(os.environ)
+    # SIGTERM ends the run like Ctrl-C does, through the same cleanup.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        if not settings.database_url:
+            servers.append(EmbeddedPostgres.start(run / "postgres"))
+            env["DATABASE_URL"] = servers[-1].url
+        if not settings.redis_url:
+            servers.append(EmbeddedRedis.start(run / "redis"))
+            env["REDIS_URL"] = servers[-1].url
+        if not settings.kafka_broker:
+            servers.append(EmbeddedBroker.start(run / "broker"))
+            env["KAFKA_BROKER"] = servers[-1].url
+        full = Settings.from_env(env)
+        asyncio.run(check_all(full))
+        asyncio.run(init_db(full))
+
+        def spawn(name: str, *args: str) -> None:
+            log = open(run / f"{name}.log", "ab")
+            logs.append(log)
+            children.append(subprocess.Popen([sys.executable, *args], env=env, stdout=log,
+                                             stderr=subprocess.STDOUT))
+
+        spawn("worker", "-m", "faust", "-A", "app.main", "worker", "-l", "info")
+        if demo:
+            spawn("demo", "-m", "app", "demo", "--rate", str(rate))
+        print(banner(full, run, demo, children), flush=True)
+        asyncio.run(watch(full, children, for_seconds))
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        print("\nstopping...", flush=True)
+        for child in reversed(children):
+            stop_process(child)
+        for server in reversed(servers):
+            server.stop()
+        for log in logs:
+            log.close()
+
+
+def banner(settings: Settings, run: Path, demo: bool, children: list[subprocess.Popen[bytes]]) -> str:
+    """Where to look, printed once at start."""
+    lines = [
+        "microservice-events dev stack",
+        f"  PostgreSQL  {settings.database_url}",
+        f"  Redis       {settings.redis_url}",
+        f"  Kafka       {settings.kafka_broker}",
+        f"  worker      pid {children[0].pid}, web http://127.0.0.1:{settings.web_port}/, log {run / 'worker.log'}",
+    ]
+    if demo:
+        lines.append(f"  demo        pid {children[1].pid}, log {run / 'demo.log'}")
+    lines.append("  Ctrl-C stops everything.")
+    return "\n".join(lines)
+
+
+async def watch(settings: Settings, children: list[subprocess.Popen[bytes]], for_seconds: float) -> None:
+    """Print events written / published / outbox lag once a second; stop if a child dies."""
+    import asyncpg
+
+    conn = await asyncpg.connect(settings.asyncpg_dsn)
+    started = time.monotonic()
+    tty = sys.stdout.isatty()
+    try:
+        while for_seconds <= 0 or time.monotonic() - started < for_seconds:
+            # Outbox ids handed out count the events written (a rolled-back id is counted too).
+            written, pending, oldest = await conn.fetchrow(
+                "SELECT (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM outbox_id_seq), "
+                "count(*), EXTRACT(epoch FROM clock_timestamp() - min(occurred_at)) FROM outbox")
+            line = (f"events written {written:>8}  published {written - pending:>8}  "
+                    f"outbox lag {pending:>6} rows / {float(oldest or 0):6.2f} s")
+            print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
+            for child in children:
+                if child.poll() is not None:
+                    raise RuntimeError(f"{child.args[1:]} exited with {child.returncode}; see its log")
+            await asyncio.sleep(1.0 if tty else 5.0)
+    finally:
+        await conn.close()
+
+
+def stop_process(child: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM, wait, then SIGKILL: the child is gone when this returns."""
+    if child.poll() is not None:
+        return
+    child.send_signal(signal.SIGTERM)
+    try:
+        child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
