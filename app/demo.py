@@ -31,11 +31,11 @@ async def write_one(db: Database, rng: random.Random, customer_ids: list[int]) -
                 order.shipping = OrderShipping(address=f"{rng.randrange(1, 200)} Main St", carrier="DHL")
             s.add(order)
         else:
-            order = (await s.execute(
+            moving = (await s.execute(
                 select(Order).where(Order.status.in_(NEXT_STATUS)).order_by(Order.id.desc()).limit(1)
             )).scalar_one_or_none()
-            if order is not None:
-                order.status = "cancelled" if rng.random() < 0.1 else NEXT_STATUS[order.status]
+            if moving is not None:
+                moving.status = "cancelled" if rng.random() < 0.1 else NEXT_STATUS[moving.status]
 
 
 async def run_demo(settings: Settings, *, rate: float, count: int = 0) -> None:

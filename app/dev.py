@@ -97,7 +97,7 @@ async def watch(settings: Settings, children: list[subprocess.Popen[bytes]], for
             print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
             for child in children:
                 if child.poll() is not None:
-                    raise RuntimeError(f"{child.args[1:]} exited with {child.returncode}; see its log")
+                    raise RuntimeError(f"{child.args!r} exited with {child.returncode}; see its log")
             await asyncio.sleep(1.0 if tty else 5.0)
     finally:
         await conn.close()

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -78,8 +79,7 @@ def wait_for_port(
         # Fail fast if the process we are waiting for has already died (bad flag, port taken, ...).
         if proc is not None and proc.poll() is not None:
             raise EmbeddedServerError(
-                f"{name} (pid {proc.pid}) exited with code {proc.returncode} "
-                f"before listening on {host}:{port}"
+                f"{name} (pid {proc.pid}) exited with code {proc.returncode} before listening on {host}:{port}"
             )
         try:
             with socket.create_connection((host, port), timeout=max(_POLL, 0.5)):
@@ -107,10 +107,9 @@ def _stop_all_at_exit() -> None:
     with _RUNNING_LOCK:
         servers = list(_RUNNING)
     for server in servers:
-        try:
+        # Best effort during interpreter shutdown: one failure must not keep the others running.
+        with contextlib.suppress(Exception):
             server.stop()
-        except Exception:  # noqa: BLE001 - best effort during interpreter shutdown
-            pass
 
 
 def _track(server: _Server, running: bool) -> None:
@@ -329,11 +328,10 @@ class _Server:
             if task_dir.is_dir():  # Linux: look at every thread, not just the main one
                 found = []
                 for stat in task_dir.glob("*/stat"):
-                    try:
-                        # The command name may contain spaces; the state follows the last ")".
+                    # A thread may exit meanwhile. The command name may contain spaces, so the
+                    # state is taken after the last ")".
+                    with contextlib.suppress(OSError, IndexError):
                         found.append(stat.read_text().rsplit(")", 1)[1].split()[0])
-                    except (OSError, IndexError):
-                        pass  # thread exited meanwhile
                 return found
             status = psutil.Process(pid).status()
             return ["T" if status == psutil.STATUS_STOPPED else "R"]
@@ -511,8 +509,7 @@ class EmbeddedPostgres(_Server):
         )
         if result.returncode != 0:
             raise EmbeddedServerError(
-                f"initdb failed for {self.pgdata} (exit {result.returncode}):\n"
-                f"{result.stdout.decode(errors='replace')}"
+                f"initdb failed for {self.pgdata} (exit {result.returncode}):\n{result.stdout.decode(errors='replace')}"
             )
 
     def _chown(self, path: Path) -> None:
@@ -607,10 +604,8 @@ class EmbeddedPostgres(_Server):
             time.sleep(_POLL)
         for proc in self._orphans:
             if not exited(proc):
-                try:
+                with contextlib.suppress(psutil.Error):
                     proc.kill()
-                except psutil.Error:
-                    pass
         self._orphans = []
 
     def _after_exit(self) -> None:
@@ -823,8 +818,6 @@ if __name__ == "__main__":  # pragma: no cover - manual smoke test: python -m ap
         for _server in (_pg, _redis, _kafka):
             print(_server, _server.url)
         print("Ctrl-C to stop", file=sys.stderr)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
-        except KeyboardInterrupt:
-            pass
     shutil.rmtree(base, ignore_errors=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
-from sqlalchemy import event, inspect
+from sqlalchemy import event
 from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapper, ORMExecuteState, Session, UOWTransaction
@@ -127,7 +127,8 @@ def _before_flush(session: Session, flush_context: UOWTransaction, instances: An
 
 def _note_extension(pending: _Pending, plan: EntityPlan, obj: EventedBase, session: Session) -> None:
     """An extension's write is an update of its root (or part of the root's create/delete)."""
-    parent = getattr(obj, plan.parent_attr, None) if plan.parent_attr else None
+    # Only a parent already in memory: reading the attribute could lazy-load it (a query).
+    parent = obj.__dict__.get(plan.parent_attr) if plan.parent_attr else None
     if parent is not None and parent in session.new:
         return  # the root's own create event carries the extension
     key = plan.key_of(obj)

@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Connection, text
 
 from app.entities import EntityPlan, record_sql
 from app.schemas import topic_name
-
-if TYPE_CHECKING:
-    from datetime import datetime
 
 #: Idempotent DDL. `event_sequences` holds the per-aggregate sequence: its row lock
 #: serializes writers of one aggregate, and it outlives a delete, so a re-created key

@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 import models  # noqa: F401  # registers the demo models on EventedBase
 from app.embedded import EmbeddedBroker, EmbeddedPostgres
-from app.orm import Database, EventedBase
+from app.orm import Database
 from app.relay import Relay
 from app.settings import Settings
 

@@ -47,21 +47,21 @@ def asyncpg_dsn(pg: EmbeddedPostgres) -> str:
 
 
 @pytest.fixture
-def postgres(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+def embedded_pg(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
     """A fresh PostgreSQL cluster, stopped at teardown whatever the test did."""
     with EmbeddedPostgres.start(tmp_path / "pg") as pg:
         yield pg
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+def embedded_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     """A fresh redis-server, stopped at teardown."""
     with EmbeddedRedis.start(tmp_path / "redis") as server:
         yield server
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+def embedded_broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
     """A fresh in-memory Tansu broker, stopped at teardown."""
     with EmbeddedBroker.start(tmp_path / "kafka") as server:
         yield server
@@ -84,60 +84,60 @@ def test_start_fails_clearly_when_port_is_taken(tmp_path: Path) -> None:
             EmbeddedRedis.start(tmp_path / "redis", port=port, timeout=5)
 
 
-async def test_postgres_select_then_stop(postgres: EmbeddedPostgres) -> None:
+async def test_postgres_select_then_stop(embedded_pg: EmbeddedPostgres) -> None:
     """asyncpg can query the server; stop() is quick even with a client connected."""
-    assert postgres.url == f"postgresql+asyncpg://postgres@127.0.0.1:{postgres.port}/postgres"
+    assert embedded_pg.url == f"postgresql+asyncpg://postgres@127.0.0.1:{embedded_pg.port}/postgres"
     # `pid` must be the postmaster itself, not a wrapper like runuser.
-    assert int((postgres.pgdata / "postmaster.pid").read_text().split()[0]) == postgres.pid
+    assert int((embedded_pg.pgdata / "postmaster.pid").read_text().split()[0]) == embedded_pg.pid
 
-    conn = await asyncpg.connect(asyncpg_dsn(postgres))
+    conn = await asyncpg.connect(asyncpg_dsn(embedded_pg))
     try:
         assert await conn.fetchval("SELECT 1") == 1
         assert await conn.fetchval("SHOW fsync") == "off"
         assert await conn.fetchval("SHOW max_connections") == "200"
-        pid = postgres.pid
+        pid = embedded_pg.pid
         # Fast shutdown disconnects clients instead of waiting for them (as SIGTERM would).
         started = time.monotonic()
-        postgres.stop()
+        embedded_pg.stop()
         assert time.monotonic() - started < 5
     finally:
         conn.terminate()
     assert pid_gone(pid)
-    assert not postgres.running
-    postgres.stop()  # idempotent
+    assert not embedded_pg.running
+    embedded_pg.stop()  # idempotent
 
 
-async def test_postgres_restart_keeps_data(postgres: EmbeddedPostgres) -> None:
+async def test_postgres_restart_keeps_data(embedded_pg: EmbeddedPostgres) -> None:
     """restart() keeps port and data; after kill() the server recovers and restarts."""
-    conn = await asyncpg.connect(asyncpg_dsn(postgres))
+    conn = await asyncpg.connect(asyncpg_dsn(embedded_pg))
     await conn.execute("CREATE TABLE kept (v text)")
     await conn.execute("INSERT INTO kept VALUES ('survives')")
     await conn.close()
 
-    old_pid, port = postgres.pid, postgres.port
-    postgres.restart()
-    assert postgres.port == port
-    assert postgres.pid != old_pid
+    old_pid, port = embedded_pg.pid, embedded_pg.port
+    embedded_pg.restart()
+    assert embedded_pg.port == port
+    assert embedded_pg.pid != old_pid
     assert pid_gone(old_pid)
-    conn = await asyncpg.connect(asyncpg_dsn(postgres))
+    conn = await asyncpg.connect(asyncpg_dsn(embedded_pg))
     assert await conn.fetchval("SELECT v FROM kept") == "survives"
     conn.terminate()
 
     # Crash: SIGKILL the postmaster, then bring it back through crash recovery.
-    killed = postgres.pid
-    postgres.kill()
+    killed = embedded_pg.pid
+    embedded_pg.kill()
     assert pid_gone(killed)
-    postgres.restart()
-    conn = await asyncpg.connect(asyncpg_dsn(postgres))
+    embedded_pg.restart()
+    conn = await asyncpg.connect(asyncpg_dsn(embedded_pg))
     # The row was checkpointed by the clean restart above, so the crash cannot lose it.
     assert await conn.fetchval("SELECT v FROM kept") == "survives"
     await conn.close()
 
 
-async def test_redis_set_get_then_stop(redis_server: EmbeddedRedis) -> None:
+async def test_redis_set_get_then_stop(embedded_redis: EmbeddedRedis) -> None:
     """redis.asyncio can SET/GET; restart() keeps the port (not the data); stop() ends the pid."""
-    assert redis_server.url == f"redis://127.0.0.1:{redis_server.port}/0"
-    client = aioredis.from_url(redis_server.url)
+    assert embedded_redis.url == f"redis://127.0.0.1:{embedded_redis.port}/0"
+    client = aioredis.from_url(embedded_redis.url)
     try:
         await client.set("greeting", "hello")
         assert await client.get("greeting") == b"hello"
@@ -145,22 +145,22 @@ async def test_redis_set_get_then_stop(redis_server: EmbeddedRedis) -> None:
     finally:
         await client.aclose()
 
-    old_pid, port = redis_server.pid, redis_server.port
-    redis_server.restart()
+    old_pid, port = embedded_redis.pid, embedded_redis.port
+    embedded_redis.restart()
     assert pid_gone(old_pid)
-    assert redis_server.port == port
+    assert embedded_redis.port == port
     # A fresh client: pooled connections to the old process are dead and fail once.
-    client = aioredis.from_url(redis_server.url)
+    client = aioredis.from_url(embedded_redis.url)
     try:
         # No persistence (--save "" --appendonly no): a restarted redis is empty.
         assert await client.get("greeting") is None
     finally:
         await client.aclose()
 
-    pid = redis_server.pid
-    redis_server.stop()
+    pid = embedded_redis.pid
+    embedded_redis.stop()
     assert pid_gone(pid)
-    redis_server.stop()  # idempotent
+    embedded_redis.stop()  # idempotent
 
 
 async def produce_and_consume(broker: EmbeddedBroker, topic: str, value: bytes) -> bytes:
@@ -181,50 +181,51 @@ async def produce_and_consume(broker: EmbeddedBroker, topic: str, value: bytes) 
         consumer.assign([tp])
         await consumer.seek_to_beginning(tp)
         message = await asyncio.wait_for(consumer.getone(), 10)
-        return message.value
+        received: bytes = message.value
+        return received
     finally:
         await consumer.stop()
 
 
-async def test_broker_produce_consume_then_stop(broker: EmbeddedBroker) -> None:
+async def test_broker_produce_consume_then_stop(embedded_broker: EmbeddedBroker) -> None:
     """aiokafka round-trips a message through the broker; stop() ends the pid."""
-    assert broker.bootstrap == f"127.0.0.1:{broker.port}"
-    assert broker.url == f"kafka://127.0.0.1:{broker.port}"
+    assert embedded_broker.bootstrap == f"127.0.0.1:{embedded_broker.port}"
+    assert embedded_broker.url == f"kafka://127.0.0.1:{embedded_broker.port}"
     topic = f"embedded-{uuid.uuid4().hex[:8]}"
-    assert await produce_and_consume(broker, topic, b"hello kafka") == b"hello kafka"
+    assert await produce_and_consume(embedded_broker, topic, b"hello kafka") == b"hello kafka"
 
-    pid = broker.pid
-    broker.stop()
+    pid = embedded_broker.pid
+    embedded_broker.stop()
     assert pid_gone(pid)
-    broker.stop()  # idempotent
+    embedded_broker.stop()  # idempotent
 
 
-async def test_broker_pause_resume(broker: EmbeddedBroker) -> None:
+async def test_broker_pause_resume(embedded_broker: EmbeddedBroker) -> None:
     """A paused broker answers nothing; after resume() the pending send completes."""
     topic = f"paused-{uuid.uuid4().hex[:8]}"
-    producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, request_timeout_ms=30_000)
+    producer = AIOKafkaProducer(bootstrap_servers=embedded_broker.bootstrap, request_timeout_ms=30_000)
     await producer.start()
     try:
         # Explicit partition: auto-created topics have several partitions on this broker.
         await producer.send_and_wait(topic, b"before", partition=0)  # topic metadata is now cached
 
-        broker.pause()
-        assert proc_state(broker.pid) == "T"
+        embedded_broker.pause()
+        assert proc_state(embedded_broker.pid) == "T"
         pending = await producer.send(topic, b"during", partition=0)
         done, _ = await asyncio.wait({pending}, timeout=1.0)
         assert not done, "a SIGSTOPped broker must not acknowledge anything"
 
-        broker.resume()
-        assert proc_state(broker.pid) != "T"
+        embedded_broker.resume()
+        assert proc_state(embedded_broker.pid) != "T"
         meta = await asyncio.wait_for(pending, 10)
         assert meta.offset == 1
     finally:
         await producer.stop()
 
     # stop() must also work on a paused broker (it sends SIGCONT after SIGTERM).
-    broker.pause()
-    pid = broker.pid
+    embedded_broker.pause()
+    pid = embedded_broker.pid
     started = time.monotonic()
-    broker.stop()
+    embedded_broker.stop()
     assert time.monotonic() - started < 5
     assert pid_gone(pid)
