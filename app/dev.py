@@ -28,7 +28,8 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if not settings.database_url:
-            servers.append(EmbeddedPostgres.start(run / "postgres"))
+            # Durable commits: a committed write must survive a crash to become its event.
+            servers.append(EmbeddedPostgres.start(run / "postgres", settings={"synchronous_commit": "on"}))
             env["DATABASE_URL"] = servers[-1].url
         if not settings.redis_url:
             servers.append(EmbeddedRedis.start(run / "redis"))

