@@ -75,6 +75,27 @@ def ce_headers(schema: EventSchema, event_id: str | UUID, service: str, op: str,
     ]
 
 
+def encode_message(schema: EventSchema, record: dict[str, Any]) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """Value and CloudEvents headers of one event record in `schema`'s version."""
+    headers = ce_headers(schema, record["event_id"], record["service"], record["op"], record["occurred_at"])
+    return encode(schema, record), headers
+
+
+def downconvert(value: bytes, source: EventSchema, target: int) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """A `source`-version message as version `target`: same event id, key and sequence.
+
+    The relay's dual-publish goes through `encode_message(convert_record(...))` too, so both
+    ways of serving an old version give byte-identical values and identical headers.
+    """
+    from app.convert import convert_record
+
+    record = decode(source, value)
+    if record["schema_version"] != source.version:
+        raise ValueError(f"message says schema_version {record['schema_version']} "
+                         f"on a v{source.version} topic")
+    return encode_message(load(source.entity, target), convert_record(record, target))
+
+
 def schema_for_topic(topic: str) -> EventSchema:
     """The schema of a `<entity>-v<N>` topic."""
     entity, _, version = topic.rpartition("-v")

@@ -4,15 +4,17 @@ from __future__ import annotations
 import faust
 from mode import Service
 
-import models  # noqa: F401  # the entity models, so the relay knows their topics
+import models  # noqa: F401  # the entity models, so the relay and agents know their topics
+from agents import downconvert
 from app.relay import Relay
 from app.settings import Settings
+from app.transport import App
 
 
 def create_app(settings: Settings) -> faust.App:
     """A Faust app configured from `settings` (no network I/O until the worker starts)."""
-    app = faust.App(
-        settings.app_id,
+    app = App(
+        settings,
         broker=settings.kafka_broker or "kafka://127.0.0.1:9092",
         web_port=settings.web_port,
         web_host="127.0.0.1",
@@ -20,13 +22,15 @@ def create_app(settings: Settings) -> faust.App:
         broker_session_timeout=10,
         broker_rebalance_timeout=5,
         broker_heartbeat_interval=1,
-        topic_partitions=1,
+        # Changelog and repartition topics get as many partitions as the event topics.
+        topic_partitions=settings.topic_partitions,
         # Tansu has no idempotent/transactional producer: exactly-once comes from event ids
         # and per-key sequences, so keep Faust at-least-once.
         processing_guarantee="at_least_once",
         producer_acks=-1,
         autodiscover=False,
     )
+    downconvert.install(app, settings)
     relay = Relay(settings)
     app.relay = relay  # type: ignore[attr-defined]  # read by web views and metrics
 

@@ -19,8 +19,10 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from app.events import ce_headers, encode, schema_for_topic
-from app.orm import evented_topics
+from app.convert import convert_record
+from app.events import encode_message, schema_for_topic
+from app.schemas import load, topic_name
+from app.orm import current_version, evented_topics, legacy_modes
 from app.outbox import CHANNEL
 from app.settings import Settings
 
@@ -61,8 +63,8 @@ class Message:
     headers: list[tuple[str, bytes]]
 
 
-def to_messages(row: asyncpg.Record | dict[str, Any]) -> list[Message]:
-    """The Kafka messages of one outbox row (pure: no I/O)."""
+def to_messages(row: asyncpg.Record | dict[str, Any], dual: tuple[int, ...] = ()) -> list[Message]:
+    """The Kafka messages of one outbox row: its own version, then each dual-published one."""
     schema = schema_for_topic(row["topic"])
     data = row["data"]
     record = {
@@ -77,8 +79,14 @@ def to_messages(row: asyncpg.Record | dict[str, Any]) -> list[Message]:
         "sequence": row["sequence"],
         "data": json.loads(data) if isinstance(data, str) else data,
     }
-    headers = ce_headers(schema, record["event_id"], row["service"], row["op"], row["occurred_at"])
-    return [Message(row["topic"], row["key"].encode(), encode(schema, record), headers)]
+    key = row["key"].encode()
+    value, headers = encode_message(schema, record)
+    messages = [Message(row["topic"], key, value, headers)]
+    for version in dual:
+        old = load(schema.entity, version)
+        value, headers = encode_message(old, convert_record(record, version))
+        messages.append(Message(old.topic, key, value, headers))
+    return messages
 
 
 def dead_letter(row: asyncpg.Record, exc: BaseException) -> Message:
@@ -116,6 +124,12 @@ class Relay:
                  standby_poll: float = 1.0) -> None:
         self.settings = settings
         self.topics = topics if topics is not None else evented_topics()
+        # topic -> older versions the relay publishes too ("dual-publish" legacy mode).
+        self.dual: dict[str, tuple[int, ...]] = {
+            topic_name(entity, current_version(entity)): tuple(sorted(
+                (v for v, mode in modes.items() if mode == "dual-publish"), reverse=True))
+            for entity, modes in legacy_modes(settings.legacy_overrides()).items()
+        }
         self.stats = RelayStats()
         self._standby_poll = standby_poll
         self._wakeup = asyncio.Event()
@@ -204,7 +218,7 @@ class Relay:
         futures = []
         for row in rows:
             try:
-                messages = to_messages(row)
+                messages = to_messages(row, self.dual.get(row["topic"], ()))
             except Exception as exc:  # bad data must not block the outbox behind it
                 messages = [dead_letter(row, exc)]
                 self.stats.dead_lettered += 1

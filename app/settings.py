@@ -6,6 +6,9 @@ from dataclasses import dataclass, replace
 from collections.abc import Mapping
 
 
+LEGACY_MODES = ("dual-publish", "downconvert")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the worker and services can be configured with.
@@ -21,6 +24,12 @@ class Settings:
     app_id: str = "microservice-events"
     # Partitions of the topics the relay creates; per-key order holds within a partition.
     topic_partitions: int = 4
+    # Overrides of the models' `__legacy__` modes, so switching needs no code change:
+    # "orders:1=dual-publish" (entity:version=mode, comma-separated).
+    legacy_modes: str = ""
+    # Faust hard-codes a 1500 ms fetch wait; Tansu answers a waiting fetch only when it
+    # expires, so this wait is the latency of every hop. Ours is a setting (app/transport.py).
+    consumer_fetch_max_wait_ms: int = 10
     # Relay tuning: rows per fetch, and the poll interval used when NOTIFY is missed.
     relay_batch: int = 2000
     relay_poll_interval: float = 1.0
@@ -39,7 +48,24 @@ class Settings:
             service_name=env.get("SERVICE_NAME", "orders"),
             web_port=int(env.get("WEB_PORT", "6066")),
             app_id=env.get("APP_ID", "microservice-events"),
+            legacy_modes=env.get("LEGACY_MODES", ""),
+            consumer_fetch_max_wait_ms=int(env.get("CONSUMER_FETCH_MAX_WAIT_MS", "10")),
         )
+
+    def legacy_overrides(self) -> dict[tuple[str, int], str]:
+        """`legacy_modes` parsed: (entity, version) -> "dual-publish" | "downconvert"."""
+        out: dict[tuple[str, int], str] = {}
+        for item in filter(None, (part.strip() for part in self.legacy_modes.split(","))):
+            try:
+                target, mode = item.split("=")
+                entity, version = target.split(":")
+                key = (entity.strip(), int(version))
+            except ValueError:
+                raise ValueError(f"LEGACY_MODES item {item!r} is not entity:version=mode") from None
+            if mode.strip() not in LEGACY_MODES:
+                raise ValueError(f"LEGACY_MODES item {item!r}: mode must be one of {LEGACY_MODES}")
+            out[key] = mode.strip()
+        return out
 
     def with_(self, **changes: object) -> "Settings":
         """A copy with some fields changed (tests build theirs this way)."""

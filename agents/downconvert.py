@@ -1,0 +1,129 @@
+"""downconvert_<entity>: serves older schema versions by converting the current topic's events.
+
+For each entity whose older versions are in `downconvert` mode (see `Order.__legacy__` and
+`LEGACY_MODES`), one agent reads `<entity>-v<current>` and writes `<entity>-v<old>` with the
+same key, partition and event id. What cannot be decoded or converted goes to
+`<entity>-v<current>.dlq` with the reason in headers; the agent keeps going.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+
+from app.events import downconvert
+from app.orm import current_version, legacy_modes
+from app.schemas import EventSchema, load
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """What the agent needs of one consumed message."""
+
+    key: bytes | None
+    value: bytes | None
+    partition: int
+    offset: int
+    headers: Headers
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message to produce."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    partition: int | None
+    headers: Headers
+
+
+def dlq_topic(source_topic: str) -> str:
+    """The dead-letter topic of a source topic."""
+    return f"{source_topic}.dlq"
+
+
+def dead_letter(source: EventSchema, msg: Incoming, exc: BaseException) -> Outgoing:
+    """The original message, untouched, with why it failed and where it came from in headers."""
+    reason: Headers = [
+        ("dlq_error_class", type(exc).__name__.encode()),
+        ("dlq_error_message", str(exc)[:1000].encode(errors="replace")),
+        ("dlq_source_topic", source.topic.encode()),
+        ("dlq_source_partition", str(msg.partition).encode()),
+        ("dlq_source_offset", str(msg.offset).encode()),
+    ]
+    return Outgoing(dlq_topic(source.topic), msg.key, msg.value, None, reason + list(msg.headers))
+
+
+def convert_batch(source: EventSchema, targets: Sequence[int], batch: Sequence[Incoming]) -> list[Outgoing]:
+    """The messages to produce for `batch`, in order (pure: no I/O).
+
+    Each target version keeps the source partition: the topics have equal partition counts,
+    so per-key order carries over and dual-publish (key-hashed) lands in the same partition.
+    """
+    out: list[Outgoing] = []
+    for msg in batch:
+        try:
+            if msg.value is None:
+                raise ValueError("message has no value (tombstone) on an event topic")
+            converted = [(v, downconvert(msg.value, source, v)) for v in targets]
+        except Exception as exc:  # anything undecodable or unconvertible is a dead letter
+            out.append(dead_letter(source, msg, exc))
+            continue
+        for version, (value, headers) in converted:
+            out.append(Outgoing(load(source.entity, version).topic, msg.key, value, msg.partition, headers))
+    return out
+
+
+def downconvert_targets(settings: Settings) -> dict[str, list[int]]:
+    """entity -> the older versions this worker serves by down-conversion."""
+    out = {}
+    for entity, modes in legacy_modes(settings.legacy_overrides()).items():
+        versions = sorted((v for v, mode in modes.items() if mode == "downconvert"), reverse=True)
+        if versions:
+            out[entity] = versions
+    return out
+
+
+def install(app: faust.App, settings: Settings) -> None:
+    """Declare one down-conversion agent per entity that has versions in `downconvert` mode."""
+    for entity, targets in downconvert_targets(settings).items():
+        _declare(app, load(entity, current_version(entity)), targets)
+
+
+def _declare(app: faust.App, source: EventSchema, targets: list[int]) -> None:
+    topic = app.topic(source.topic, key_serializer="raw", value_serializer="raw")
+
+    async def downconvert_entity(stream: faust.StreamT[Any]) -> None:
+        # take_events acks a batch only after this loop body finished with it, so the
+        # offsets Faust commits never run ahead of what was produced (at-least-once).
+        async for events in stream.take_events(1000, within=0.005):
+            batch = [Incoming(e.message.key, e.message.value, e.message.partition, e.message.offset,
+                              list(e.message.headers or ())) for e in events]
+            await produce_all(app, convert_batch(source, targets, batch))
+
+    app.agent(topic, name=f"downconvert_{source.entity}")(downconvert_entity)
+
+
+async def produce_all(app: faust.App, messages: list[Outgoing]) -> None:
+    """Send `messages` in order and wait for every ack, retrying until the broker takes them."""
+    backoff = 0.1
+    while True:
+        try:
+            futures = [await app.producer.send(m.topic, m.key, m.value, m.partition, None, m.headers)
+                       for m in messages]
+            await asyncio.gather(*futures)
+            return
+        except Exception as exc:  # the batch is not acked until it is produced: never lose it
+            log.warning("down-conversion produce failed (%s); retrying", exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)

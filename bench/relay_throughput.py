@@ -1,0 +1,113 @@
+"""Relay throughput on a backlog, vs a raw aiokafka producer sending the same number of messages.
+
+Ours: a backlog of N outbox rows is written with ORM bulk inserts through `Database` (one
+outbox row per Order, chunks of 5,000), then a fresh `Relay` is started and timed until
+`SELECT count(*) FROM outbox` (polled every 20 ms) reads 0. The time includes the relay's
+start (connect, advisory lock, producer start, topic check), which is reported separately.
+Baseline: an `AIOKafkaProducer` configured like the relay's (acks=all, linger_ms=0) sends N
+messages of the relay's size and headers to a fresh topic, awaiting acks per 2,000 like the relay.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from sqlalchemy import insert
+
+from app.orm import Database
+from app.relay import Relay
+from bench.common import Config, Env, Line, create_topic, execute, median, note, sample_message, settle, spread
+from models import Order
+
+
+async def _backlog(db: Database, total: int, chunk: int) -> float:
+    t0 = time.monotonic()
+    row = {"customer_id": 7, "amount_cents": 1999, "currency": "EUR"}
+    for start in range(0, total, chunk):
+        async with db.session() as s:
+            await s.execute(insert(Order), [row] * min(chunk, total - start))
+    return time.monotonic() - t0
+
+
+async def _relay_round(env: Env, db: Database, cfg: Config) -> dict[str, float]:
+    await execute(env, "DELETE FROM outbox")
+    took_backlog = await _backlog(db, cfg.relay_backlog, cfg.relay_chunk)
+    conn = await asyncpg.connect(env.dsn)
+    try:
+        pending = await conn.fetchval("SELECT count(*) FROM outbox")
+        assert pending == cfg.relay_backlog, f"backlog has {pending} rows, expected {cfg.relay_backlog}"
+        await execute(env, "VACUUM ANALYZE outbox")
+        await settle()
+        relay = Relay(env.settings)
+        t0 = time.monotonic()
+        task = asyncio.get_running_loop().create_task(relay.run(), name="relay")
+        active_at = float("nan")
+        deadline = t0 + 300
+        try:
+            while True:
+                await asyncio.sleep(0.02)
+                if active_at != active_at and relay.stats.active:
+                    active_at = time.monotonic() - t0
+                if await conn.fetchval("SELECT count(*) FROM outbox") == 0:
+                    break
+                if task.done():
+                    raise RuntimeError(f"relay stopped: {relay.stats.last_error}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"outbox not drained: {relay.stats}")
+            took = time.monotonic() - t0
+        finally:
+            relay.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 20)
+    finally:
+        await conn.close()
+    return {"rate": cfg.relay_backlog / took, "seconds": took, "startup": active_at,
+            "backlog_seconds": took_backlog, "batches": relay.stats.batches, "errors": relay.stats.errors}
+
+
+async def _raw_round(env: Env, cfg: Config) -> dict[str, float]:
+    topic = f"bench-throughput-{uuid.uuid4().hex[:8]}"
+    await create_topic(env, topic)
+    msg = sample_message()
+    keys = [str(100_000 + i).encode() for i in range(cfg.relay_backlog)]
+    producer = AIOKafkaProducer(bootstrap_servers=env.bootstrap, acks="all", linger_ms=0,
+                                max_batch_size=1 << 20, request_timeout_ms=15000, retry_backoff_ms=100)
+    await producer.start()
+    try:
+        await producer.client.force_metadata_update()
+        await settle()
+        t0 = time.monotonic()
+        for start in range(0, len(keys), cfg.raw_batch):
+            futures = [await producer.send(topic, msg.value, key=k, headers=msg.headers)
+                       for k in keys[start:start + cfg.raw_batch]]
+            await asyncio.gather(*futures)
+        took = time.monotonic() - t0
+    finally:
+        await producer.stop()
+    return {"rate": cfg.relay_backlog / took, "seconds": took}
+
+
+async def run(env: Env, cfg: Config) -> list[Line]:
+    db = Database(env.url)
+    ours: list[dict[str, float]] = []
+    raw: list[dict[str, float]] = []
+    try:
+        for r in range(cfg.relay_rounds):
+            ours.append(await _relay_round(env, db, cfg))
+            o = ours[-1]
+            note(f"relay round {r + 1}/{cfg.relay_rounds}: {cfg.relay_backlog:,} rows in {o['seconds']:.2f} s "
+                 f"= {o['rate']:,.0f}/s (startup {o['startup'] * 1000:.0f} ms, {o['batches']:.0f} batches, "
+                 f"{o['errors']:.0f} errors; backlog written in {o['backlog_seconds']:.2f} s)")
+            raw.append(await _raw_round(env, cfg))
+            note(f"relay round {r + 1}/{cfg.relay_rounds} raw producer: {raw[-1]['seconds']:.2f} s "
+                 f"= {raw[-1]['rate']:,.0f}/s")
+    finally:
+        await db.close()
+    note(f"relay events/s: {spread([o['rate'] for o in ours])}; raw: {spread([o['rate'] for o in raw])}")
+    return [Line(f"relay events/s, {cfg.relay_backlog:,}-row backlog (vs raw aiokafka producer)",
+                 median([o["rate"] for o in ours]), median([o["rate"] for o in raw]), "/s",
+                 "ratio >= 0.5", lambda ours_, ratio: ratio >= 0.5)]
