@@ -13,6 +13,7 @@ from typing import Any
 from app.schemas import load
 
 Data = dict[str, Any]
+MAX_EXACT_CENTS = 2**53
 
 
 class ConversionError(ValueError):
@@ -35,6 +36,10 @@ def orders_v2_to_v1(data: Data) -> Data:
     cents = data["amount_cents"]
     if not isinstance(cents, int):
         raise ConversionError(f"orders v2 -> v1: amount_cents must be an integer, got {cents!r:.60}")
+    if abs(cents) > MAX_EXACT_CENTS:
+        # v1 carries a double: beyond 2**53 cents the amount would silently change.
+        raise ConversionError(f"orders v2 -> v1: amount_cents {cents} cannot be represented exactly "
+                              "as a v1 double amount")
     shipping = data.get("shipping")
     return {
         "amount": cents / 100,

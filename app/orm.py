@@ -87,8 +87,12 @@ def evented_topics() -> list[str]:
     for mapper in EventedBase.registry.mappers:
         model = mapper.class_
         if model.__extends__ is None:
-            topics.add(topic_name(model.__entity__, model.__schema_version__))
-            topics.update(topic_name(model.__entity__, v) for v in model.__legacy__)
+            current = topic_name(model.__entity__, model.__schema_version__)
+            topics.add(current)
+            if model.__legacy__:
+                # Older versions, and the dead letters of converting to them.
+                topics.update(topic_name(model.__entity__, v) for v in model.__legacy__)
+                topics.add(f"{current}.dlq")
     return sorted(topics)
 
 

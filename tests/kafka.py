@@ -13,6 +13,8 @@ import avro.io
 import avro.schema
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from tests.waiting import POLL
+
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 
 
@@ -55,20 +57,28 @@ class TopicReader:
             fetch_max_wait_ms=5, auto_offset_reset="earliest",
         )
         await self._consumer.start()
-        partitions: set[int] | None = None
-        deadline = time.monotonic() + 10
-        while not partitions:
-            await self._consumer.topics()  # refreshes cluster metadata
-            partitions = self._consumer.partitions_for_topic(self.topic)
-            if not partitions:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"topic {self.topic} does not exist")
-                await asyncio.sleep(0.05)
+        try:
+            partitions = await self._partitions()
+        except BaseException:
+            await self._consumer.stop()
+            raise
         tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
         self._consumer.assign(tps)
         await self._consumer.seek_to_beginning(*tps)
         self._task = asyncio.get_running_loop().create_task(self._run())
         return self
+
+    async def _partitions(self) -> set[int]:
+        assert self._consumer is not None
+        deadline = time.monotonic() + 10
+        while True:
+            await self._consumer.topics()  # refreshes cluster metadata
+            partitions = self._consumer.partitions_for_topic(self.topic)
+            if partitions:
+                return partitions
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"topic {self.topic} does not exist")
+            await asyncio.sleep(POLL)
 
     async def _run(self) -> None:
         assert self._consumer is not None

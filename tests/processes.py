@@ -1,13 +1,16 @@
 """Test helpers for child processes started by tests (and stopped by PID)."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from app.settings import Settings
+from tests.waiting import POLL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,3 +39,28 @@ def stop(child: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+
+
+async def wait_for_log(log: Path, text: str, child: subprocess.Popen[bytes] | None = None,
+                       timeout: float = 60.0, start: int = 0) -> None:
+    """Wait until `text` appears in `log` after byte `start`; fail early if `child` died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        content = log.read_bytes()[start:] if log.exists() else b""
+        if text.encode() in content:
+            return
+        if child is not None and child.poll() is not None:
+            raise AssertionError(f"process exited with {child.returncode} before {text!r}:\n"
+                                 f"{content[-3000:].decode(errors='replace')}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not in {log} after {timeout} s:\n"
+                                 f"{content[-3000:].decode(errors='replace')}")
+        await asyncio.sleep(POLL)
+
+
+async def start_worker(settings: Settings, log: Path, **extra: str) -> subprocess.Popen[bytes]:
+    """A Faust worker (`python -m app worker`), returned once it says it is ready."""
+    start = log.stat().st_size if log.exists() else 0
+    child = spawn_app(settings, "worker", log=log, **extra)
+    await wait_for_log(log, "[^Worker]: Ready", child, start=start)
+    return child

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
 from datetime import datetime, timezone
 
 import pytest
@@ -14,6 +13,7 @@ from app.relay import Relay
 from app.settings import Settings
 from models import Customer, Order, OrderShipping
 from tests.kafka import Received, TopicReader
+from tests.waiting import until
 
 
 def new_order(**kw: object) -> Order:
@@ -250,21 +250,8 @@ async def test_broker_paused_while_writing_delivers_every_event(db: Database, re
 
 
 async def _eventually_zero(db: Database, timeout: float = 10) -> bool:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while await outbox_count(db):
-        if loop.time() > deadline:
-            return False
-        await asyncio.sleep(0.05)
+    await until(lambda: outbox_count(db), lambda n: n == 0, timeout, "empty outbox")
     return True
-
-
-async def until(condition: Callable[[], bool], timeout: float = 15) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_second_relay_stands_by_then_takes_over(db: Database, relay: Relay,

@@ -1,8 +1,8 @@
 """The relay as its own process: killed in the middle of a backlog, it loses nothing."""
 from __future__ import annotations
 
-import asyncio
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import insert, text
@@ -12,6 +12,7 @@ from app.settings import Settings
 from models import Order
 from tests.kafka import TopicReader
 from tests.processes import spawn_app, stop
+from tests.waiting import until
 
 BACKLOG = 20_000
 
@@ -21,13 +22,8 @@ async def pending(db: Database) -> int:
         return (await conn.execute(text("SELECT count(*) FROM outbox WHERE topic = 'orders-v2'"))).scalar_one()
 
 
-async def wait_pending(db: Database, condition, timeout: float = 60) -> int:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition(n := await pending(db)):
-        assert loop.time() < deadline, f"outbox stuck at {n} rows"
-        await asyncio.sleep(0.01)
-    return n
+async def wait_pending(db: Database, condition: Callable[[int], bool], timeout: float = 60) -> int:
+    return await until(lambda: pending(db), condition, timeout, "outbox row count")
 
 
 async def test_relay_killed_mid_batch_loses_nothing(db: Database, settings: Settings, tmp_path: Path) -> None:
