@@ -16,6 +16,7 @@ dev: $(VENV)/.installed
 	$(PY) -m app dev --demo
 
 test: $(VENV)/.installed
+	$(PY) -m app schemas check
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(VENV)/.installed

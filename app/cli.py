@@ -7,8 +7,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.schemas import EventSchema
 
 
 class StartupError(RuntimeError):
@@ -33,6 +38,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a demo service writing orders through the ORM")
     demo.add_argument("--rate", type=float, default=20.0, help="writes per second")
     demo.add_argument("--count", type=int, default=0, help="stop after this many writes (0: never)")
+    schemas = sub.add_parser("schemas", help="schema commands")
+    schemas_sub = schemas.add_subparsers(dest="schemas_command", required=True)
+    check = schemas_sub.add_parser("check", help="every .avsc parses; every older version resolves from each newer one")
+    check.add_argument("--dir", default=None, help="schema directory (default: the project's schemas/)")
+    dlq = sub.add_parser("dlq", help="dead-letter topic commands (KAFKA_BROKER)")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_sub.add_parser("list", help="one line per dead letter: partition, offset, key, error, source")
+    dlq_list.add_argument("topic", help="the dead-letter topic, e.g. orders-v2.dlq")
+    dlq_list.add_argument("--limit", type=int, default=None, help="at most this many letters")
+    dlq_redrive = dlq_sub.add_parser("redrive", help="re-send dead letters not redriven yet to their source topics")
+    dlq_redrive.add_argument("topic", help="the dead-letter topic, e.g. orders-v2.dlq")
+    topic = sub.add_parser("topic", help="topic commands (KAFKA_BROKER)")
+    topic_sub = topic.add_subparsers(dest="topic_command", required=True)
+    consumers = topic_sub.add_parser("consumers", help="consumer groups with committed offsets on a topic, lag per partition")
+    consumers.add_argument("topic")
+    archive = topic_sub.add_parser("archive", help="write every message of a topic to an Avro container file")
+    archive.add_argument("topic")
+    archive.add_argument("--to", required=True, metavar="FILE.avro", help="the file to write")
+    archive.add_argument("--schema", default=None, metavar="ENTITY:VERSION",
+                         help="decode with this schema (default: from the topic name <entity>-v<N>)")
+    archive.add_argument("--delete", action="store_true",
+                         help="delete the topic once the file is written and re-read with the same count")
     return parser
 
 
@@ -46,6 +73,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             from app.dev import run_dev
             sys.exit(run_dev(settings, demo=args.demo, rate=args.rate, data_dir=args.data_dir,
                              for_seconds=args.for_seconds))
+        if args.command == "schemas":
+            from app.compat import run_check
+            sys.exit(run_check(Path(args.dir) if args.dir else None))
+        if args.command in ("dlq", "topic"):
+            require(settings, "kafka_broker", "KAFKA_BROKER")
+            run = dlq_command if args.command == "dlq" else topic_command
+            sys.exit(asyncio.run(run(settings, args)))
         require(settings, "database_url", "DATABASE_URL")
         if args.command == "worker":
             require(settings, "kafka_broker", "KAFKA_BROKER")
@@ -143,3 +177,70 @@ async def outbox_status(settings: Settings) -> None:
     finally:
         await conn.close()
     print(f"pending rows: {count}\noldest: {float(oldest or 0):.3f} s")
+
+
+async def dlq_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`dlq list` / `dlq redrive`; a topic or letter problem is one line and exit 1."""
+    from aiokafka.errors import KafkaError
+
+    from app.dlq import LIST_HEADER, list_dead_letters, redrive
+    from app.topics import TopicError
+
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # keep the output to what was asked
+    await check_broker(settings)
+    try:
+        if args.dlq_command == "list":
+            letters = await list_dead_letters(settings, args.topic, args.limit)
+            print(LIST_HEADER)
+            for letter, redriven in letters:
+                print(letter.line(redriven))
+            print(f"{len(letters)} dead letter(s) listed from {args.topic}", file=sys.stderr)
+        else:
+            done = await redrive(settings, args.topic)
+            for item in done:
+                print(item.line())
+            print(f"redriven {len(done)} dead letter(s) from {args.topic}")
+    except (TopicError, KafkaError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def topic_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`topic consumers` / `topic archive`; a topic problem is one line and exit 1."""
+    from aiokafka.errors import KafkaError
+
+    from app.topics import TopicError, archive_topic, format_group_offsets, group_offsets
+
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # keep the output to what was asked
+    await check_broker(settings)
+    try:
+        if args.topic_command == "consumers":
+            for line in format_group_offsets(args.topic, await group_offsets(settings, args.topic)):
+                print(line)
+            return 0
+        schema = archive_schema(args.topic, args.schema)
+        done = await archive_topic(settings, args.topic, Path(args.to), schema, delete=args.delete)
+        print(f"archived {done.count} message(s) from {done.topic} to {done.path}")
+        if done.deleted:
+            print(f"deleted topic {done.topic}")
+    except (TopicError, KafkaError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def archive_schema(topic: str, override: str | None) -> EventSchema:
+    """The schema to decode `topic` with: `entity:version` when given, else from `<entity>-v<N>`."""
+    from app.events import schema_for_topic
+    from app.schemas import load
+    from app.topics import TopicError
+
+    try:
+        if override:
+            entity, _, version = override.partition(":")
+            return load(entity, int(version.removeprefix("v")))
+        return schema_for_topic(topic)
+    except (LookupError, ValueError) as exc:
+        hint = "" if override else "; pass --schema entity:version"
+        raise TopicError(f"no schema for topic {topic}: {exc}{hint}") from None

@@ -1,0 +1,139 @@
+"""`dlq list` / `dlq redrive` against the session's embedded Tansu broker (fresh topics per test)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from app.dlq import REDRIVEN_FROM, list_dead_letters, redrive, redrive_group
+from app.embedded import EmbeddedBroker
+from app.settings import Settings
+from app.topics import TopicError
+from tests.kafka import TopicReader
+from tests.processes import ROOT
+
+
+@pytest.fixture(scope="module")
+def kafka(broker: EmbeddedBroker) -> Settings:
+    """Settings with only the broker: these commands need no database."""
+    return Settings(kafka_broker=broker.url)
+
+
+@pytest.fixture
+async def topics(kafka: Settings) -> AsyncIterator[tuple[str, str]]:
+    """A fresh source topic `<name>-v2` (2 partitions) and its dead-letter topic `<name>-v2.dlq`."""
+    source = f"dlqtest{uuid.uuid4().hex[:8]}-v2"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(source, 2, 1), NewTopic(f"{source}.dlq", 2, 1)])
+    finally:
+        await admin.close()
+    yield source, f"{source}.dlq"
+
+
+def dead_letter_headers(source: str, partition: int, offset: int, error: str) -> list[tuple[str, bytes]]:
+    """What agents/downconvert.py puts on a dead letter, before the original headers."""
+    return [("dlq_error_class", b"ConversionError"), ("dlq_error_message", error.encode()),
+            ("dlq_source_topic", source.encode()), ("dlq_source_partition", str(partition).encode()),
+            ("dlq_source_offset", str(offset).encode())]
+
+
+async def produce_letters(kafka: Settings, source: str, dlq: str, count: int,
+                          first: int = 0) -> list[tuple[bytes, bytes, list[tuple[str, bytes]], int]]:
+    """`count` fake dead letters on `dlq`; returns (key, value, original headers, source partition)."""
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all")
+    await producer.start()
+    sent = []
+    try:
+        for i in range(first, first + count):
+            key, value, partition = f"k{i}".encode(), f"value-{i}".encode(), i % 2
+            original = [("ce_id", f"id-{i}".encode()), ("content-type", b"application/avro")]
+            headers = dead_letter_headers(source, partition, 100 + i, f"bad\tamount {i}\nline two") + original
+            await producer.send_and_wait(dlq, value, key=key, headers=headers, partition=i % 2)
+            sent.append((key, value, original, partition))
+    finally:
+        await producer.stop()
+    return sent
+
+
+async def test_list_shows_every_letter_with_error_and_source(kafka: Settings, topics: tuple[str, str]) -> None:
+    source, dlq = topics
+    sent = await produce_letters(kafka, source, dlq, 5)
+    letters = await list_dead_letters(kafka, dlq)
+    assert sorted(letter.key or b"" for letter, _ in letters) == sorted(key for key, *_ in sent)
+    assert not any(redriven for _, redriven in letters)
+    letter = next(letter for letter, _ in letters if letter.key == b"k3")
+    cells = letter.line().split("\t")
+    assert cells == [str(letter.partition), str(letter.offset), "k3", "ConversionError",
+                     "bad amount 3 line two", f"{source}:1:103"]
+    assert len(await list_dead_letters(kafka, dlq, limit=2)) == 2
+
+
+async def run_app(kafka: Settings, *args: str) -> tuple[int, str, str]:
+    """`python -m app <args>` as a child process pointed at the session's broker."""
+    env = {**os.environ, "KAFKA_BROKER": kafka.kafka_broker, "PYTHONPATH": str(ROOT)}
+    child = await asyncio.create_subprocess_exec(sys.executable, "-m", "app", *args, cwd=ROOT, env=env,
+                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(child.communicate(), 60)
+    assert child.returncode is not None
+    return child.returncode, out.decode(), err.decode()
+
+
+async def test_list_command_prints_one_line_per_letter(kafka: Settings, topics: tuple[str, str]) -> None:
+    source, dlq = topics
+    await produce_letters(kafka, source, dlq, 3)
+    code, out, err = await run_app(kafka, "dlq", "list", dlq)
+    assert code == 0, err
+    header, *lines = out.splitlines()
+    assert header.startswith("partition\toffset\tkey\terror_class")
+    assert sorted(line.split("\t")[2] for line in lines) == ["k0", "k1", "k2"]
+    assert all("\tConversionError\t" in line and f"\t{source}:" in line for line in lines)
+    code, _, err = await run_app(kafka, "dlq", "list", f"{dlq}-nope")
+    assert code == 1 and f"error: topic {dlq}-nope does not exist" in err
+
+
+async def test_redrive_sends_the_originals_once(kafka: Settings, topics: tuple[str, str]) -> None:
+    source, dlq = topics
+    sent = await produce_letters(kafka, source, dlq, 4)
+    async with TopicReader(kafka.bootstrap_servers, source, decode=False) as reader:
+        done = await redrive(kafka, dlq)
+        assert len(done) == 4
+        received = await reader.wait_for(lambda ms: len(ms) >= 4)
+    by_key = {m.key: m for m in received}
+    assert len(received) == 4 and set(by_key) == {key.decode() for key, *_ in sent}
+    for (key, value, original, partition), item in zip(sorted(sent), sorted(done, key=lambda d: d.letter.key or b""), strict=True):
+        got = by_key[key.decode()]
+        assert got.value == value and got.partition == partition
+        assert not any(k.startswith("dlq_") and k != REDRIVEN_FROM for k in got.headers)
+        assert got.headers == {**dict(original), REDRIVEN_FROM: item.letter.position.encode()}
+    # Everything is committed: a second run sends nothing, and list marks the letters redriven.
+    assert await redrive(kafka, dlq) == []
+    assert all(redriven for _, redriven in await list_dead_letters(kafka, dlq))
+    # Letters that arrive later are redriven by the next run, and only they.
+    await produce_letters(kafka, source, dlq, 2, first=10)
+    again = await redrive(kafka, dlq)
+    assert sorted(item.letter.key or b"" for item in again) == [b"k10", b"k11"]
+
+
+async def test_redrive_commits_what_it_sent_before_a_letter_it_cannot_redrive(
+        kafka: Settings, topics: tuple[str, str]) -> None:
+    source, dlq = topics
+    await produce_letters(kafka, source, dlq, 1)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+    await producer.start()
+    try:  # same partition as k0, after it: the prefix before it must still be committed
+        await producer.send_and_wait(dlq, b"x", key=b"orphan", partition=0, headers=[("dlq_error_class", b"E")])
+    finally:
+        await producer.stop()
+    with pytest.raises(TopicError, match=r"has no dlq_source_topic header"):
+        await redrive(kafka, dlq)
+    letters = {letter.key: redriven for letter, redriven in await list_dead_letters(kafka, dlq)}
+    assert letters == {b"k0": True, b"orphan": False}
+    assert redrive_group(dlq) == f"{dlq}.redrive"
