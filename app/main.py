@@ -5,7 +5,7 @@ import faust
 from mode import Service
 
 import models  # noqa: F401  # the entity models, so the relay and agents know their topics
-from agents import downconvert
+from agents import downconvert, views
 from app.relay import Relay
 from app.settings import Settings
 from app.transport import App
@@ -31,6 +31,7 @@ def create_app(settings: Settings) -> faust.App:
         autodiscover=False,
     )
     downconvert.install(app, settings)
+    app.views = views.install(app, settings)  # type: ignore[attr-defined]  # served by app/web.py
     relay = Relay(settings)
     app.relay = relay  # type: ignore[attr-defined]  # read by web views and metrics
 

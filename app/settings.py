@@ -30,6 +30,8 @@ class Settings:
     # Faust hard-codes a 1500 ms fetch wait; Tansu answers a waiting fetch only when it
     # expires, so this wait is the latency of every hop. Ours is a setting (app/transport.py).
     consumer_fetch_max_wait_ms: int = 10
+    # Faust table storage: "" (memory) or e.g. "rocksdb://" for tables that outgrow memory.
+    table_store: str = ""
     # Relay tuning: rows per fetch, and the poll interval used when NOTIFY is missed.
     relay_batch: int = 2000
     relay_poll_interval: float = 1.0
@@ -49,6 +51,7 @@ class Settings:
             web_port=int(env.get("WEB_PORT", "6066")),
             app_id=env.get("APP_ID", "microservice-events"),
             legacy_modes=env.get("LEGACY_MODES", ""),
+            table_store=env.get("TABLE_STORE", ""),
             consumer_fetch_max_wait_ms=int(env.get("CONSUMER_FETCH_MAX_WAIT_MS", "10")),
         )
 
