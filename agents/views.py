@@ -7,6 +7,7 @@ by customer, status and minute. See `app.views` for why this makes every view id
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,14 +108,16 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
 
     async def merge_into(target: faust.Table, stream: faust.StreamT[Any], windowed: bool = False) -> None:
         async for key, update in stream.items():
-            merged = merge_part(target.get(key), update["p"], update["version"], update["value"])
-            if merged is None:
-                continue
-            target[key] = merged
             if windowed:
-                horizon = int(key) - WINDOW_KEEP
+                # Windows are kept one hour (wall clock); older ones are dropped, not updated.
+                horizon = time.time() - WINDOW_KEEP
                 for old in [k for k in list(target.keys()) if int(k) < horizon]:
                     del target[old]
+                if int(key) < horizon:
+                    continue
+            merged = merge_part(target.get(key), update["p"], update["version"], update["value"])
+            if merged is not None:
+                target[key] = merged
 
     async def apply_customer_orders_updates(stream: faust.StreamT[Any]) -> None:
         await merge_into(customer_orders, stream)

@@ -31,15 +31,25 @@ class OrderChange:
     key: str
     before: State | None
     after: State | None
+    created: int | None = None  # creation time (epoch µs) when this change first saw the order
 
 
 def apply_order(key: str, stored: dict[str, Any] | None, sequence: int, state: State | None,
                 partition: int) -> tuple[dict[str, Any], OrderChange] | None:
-    """The new `orders` entry for an event and the change it makes; None if not newer."""
+    """The new `orders` entry for an event and the change it makes; None if not newer.
+
+    The entry keeps the creation time even as a tombstone: `orders_per_minute` counts
+    creations, which a later delete does not undo.
+    """
     if stored is not None and stored["seq"] >= sequence:
         return None
     before = stored["state"] if stored is not None else None
-    return {"seq": sequence, "state": state, "p": partition}, OrderChange(key, before, state)
+    created = stored.get("created") if stored is not None else None
+    first_seen = created is None and state is not None
+    if first_seen:
+        created = micros(state["created_at"])  # type: ignore[index]
+    entry = {"seq": sequence, "state": state, "p": partition, "created": created}
+    return entry, OrderChange(key, before, state, created if first_seen else None)
 
 
 def micros(value: Any) -> int:
@@ -75,8 +85,8 @@ class PartitionAggregates:
     statuses: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     minutes: dict[int, int] = field(default_factory=lambda: defaultdict(int))
 
-    def add(self, state: State, sign: int) -> tuple[str, str, int]:
-        """Count `state` in (sign=1) or out (sign=-1); returns the keys it touched."""
+    def add(self, state: State, sign: int) -> tuple[str, str]:
+        """Count `state` in (sign=1) or out (sign=-1) of the customer and status aggregates."""
         customer = str(state["customer_id"])
         agg = self.customers.setdefault(customer, {"count": 0, "totals": {}, "created": []})
         agg["count"] += sign
@@ -92,9 +102,7 @@ class PartitionAggregates:
         if agg["count"] == 0:
             del self.customers[customer]
         self.statuses[state["status"]] += sign
-        minute = minute_of(created)
-        self.minutes[minute] += sign
-        return customer, state["status"], minute
+        return customer, state["status"]
 
     def apply(self, change: OrderChange) -> tuple[set[str], set[str], set[int]]:
         """Move one order from its before- to its after-state; the keys whose values changed."""
@@ -103,10 +111,13 @@ class PartitionAggregates:
         minutes: set[int] = set()
         for state, sign in ((change.before, -1), (change.after, 1)):
             if state is not None:
-                c, s, m = self.add(state, sign)
-                customers.add(c)
-                statuses.add(s)
-                minutes.add(m)
+                customer, status = self.add(state, sign)
+                customers.add(customer)
+                statuses.add(status)
+        if change.created is not None:
+            minute = minute_of(change.created)
+            self.minutes[minute] += 1
+            minutes.add(minute)
         return customers, statuses, minutes
 
     def customer_value(self, customer: str) -> dict[str, Any] | None:
@@ -124,6 +135,8 @@ def rebuild(entries: list[dict[str, Any]]) -> PartitionAggregates:
     for entry in entries:
         if entry.get("state") is not None:
             aggregates.add(entry["state"], 1)
+        if entry.get("created") is not None:
+            aggregates.minutes[minute_of(entry["created"])] += 1
     return aggregates
 
 
