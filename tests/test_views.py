@@ -1,0 +1,172 @@
+"""The Faust views equal the database after random writes and a replay of duplicates."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from sqlalchemy import delete, select, text, update
+
+from app.embedded import free_port
+from app.orm import Database
+from app.settings import Settings
+from app.views import minute_of, present_count, present_customer, present_order
+from models import Order, OrderShipping
+from tests.kafka import TopicReader
+from tests.processes import start_worker, stop
+from tests.waiting import until
+
+WRITES = 2500
+
+
+@pytest.fixture(scope="module")
+async def view_worker(settings: Settings, schema: None, tmp_path_factory: pytest.TempPathFactory,
+                      ) -> AsyncIterator[str]:
+    """A worker of its own consumer group; yields its web base URL."""
+    log = tmp_path_factory.mktemp("views") / "worker.log"
+    port = free_port()
+    child: subprocess.Popen[bytes] = await start_worker(
+        settings, log, APP_ID=f"mse-views-{uuid.uuid4().hex[:8]}", WEB_PORT=str(port))
+    yield f"http://127.0.0.1:{port}"
+    stop(child)
+
+
+def fetch(url: str) -> Any:
+    """GET a JSON document; None on 404."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+
+
+async def table_value(base: str, table: str, key: str) -> Any:
+    return await asyncio.to_thread(fetch, f"{base}/table/{table}/{key}/")
+
+
+async def random_writes(db: Database, customers: list[int], n: int, seed: int) -> None:
+    """Creates, updates, deletes and extension writes from 8 concurrent writers."""
+    rng = random.Random(seed)
+    ids: list[int] = []
+
+    async def writer(count: int) -> None:
+        for _ in range(count):
+            roll = rng.random()
+            async with db.session() as s:
+                if roll < 0.4 or len(ids) < 10:
+                    o = Order(customer_id=rng.choice(customers), amount_cents=rng.randrange(1, 10_000),
+                              currency=rng.choice(["EUR", "USD"]))
+                    if rng.random() < 0.3:
+                        o.shipping = OrderShipping(address="1 Test St", carrier="DHL")
+                    s.add(o)
+                    await s.flush()
+                    ids.append(o.id)
+                elif roll < 0.75:
+                    await s.execute(update(Order).where(Order.id == rng.choice(ids))
+                                    .values(status=rng.choice(["paid", "shipped", "cancelled"]),
+                                            amount_cents=rng.randrange(1, 10_000)))
+                elif roll < 0.9:
+                    oid = rng.choice(ids)
+                    shipping = await s.get(OrderShipping, oid)
+                    if shipping is None:
+                        if await s.get(Order, oid) is not None:
+                            s.add(OrderShipping(order_id=oid, address="2 Late Rd", carrier="UPS"))
+                    else:
+                        shipping.tracking_number = f"T{rng.randrange(10**6)}"
+                else:
+                    await s.execute(delete(Order).where(Order.id == rng.choice(ids)))
+
+    await asyncio.gather(*(writer(n // 8) for _ in range(8)))
+
+
+async def replay_duplicates(settings: Settings, customers: list[int], at_least: int) -> int:
+    """Send a sample of this test's orders-v2 events again, out of order."""
+    def mine(ms: list[Any]) -> list[Any]:
+        return [m for m in ms if m.record["data"] and m.record["data"]["customer_id"] in customers]
+
+    async with TopicReader(settings.bootstrap_servers, "orders-v2") as reader:
+        events = mine(await reader.wait_for(lambda ms: len(mine(ms)) >= at_least, timeout=60))
+    sample = random.Random(1).sample(events, min(500, len(events)))
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    await producer.start()
+    try:
+        for m in sample:
+            await producer.send("orders-v2", m.value, key=m.key.encode(), headers=list(m.headers.items()))
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return len(sample)
+
+
+async def test_views_equal_the_database_after_random_writes_and_duplicates(
+        view_worker: str, db: Database, settings: Settings) -> None:
+    base = view_worker
+    customers = [10**9 + random.randrange(10**9) for _ in range(12)]
+    await random_writes(db, customers, WRITES, seed=3)
+    async with db.session() as s:
+        rows = (await s.execute(select(Order).where(Order.customer_id.in_(customers)))).scalars().all()
+        states = {o.id: o for o in rows}
+        shipping = {sh.order_id: sh for sh in (await s.execute(
+            select(OrderShipping).where(OrderShipping.order_id.in_(list(states))))).scalars().all()}
+        created = (await s.execute(text(
+            "SELECT key FROM event_sequences WHERE entity = 'orders'"))).scalars().all()
+    assert await replay_duplicates(settings, customers, len(states)) > 0
+
+    # orders: every live order equals its row; deleted ones are gone.
+    async def orders_match() -> bool:
+        for oid, o in states.items():
+            view = present_order(await table_value(base, "orders", str(oid)) or {})
+            want = {"status": o.status, "amount_cents": o.amount_cents, "customer_id": o.customer_id,
+                    "shipping": None if oid not in shipping else {
+                        "address": shipping[oid].address, "carrier": shipping[oid].carrier,
+                        "tracking_number": shipping[oid].tracking_number}}
+            if view is None or {k: view[k] for k in want} != want:
+                return False
+        return True
+
+    await until(orders_match, timeout=60, what="orders view equal to the database")
+    deleted = [k for k in created if int(k) not in states]
+    for key in deleted[:50]:
+        stored = await table_value(base, "orders", key)
+        assert stored is None or present_order(stored) is None
+
+    # customer_orders: count and totals per currency.
+    for customer in customers:
+        mine = [o for o in states.values() if o.customer_id == customer]
+        totals: dict[str, int] = {}
+        for o in mine:
+            totals[o.currency] = totals.get(o.currency, 0) + o.amount_cents
+        stored = await until(lambda: table_value(base, "customer_orders", str(customer)),  # noqa: B023
+                             lambda v: (present_customer(v or {}) or {}).get("count", 0) == len(mine),  # noqa: B023
+                             timeout=30, what=f"customer {customer} aggregate")
+        view = present_customer(stored)
+        assert view is not None and view["total_cents"] == totals
+        assert view["last_order_at"] == max(int(o.created_at.timestamp() * 1_000_000) for o in mine)
+
+    # orders_by_status: the whole table equals the database's counts.
+    async with db.engine.connect() as conn:
+        counts = dict((await conn.execute(text("SELECT status, count(*) FROM orders GROUP BY 1"))).all())
+    for status in ("pending", "paid", "shipped", "cancelled"):
+        await until(lambda: table_value(base, "orders_by_status", status),  # noqa: B023
+                    lambda v: present_count(v or {}) == counts.get(status, 0),  # noqa: B023
+                    timeout=30, what=f"orders_by_status[{status}]")
+
+    # orders_per_minute: creations per window (deletes do not uncount them).
+    async with db.engine.connect() as conn:
+        micros = (await conn.execute(text(
+            "SELECT (extract(epoch FROM created_at) * 1000000)::bigint FROM orders"))).scalars().all()
+    assert micros
+    minute = minute_of(max(micros))
+    stored = await table_value(base, "orders_per_minute", str(minute))
+    assert stored is not None and present_count(stored) >= sum(1 for m in micros if minute_of(m) == minute)
+
