@@ -14,17 +14,19 @@ CURRENCIES = ("EUR", "USD", "GBP")
 NEXT_STATUS = {"pending": "paid", "paid": "shipped"}
 
 
-async def write_one(db: Database, rng: random.Random, customer_ids: list[int]) -> None:
+async def write_one(db: Database, customers_db: Database, rng: random.Random,
+                    customer_ids: list[int]) -> None:
     """One business step: a new order (sometimes with shipping), or an order moving on."""
+    if not customer_ids or rng.random() < 0.05:
+        # Customers belong to the customers service: it writes them, with their email.
+        async with customers_db.session() as s:
+            customer = Customer(name=f"customer {rng.randrange(10**6)}",
+                                email=f"c{rng.randrange(10**9)}@example.com")
+            s.add(customer)
+        customer_ids.append(customer.id)
     async with db.session() as s:
         roll = rng.random()
-        if roll < 0.5 or not customer_ids:
-            if not customer_ids or rng.random() < 0.1:
-                customer = Customer(name=f"customer {rng.randrange(10**6)}",
-                                    email=f"c{rng.randrange(10**9)}@example.com")
-                s.add(customer)
-                await s.flush()
-                customer_ids.append(customer.id)
+        if roll < 0.5:
             order = Order(customer_id=rng.choice(customer_ids), amount_cents=rng.randrange(100, 50_000),
                           currency=rng.choice(CURRENCIES))
             if rng.random() < 0.5:
@@ -41,14 +43,16 @@ async def write_one(db: Database, rng: random.Random, customer_ids: list[int]) -
 async def run_demo(settings: Settings, *, rate: float, count: int = 0) -> None:
     """Write at `rate` per second until `count` writes (0: forever)."""
     db = Database(settings.database_url, service="orders")
+    customers_db = Database(settings.database_url, service="customers")
     await db.create_all()
     rng = random.Random()
     customer_ids: list[int] = []
     written = 0
     try:
         while count == 0 or written < count:
-            await write_one(db, rng, customer_ids)
+            await write_one(db, customers_db, rng, customer_ids)
             written += 1
             await asyncio.sleep(1 / rate)
     finally:
         await db.close()
+        await customers_db.close()

@@ -24,19 +24,23 @@ from typing import Any, ClassVar
 from sqlalchemy import event
 from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncSession, async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapper, ORMExecuteState, Session, UOWTransaction
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapper,
+    ORMExecuteState,
+    Session,
+    UOWTransaction,
+    configure_mappers,
+)
 
-from app import outbox
+from app import outbox, ownership
 from app.entities import EntityPlan, SchemaMismatch, plan_for
+from app.ownership import OwnershipError, sensitive_column
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EventedBase", "Database", "EventedSession", "SchemaMismatch", "sensitive"]
-
-
-def sensitive() -> dict[str, Any]:
-    """Column `info` marking a column sensitive: never in events, caches, views or responses."""
-    return {"sensitive": True}
+__all__ = ["EventedBase", "Database", "EventedSession", "OwnershipError", "SchemaMismatch",
+           "sensitive_column"]
 
 
 class EventedBase(AsyncAttrs, DeclarativeBase):
@@ -122,8 +126,12 @@ _SKIP = "evented.skip"
 
 
 def _before_flush(session: Session, flush_context: UOWTransaction, instances: Any) -> None:
-    """Validate changed entities and note the aggregates this flush touches."""
+    """Check ownership, validate changed entities, note the aggregates this flush touches."""
     pending = _Pending()
+    service = session.info["service"]
+    for obj in (*session.new, *session.dirty, *session.deleted):
+        if isinstance(obj, EventedBase):
+            ownership.check_write(service, type(obj))
     for obj in session.new:
         if isinstance(obj, EventedBase):
             plan = plan_for(type(obj))
@@ -178,7 +186,18 @@ def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
 
 
 def _do_orm_execute(state: ORMExecuteState) -> Result[Any] | None:
-    """ORM bulk insert/update/delete: add RETURNING of the aggregate key, then raise events."""
+    """ORM bulk insert/update/delete: add RETURNING of the aggregate key, then raise events.
+
+    Selects of entities with sensitive columns the session's service owns get them undeferred.
+    """
+    service = state.session.info["service"]
+    if state.is_select:
+        owned = ownership.owned_undefers(EventedBase, service)
+        if owned:
+            options = [o for m in ownership.entity_models(state.statement) for o in owned.get(m, ())]
+            if options:
+                state.statement = state.statement.options(*options)
+        return None
     if not (state.is_insert or state.is_update or state.is_delete):
         return None
     if state.execution_options.get(_SKIP):
@@ -186,6 +205,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Result[Any] | None:
     mapper: Mapper[Any] | None = state.bind_mapper
     if mapper is None or not issubclass(mapper.class_, EventedBase):
         return None
+    ownership.check_write(service, mapper.class_)
     plan = plan_for(mapper.class_)
     statement = state.statement
     user_returning = bool(getattr(statement, "_returning", ()))
@@ -212,7 +232,8 @@ def _do_orm_execute(state: ORMExecuteState) -> Result[Any] | None:
 
 
 def _on_load(target: EventedBase, context: Any) -> None:
-    """Every entity loaded from a row is a read: buffer it for the access log."""
+    """Every entity loaded from a row is a read: note who loaded it and buffer it for the access log."""
+    target.__dict__[ownership.LOADED_BY] = context.session.info["service"]
     access: AccessLog | None = context.session.info.get("access")
     if access is not None:
         plan = plan_for(type(target))
@@ -318,6 +339,17 @@ class Database:
         install_listeners()
         self.service = service
         self.engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+        configure_mappers()
+        ownership.guard_attributes(EventedBase)
+        foreign = ownership.foreign_sensitive(EventedBase, service)
+        if foreign:
+            # Every statement of this engine, however it was written, passes this check.
+            def refuse_foreign_sensitive(conn: Any, cursor: Any, statement: str, parameters: Any,
+                                         context: Any, executemany: bool) -> None:
+                if context is None or not context.isddl:  # creating tables reads no data
+                    ownership.check_sql(service, foreign, statement)
+
+            event.listen(self.engine.sync_engine, "before_cursor_execute", refuse_foreign_sensitive)
         self.access: AccessLog | None = (
             AccessLog(self, access_interval, access_max_keys) if record_reads else None
         )

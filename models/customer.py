@@ -6,7 +6,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, DateTime, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.orm import EventedBase, sensitive
+from app.orm import EventedBase, sensitive_column
 
 
 class Customer(EventedBase):
@@ -19,5 +19,5 @@ class Customer(EventedBase):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(200))
-    email: Mapped[str] = mapped_column(String(320), info=sensitive())
+    email: Mapped[str] = sensitive_column(String(320))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=func.now())

@@ -200,9 +200,11 @@ async def test_data_outside_schema_fails_flush_naming_entity_field_version(db: D
 
 async def test_sensitive_column_never_enters_the_event(db: Database, relay: Relay, settings: Settings) -> None:
     canary = f"canary-{uuid.uuid4().hex}@example.com"
-    async with db.session() as s:
+    customers = Database(settings.database_url, service="customers")
+    async with customers.session() as s:
         customer = Customer(name="Ada", email=canary)
         s.add(customer)
+    await customers.close()
     async with TopicReader(settings.bootstrap_servers, "customers-v1") as reader:
         [msg] = keyed(await reader.wait_for(lambda ms: bool(keyed(ms, customer.id))), customer.id)
     assert msg.record["data"]["name"] == "Ada"
