@@ -5,7 +5,8 @@ import faust
 from mode import Service
 
 import models  # noqa: F401  # the entity models, so the relay and agents know their topics
-from agents import downconvert, views
+from agents import cache, downconvert, views
+from app import web
 from app.relay import Relay
 from app.settings import Settings
 from app.transport import App
@@ -17,7 +18,7 @@ def create_app(settings: Settings) -> faust.App:
         settings,
         broker=settings.kafka_broker or "kafka://127.0.0.1:9092",
         web_port=settings.web_port,
-        web_host="127.0.0.1",
+        web_host=settings.web_host,
         # Tansu joins consumer groups in ~30 s with Faust's defaults; these make it ~5 s.
         broker_session_timeout=10,
         broker_rebalance_timeout=5,
@@ -32,6 +33,10 @@ def create_app(settings: Settings) -> faust.App:
     )
     downconvert.install(app, settings)
     app.views = views.install(app, settings)  # type: ignore[attr-defined]  # served by app/web.py
+    # Without Redis there is no cache to keep fresh (reads go to the database).
+    # (`entity_cache`: Faust's App already has a `cache` attribute.)
+    app.entity_cache = cache.install(app, settings) if settings.redis_url else None  # type: ignore[attr-defined]
+    web.install(app, settings)
     relay = Relay(settings)
     app.relay = relay  # type: ignore[attr-defined]  # read by web views and metrics
 
@@ -45,6 +50,8 @@ def create_app(settings: Settings) -> faust.App:
 
         async def on_stop(self) -> None:
             relay.stop()
+            if app.entity_cache is not None:  # type: ignore[attr-defined]
+                await app.entity_cache.close()  # type: ignore[attr-defined]
 
     return app
 

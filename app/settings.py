@@ -21,6 +21,8 @@ class Settings:
     redis_url: str = ""
     service_name: str = "orders"
     web_port: int = 6066
+    # 127.0.0.1 outside containers; 0.0.0.0 in one (docker-compose sets it).
+    web_host: str = "127.0.0.1"
     app_id: str = "microservice-events"
     # Partitions of the topics the relay creates; per-key order holds within a partition.
     topic_partitions: int = 4
@@ -49,6 +51,7 @@ class Settings:
             redis_url=env.get("REDIS_URL", ""),
             service_name=env.get("SERVICE_NAME", "orders"),
             web_port=int(env.get("WEB_PORT", "6066")),
+            web_host=env.get("WEB_HOST", "127.0.0.1"),
             app_id=env.get("APP_ID", "microservice-events"),
             legacy_modes=env.get("LEGACY_MODES", ""),
             table_store=env.get("TABLE_STORE", ""),

@@ -61,14 +61,11 @@ def micros(value: Any) -> int:
 
 
 def plain_state(data: State | None) -> State | None:
-    """An event's data with timestamps as epoch microseconds (JSON-friendly, as in the outbox)."""
+    """An event's data with timestamps as epoch microseconds, as the outbox and cache hold it."""
     if data is None:
         return None
-    out = dict(data)
-    for name in ("created_at", "updated_at"):
-        if name in out:
-            out[name] = micros(out[name])
-    return out
+    return {k: micros(v) if isinstance(v, datetime) else plain_state(v) if isinstance(v, dict) else v
+            for k, v in data.items()}
 
 
 def minute_of(created_at_micros: int) -> int:

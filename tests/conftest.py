@@ -104,3 +104,19 @@ async def relay(settings: Settings, db: Database) -> AsyncIterator[Relay]:
     yield r
     r.stop()
     await asyncio.wait_for(task, 20)
+
+
+@pytest.fixture(scope="session")
+def redis_url(run_dir: Path) -> Iterator[str]:
+    """`REDIS_URL` when set, else an embedded Redis started for this session."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    from app.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis.start(run_dir / "redis")
+    try:
+        yield server.url
+    finally:
+        server.stop()

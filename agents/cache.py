@@ -1,0 +1,110 @@
+"""refresh_cache_<entity>: applies every event to the Redis entity cache.
+
+Creates and updates write the event's state, deletes write a tombstone, each only if its
+sequence is newer than what Redis holds (`CacheRepository.apply`), so duplicates, replays
+and reordering across batches are harmless. A batch is acked only once Redis took all of
+it; while Redis is down the agent retries, and readers fall back to the database.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+
+from app.cache import CacheRepository, connect_redis
+from app.events import decode
+from app.orm import Database, EventedBase
+from app.schemas import EventSchema, load
+from app.settings import Settings
+from app.views import plain_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """What one event asks of the cache."""
+
+    entity: str
+    key: str
+    sequence: int
+    state: dict[str, Any] | None  # None: deleted
+
+
+def refreshes(schema: EventSchema, values: Sequence[bytes | None]) -> list[Refresh]:
+    """The cache updates of a batch of event values; undecodable ones are skipped (pure)."""
+    out = []
+    for value in values:
+        try:
+            record = decode(schema, value or b"")
+        except Exception:  # poison: the down-converter dead-letters it; the cache ignores it
+            continue
+        if record["op"] == "read":
+            continue
+        out.append(Refresh(record["entity"], record["key"], record["sequence"],
+                           None if record["op"] == "delete" else plain_state(record["data"])))
+    return out
+
+
+class CacheResource:
+    """The worker's cache repository, opened on first use and closed with the worker."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._repo: CacheRepository | None = None
+
+    @property
+    def repo(self) -> CacheRepository:
+        """The repository (Redis client and database pool are created lazily)."""
+        if self._repo is None:
+            self._repo = CacheRepository(
+                connect_redis(self.settings.redis_url),
+                Database(self.settings.database_url, service=self.settings.service_name, record_reads=False))
+        return self._repo
+
+    async def close(self) -> None:
+        """Close the Redis client and the database pool."""
+        if self._repo is not None:
+            await self._repo.redis.aclose()
+            await self._repo.db.close()
+            self._repo = None
+
+
+async def apply_all(repo: CacheRepository, batch: list[Refresh]) -> None:
+    """Apply a batch, retrying with backoff until Redis took every update."""
+    backoff = 0.05
+    while True:
+        try:
+            # Order does not matter: each write is conditional on its sequence.
+            await asyncio.gather(*(repo.apply(r.entity, r.key, r.sequence, r.state) for r in batch))
+            return
+        except Exception as exc:
+            log.warning("cache refresh failed (%s); retrying in %.2f s", exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+
+def install(app: faust.App, settings: Settings) -> CacheResource:
+    """Declare one cache-refresh agent per root entity's current topic."""
+    resource = CacheResource(settings)
+    for mapper in EventedBase.registry.mappers:
+        model = mapper.class_
+        if model.__extends__ is None:
+            _declare(app, resource, load(model.__entity__, model.__schema_version__))
+    return resource
+
+
+def _declare(app: faust.App, resource: CacheResource, schema: EventSchema) -> None:
+    topic = app.topic(schema.topic, key_serializer="raw", value_serializer="raw")
+
+    async def refresh_cache(stream: faust.StreamT[Any]) -> None:
+        async for events in stream.take_events(500, within=0.005):
+            batch = refreshes(schema, [e.message.value for e in events])
+            if batch:
+                await apply_all(resource.repo, batch)
+
+    app.agent(topic, name=f"refresh_cache_{schema.entity}")(refresh_cache)

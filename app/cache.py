@@ -1,0 +1,323 @@
+"""Redis read-through repository of entity state whose writes never replace a newer sequence.
+
+Redis key `entity:<entity>:<key>` holds the JSON `{"sequence": n, "state": {...}}`, or the
+tombstone `{"sequence": n, "deleted": true}` (with a TTL) for a deleted or missing entity.
+`state` is the aggregate's data exactly as its events carry it (`app.entities.state_sql`):
+root columns plus extensions nested (an order's `shipping`), no sensitive columns, and
+timestamps as epoch microseconds (ints), like the Avro `timestamp-micros` fields.
+
+Traps:
+- Every write goes through one Lua script that compares sequences inside Redis, so the
+  cache agent (`apply`, one call per event) and readers filling misses may race freely:
+  the higher sequence always wins, and a tombstone keeps a slow reader from resurrecting
+  a deleted entity while it lives.
+- A fill is dropped when its database snapshot is older than half the shortest TTL in use
+  (tombstones, `state_ttl`): an entry newer than that snapshot was written after it, so it is
+  still alive when the fill arrives and the script keeps it. Entries removed otherwise
+  (`maxmemory` eviction, DEL) open a gap a slow fill may fill with older state until the next
+  event of that key: run Redis with `noeviction`, or set `state_ttl` to bound that staleness.
+- Redis down: reads fall back to the database and stop trying Redis for
+  `redis_retry_interval`; `apply` raises, so the agent retries the event instead of losing it.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy import text
+from sqlalchemy.sql.elements import TextClause
+
+from app.entities import plan_for, state_sql
+from app.orm import Database, EventedBase
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CacheRepository", "CacheStats", "connect_redis", "decode_entry", "encode_entry"]
+
+#: Errors that mean "Redis is unreachable" (as opposed to a bad command).
+_OUTAGE: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+
+#: KEYS[1] = entity key; ARGV = sequence, JSON value, TTL in ms (0 = none).
+#: Returns 1 when written, else the stored value (which has a higher-or-equal sequence).
+_SET_IF_NEWER = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  -- Our own values start with the sequence: read it without decoding the whole state.
+  local seq = string.match(cur, '^{"sequence":(%d+)')
+  if not seq then
+    local ok, doc = pcall(cjson.decode, cur)
+    if ok and type(doc) == 'table' then seq = doc['sequence'] end
+  end
+  seq = tonumber(seq)
+  if seq and seq >= tonumber(ARGV[1]) then
+    return cur
+  end
+end
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+#: (sequence, state); state None = deleted or never existed.
+Entry = tuple[int, dict[str, Any] | None]
+#: Called after a database load and before its fill, with (entity, keys): instrumentation, tests.
+AfterLoad = Callable[[str, list[str]], Awaitable[None]]
+
+
+@dataclass
+class CacheStats:
+    """What the repository has done; exported as Prometheus counters."""
+
+    hits: int = 0
+    misses: int = 0
+    fills: int = 0
+    refreshes_applied: int = 0
+    stale_rejections: int = 0
+    redis_errors: int = 0
+    db_loads: int = 0
+    # Reads that skipped Redis because it failed less than `redis_retry_interval` ago.
+    redis_bypassed: int = 0
+
+
+def connect_redis(url: str, *, timeout: float = 0.25) -> Redis:
+    """A client for the cache: short timeouts and no retries, so an outage never stalls readers."""
+    # redis-py's default retries 10 times with backoff: seconds per command while Redis is down.
+    return Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                          retry=Retry(NoBackoff(), 0))
+
+
+@functools.cache
+def _load_sql(root: type[EventedBase]) -> TextClause:
+    """State and sequence of many keys in one statement, hence one snapshot: they always match."""
+    plan = plan_for(root)
+    return text(f"""
+SELECT ev.key, s.seq, CAST({state_sql(root)} AS text) AS state
+FROM unnest(CAST(:keys AS text[])) AS ev(key)
+LEFT JOIN event_sequences s ON s.entity = :entity AND s.key = ev.key""").bindparams(
+        entity=plan.root_entity)
+
+
+def encode_entry(sequence: int, state: dict[str, Any] | None) -> str:
+    """The Redis value of an entry; the sequence comes first so the Lua script finds it cheaply."""
+    doc: dict[str, Any] = {"sequence": sequence}
+    if state is None:
+        doc["deleted"] = True
+    else:
+        doc["state"] = state
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def decode_entry(raw: bytes | str) -> Entry | None:
+    """(sequence, state) of a Redis value, or None if it is not one of ours."""
+    try:
+        doc = json.loads(raw)
+        sequence = int(doc["sequence"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    if doc.get("deleted"):
+        return sequence, None
+    state = doc.get("state")
+    return (sequence, state) if isinstance(state, dict) else None
+
+
+class CacheRepository:
+    """Entity state read from Redis first, from the database on a miss, filled on the way back."""
+
+    def __init__(self, redis: Redis, db: Database, *, tombstone_ttl: float = 60,
+                 state_ttl: float | None = None, namespace: str = "",
+                 redis_retry_interval: float = 1.0, after_load: AfterLoad | None = None) -> None:
+        """Wrap `redis` (see `connect_redis`) and `db`; `namespace` prefixes every Redis key."""
+        if tombstone_ttl <= 0:
+            raise ValueError("tombstone_ttl must be positive: tombstones are what stop resurrection")
+        self.redis = redis
+        self.db = db
+        self.namespace = namespace
+        self.tombstone_ttl = tombstone_ttl
+        self.state_ttl = state_ttl
+        self.redis_retry_interval = redis_retry_interval
+        self.max_fill_age = min(tombstone_ttl, state_ttl or tombstone_ttl) / 2
+        self.stats = CacheStats()
+        self._after_load = after_load
+        # Registering computes the SHA only; EVALSHA loads the script on first use.
+        self._set_if_newer = redis.register_script(_SET_IF_NEWER)
+        self._inflight: dict[tuple[str, str], asyncio.Task[dict[str, Entry]]] = {}
+        self._redis_down_until = 0.0
+
+    def key_of(self, entity: str, key: Any) -> str:
+        """The Redis key of an entity."""
+        return f"{self.namespace}entity:{entity}:{key}"
+
+    async def get(self, model: type[EventedBase], key: Any) -> dict[str, Any] | None:
+        """The state of one aggregate of `model`, or None if it does not exist."""
+        return (await self.get_many(model, [key]))[key]
+
+    async def get_many(self, model: type[EventedBase], keys: Iterable[Any]) -> dict[Any, dict[str, Any] | None]:
+        """key -> state (None if absent) for many aggregates: one MGET, one query for the misses."""
+        plan = plan_for(model)
+        entity = plan.root_entity
+        wanted = {key: str(key) for key in keys}
+        unique = list(dict.fromkeys(wanted.values()))
+        if not unique:
+            return {}
+        found: dict[str, dict[str, Any] | None] = {}
+        cached = await self._read(entity, unique)
+        if cached is not None:
+            for skey, entry in zip(unique, cached, strict=True):
+                if entry is None:
+                    self.stats.misses += 1
+                else:
+                    self.stats.hits += 1
+                    found[skey] = entry[1]
+        missing = [k for k in unique if k not in found]
+        if missing:
+            loaded = await self._load_shared(plan.root, missing, fill=cached is not None)
+            found.update((k, state) for k, (_, state) in loaded.items())
+        return {key: found[skey] for key, skey in wanted.items()}
+
+    async def apply(self, entity: str, key: Any, sequence: int, state: dict[str, Any] | None) -> bool:
+        """Store an event's state (None = delete: a tombstone) unless Redis has a newer one."""
+        try:
+            result = await self._set_if_newer(keys=[self.key_of(entity, key)],
+                                              args=self._script_args(sequence, state))
+        except _OUTAGE as exc:
+            # Raised on purpose: the agent must retry the event, or the cache stays stale.
+            self._redis_failed(exc)
+            raise
+        if result == 1:
+            self.stats.refreshes_applied += 1
+            return True
+        self.stats.stale_rejections += 1
+        return False
+
+    def _script_args(self, sequence: int, state: dict[str, Any] | None) -> list[str | int]:
+        """ARGV of the script: tombstones always expire, live entries after `state_ttl` if set."""
+        ttl = self.tombstone_ttl if state is None else self.state_ttl
+        ttl_ms = max(1, round(ttl * 1000)) if ttl else 0
+        return [sequence, encode_entry(sequence, state), ttl_ms]
+
+    async def _read(self, entity: str, keys: list[str]) -> list[Entry | None] | None:
+        """Entries found in Redis (None per miss), or None when Redis is unavailable."""
+        if time.monotonic() < self._redis_down_until:
+            self.stats.redis_bypassed += 1
+            return None
+        try:
+            raw = await self.redis.mget([self.key_of(entity, k) for k in keys])
+        except _OUTAGE as exc:
+            self._redis_failed(exc)
+            return None
+        return [None if value is None else decode_entry(value) for value in raw]
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        """Count an outage and read from the database only for `redis_retry_interval`."""
+        self.stats.redis_errors += 1
+        now = time.monotonic()
+        if now >= self._redis_down_until:
+            log.warning("redis unavailable, reading from the database for %.1f s: %s",
+                        self.redis_retry_interval, exc)
+        self._redis_down_until = now + self.redis_retry_interval
+
+    async def _load_shared(self, root: type[EventedBase], keys: list[str], *, fill: bool) -> dict[str, Entry]:
+        """Load `keys`, joining loads already in flight so a key is read from the database once."""
+        entity = plan_for(root).root_entity
+        tasks: dict[str, asyncio.Task[dict[str, Entry]]] = {}
+        new: list[str] = []
+        for key in keys:
+            task = self._inflight.get((entity, key))
+            if task is None:
+                new.append(key)
+            else:
+                tasks[key] = task
+        if new:
+            # A task of its own, not the caller's: a cancelled caller must not cancel the
+            # load other readers wait for.
+            task = asyncio.get_running_loop().create_task(
+                self._load_and_fill(root, new, fill=fill), name=f"cache-load:{entity}")
+            for key in new:
+                self._inflight[(entity, key)] = task
+                tasks[key] = task
+            task.add_done_callback(functools.partial(self._forget, entity, new))
+        results: dict[str, Entry] = {}
+        for task in dict.fromkeys(tasks.values()):
+            results.update(await asyncio.shield(task))
+        return {key: results[key] for key in keys}
+
+    def _forget(self, entity: str, keys: list[str], task: asyncio.Task[dict[str, Entry]]) -> None:
+        """Drop a finished load from the in-flight map, so the next miss reads the database again."""
+        for key in keys:
+            if self._inflight.get((entity, key)) is task:
+                del self._inflight[(entity, key)]
+        if not task.cancelled():
+            task.exception()  # retrieved: every waiter got it already, or none is left to
+
+    async def _load_and_fill(self, root: type[EventedBase], keys: list[str], *, fill: bool) -> dict[str, Entry]:
+        """One shared load: read the database, then fill Redis unless the snapshot is too old."""
+        entity = plan_for(root).root_entity
+        started = time.monotonic()
+        entries = await self._load(root, keys)
+        if self._after_load is not None:
+            await self._after_load(entity, keys)
+        if not fill:
+            return entries
+        if time.monotonic() - started > self.max_fill_age:
+            # A newer entry (a tombstone) this snapshot predates may have expired: filling could resurrect.
+            log.info("dropping a fill of %d %s: database read took too long", len(keys), entity)
+            return entries
+        return await self._fill(entity, entries)
+
+    async def _load(self, root: type[EventedBase], keys: list[str]) -> dict[str, Entry]:
+        """(sequence, state) of each key from the database; sequence 0 if it never had an event."""
+        self.stats.db_loads += 1
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(_load_sql(root), {"keys": keys})).all()
+        return {key: (seq or 0, None if state is None else json.loads(state)) for key, seq, state in rows}
+
+    async def _fill(self, entity: str, entries: dict[str, Entry]) -> dict[str, Entry]:
+        """Write loaded entries (absent ones as tombstones); where Redis is newer, return its entry."""
+        if time.monotonic() < self._redis_down_until:
+            return entries
+        try:
+            if len(entries) == 1:
+                # One round trip; a pipeline would add a SCRIPT EXISTS before its EVALSHA.
+                [(key, (sequence, state))] = entries.items()
+                results = [await self._set_if_newer(keys=[self.key_of(entity, key)],
+                                                    args=self._script_args(sequence, state))]
+            else:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key, (sequence, state) in entries.items():
+                        await self._set_if_newer(keys=[self.key_of(entity, key)],
+                                                 args=self._script_args(sequence, state), client=pipe)
+                    results = await pipe.execute()
+        except _OUTAGE as exc:
+            self._redis_failed(exc)
+            return entries
+        except RedisError as exc:
+            # A fill is an optimization: a full or read-only Redis must not fail the read.
+            self.stats.redis_errors += 1
+            log.warning("cache fill of %d %s failed: %s", len(entries), entity, exc)
+            return entries
+        out = dict(entries)
+        for key, result in zip(entries, results, strict=True):
+            if result == 1:
+                self.stats.fills += 1
+                continue
+            self.stats.stale_rejections += 1
+            newer = decode_entry(result)
+            if newer is not None:
+                out[key] = newer  # never hand out something older than what the cache holds
+        return out
