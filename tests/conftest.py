@@ -87,8 +87,8 @@ async def db(settings: Settings, schema: None) -> AsyncIterator[Database]:
     database = Database(settings.database_url, service=settings.service_name)
     await _clear_outbox(database)
     yield database
-    await database.close()
     await _clear_outbox(database)
+    await database.close()
 
 
 async def _clear_outbox(database: Database) -> None:

@@ -7,7 +7,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,23 +23,13 @@ from app.cache import CacheRepository, connect_redis
 from app.embedded import EmbeddedRedis
 from app.orm import Database
 from models import Customer, Order, OrderShipping
+from tests.waiting import until
 
 T = TypeVar("T")
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 MakeCache = Callable[..., CacheRepository]
-
-
-async def until(probe: Callable[[], Awaitable[T]], check: Callable[[T], bool],
-                timeout: float = 10.0, what: str = "condition") -> T:
-    """Poll `await probe()` until `check` holds on its value; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if check(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout} s (last value: {value!r:.200})")
-        await asyncio.sleep(0.02)
+#: Live-entry TTL in the convergence test: entries expire, so readers keep filling during writes.
+STATE_TTL = 0.5
 
 
 @pytest.fixture
@@ -57,8 +47,7 @@ async def make_cache(redis: Redis, db: Database) -> AsyncIterator[MakeCache]:
     namespace = f"test-cache-{uuid.uuid4().hex[:12]}:"
 
     def make(**options: Any) -> CacheRepository:
-        options.setdefault("namespace", namespace)
-        return CacheRepository(options.pop("redis", redis), db, **options)
+        return CacheRepository(redis, db, namespace=namespace, **options)
 
     yield make
     keys = [k async for k in redis.scan_iter(match=namespace + "*", count=1000)]
@@ -109,13 +98,12 @@ async def db_sequence(db: Database, entity: str, key: int) -> int:
                                    {"e": entity, "k": str(key)})).scalar_one()
 
 
-async def outbox_rows(db: Database, after_id: int = 0, entity: str = "orders") -> list[Any]:
-    """Entity events in the outbox after `after_id`, in id order (access events left out)."""
+async def outbox_rows(db: Database, entity: str = "orders") -> list[Any]:
+    """The entity's events in the outbox, in id order (access events left out)."""
     async with db.engine.connect() as conn:
         return list(await conn.execute(text(
-            "SELECT id, key, sequence, op, data FROM outbox "
-            "WHERE entity = :e AND op <> 'read' AND id > :after ORDER BY id"),
-            {"e": entity, "after": after_id}))
+            "SELECT id, key, sequence, op, data FROM outbox WHERE entity = :e AND op <> 'read' ORDER BY id"),
+            {"e": entity}))
 
 
 async def apply_row(cache: CacheRepository, row: Any, entity: str = "orders") -> bool:
@@ -134,11 +122,13 @@ class Hold:
     """An `after_load` hook that parks the loads of one key until released."""
 
     def __init__(self, key: Any) -> None:
+        """Hold loads that include `key`."""
         self.key = str(key)
         self.loaded = asyncio.Event()
         self.release = asyncio.Event()
 
     async def __call__(self, entity: str, keys: list[str]) -> None:
+        """Signal `loaded`, then wait for `release`."""
         if self.key in keys:
             self.loaded.set()
             await self.release.wait()
@@ -335,9 +325,6 @@ async def test_reads_survive_redis_outage_and_use_it_again_after(db: Database, t
         server.stop()
 
 
-STATE_TTL = 0.5
-
-
 def apply_events_in_thread(database_url: str, redis_url: str, namespace: str, stop: threading.Event) -> int:
     """The cache agent's part: apply every outbox event once, in a thread and event loop of its own."""
     # Its own thread, like the real agent's own process: on the test's loop it would queue
@@ -416,8 +403,8 @@ async def test_cache_converges_under_concurrent_writers_readers_and_events(
                 await cache.get(Order, rng.choice(ids))
             else:
                 await cache.get_many(Order, rng.sample(ids, 10))
-            # Think time: busy writers and readers would starve the applier, which shares
-            # this event loop and CPU (the real agent runs in a process of its own).
+            # Think time: writers and readers that never idle would hog the CPU (and the GIL)
+            # the agent's thread needs to apply events as fast as they commit.
             await asyncio.sleep(0.002)
 
     readers = [asyncio.create_task(reader()) for _ in range(8)]
