@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -160,14 +160,17 @@ def servers() -> Iterator[tuple[str, EmbeddedBroker, bool]]:
         else:
             pg = EmbeddedPostgres.start(run_dir / "postgres")
             started.append(pg)
+            SERVER_PIDS["postgres"] = pg.pid
             url = pg.url
             note(f"embedded PostgreSQL pid={pg.pid} on {pg.host}:{pg.port}")
         broker = EmbeddedBroker.start(run_dir / "broker")
         started.append(broker)
+        SERVER_PIDS["tansu"] = broker.pid
         note(f"embedded Tansu broker pid={broker.pid} on {broker.bootstrap}")
         yield url, broker, external
     finally:
         for server in reversed(started):
+            SERVER_PIDS.clear()
             try:
                 server.stop()
                 note(f"stopped {type(server).__name__} pid={server.pid}")
@@ -357,14 +360,54 @@ class TailReader:
             await self._consumer.stop()
 
 
+#: name -> PID of the servers this run started, for the CPU breakdown in the progress log.
+SERVER_PIDS: dict[str, int] = {}
+#: CPU (in cores) used by processes other than this benchmark and its servers, per measurement.
+OTHER_CPU: list[float] = []
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds of a process, its live children and its reaped children (PostgreSQL backends)."""
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        t = proc.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in proc.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                c = child.cpu_times()
+                total += c.user + c.system
+        return total
+    except Exception:
+        return float("nan")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy CPU seconds, total CPU seconds) of the whole machine so far, from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return float("nan"), float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    total = sum(fields[:8])  # user..steal; guest time is already counted in user
+    return total - idle, total
+
+
 class LoopMonitor:
-    """While active: event-loop lag (how late a 1 ms timer fires) and this process's CPU share."""
+    """While active: event-loop lag (how late a 1 ms timer fires), this process's CPU share,
+    and how busy the whole machine was (other processes included)."""
 
     def __init__(self) -> None:
         self.lags: list[float] = []
         self._task: asyncio.Task[None] | None = None
         self._cpu0 = self._wall0 = 0.0
+        self._machine0 = (0.0, 0.0)
+        self._servers0: dict[str, float] = {}
         self.cpu_share = float("nan")
+        self.machine_busy = float("nan")
+        self.servers: dict[str, float] = {}  # server -> CPU share (cores) while active
 
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
@@ -375,20 +418,38 @@ class LoopMonitor:
 
     def __enter__(self) -> "LoopMonitor":
         self._cpu0, self._wall0 = time.process_time(), time.monotonic()
+        self._machine0 = machine_busy()
+        self._servers0 = {name: process_cpu(pid) for name, pid in SERVER_PIDS.items()}
         self._task = asyncio.get_running_loop().create_task(self._tick(), name="loop-monitor")
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._task is not None:
             self._task.cancel()
-        self.cpu_share = (time.process_time() - self._cpu0) / max(time.monotonic() - self._wall0, 1e-9)
+        wall = max(time.monotonic() - self._wall0, 1e-9)
+        self.cpu_share = (time.process_time() - self._cpu0) / wall
+        busy, total = machine_busy()
+        self.machine_busy = (busy - self._machine0[0]) / max(total - self._machine0[1], 1e-9)
+        self.servers = {name: (process_cpu(pid) - self._servers0[name]) / wall
+                        for name, pid in SERVER_PIDS.items()}
+        OTHER_CPU.append(self.other)
+
+    @property
+    def other(self) -> float:
+        """Cores used by other processes on the machine while active (noise)."""
+        ours = self.cpu_share + sum(self.servers.values())
+        return max(self.machine_busy * (os.cpu_count() or 1) - ours, 0.0)
 
     def summary(self) -> str:
-        return (f"loop lag p50 {percentile(self.lags, 50):.1f} ms / p99 {percentile(self.lags, 99):.1f} ms, "
-                f"process CPU {self.cpu_share:.0%} of a core")
+        cpus = os.cpu_count() or 1
+        parts = [f"bench {self.cpu_share:.2f}"] + [f"{n} {v:.2f}" for n, v in self.servers.items()]
+        parts.append(f"other processes {self.other:.2f}")
+        return (f"loop lag p50 {percentile(self.lags, 50):.1f} / p99 {percentile(self.lags, 99):.1f} ms; "
+                f"machine {self.machine_busy:.0%} busy of {cpus} CPUs, in cores: " + ", ".join(parts))
 
 
-async def paced(rate: float, seconds: float, fire: Callable[[int], Awaitable[None]]) -> tuple[int, float]:
+async def paced(rate: float, seconds: float,
+                fire: Callable[[int], Coroutine[Any, Any, None]]) -> tuple[int, float]:
     """Open-loop load: start `fire(i)` as a task at t0 + i/rate (a schedule, no drift).
 
     Returns (started, seconds the schedule took). A slow `fire` never delays later starts.

@@ -14,7 +14,7 @@ import asyncpg
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from app.orm import Database
-from bench.common import (RAW_TABLE, Config, Env, Line, PlainOrder, execute, median, note, settle,
+from bench.common import (RAW_TABLE, Config, Env, Line, LoopMonitor, PlainOrder, execute, median, note, settle,
                           spread)
 from models import Order
 
@@ -74,13 +74,17 @@ async def run(env: Env, cfg: Config) -> list[Line]:
             names = list(variants)
             for r in range(cfg.orm_rounds):
                 order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
+                others = []
                 for name in order:
                     await settle()
-                    results[name].append(await _drive(variants[name], writers, cfg.orm_seconds))
+                    with LoopMonitor() as monitor:
+                        results[name].append(await _drive(variants[name], writers, cfg.orm_seconds))
+                    others.append(monitor.other)
                     if name == "evented":
                         await execute(env, "DELETE FROM outbox")
                 note(f"orm writes, {writers} writer(s), round {r + 1}/{cfg.orm_rounds}: "
-                     + ", ".join(f"{n} {results[n][-1]:,.0f}/s" for n in names))
+                     + ", ".join(f"{n} {results[n][-1]:,.0f}/s" for n in names)
+                     + f" (other processes up to {max(others):.2f} cores)")
             for name in names:
                 note(f"orm writes, {writers} writer(s), {name}: {spread(results[name])} commits/s")
             med = {n: median(v) for n, v in results.items()}

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import uuid
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
@@ -20,7 +22,8 @@ from sqlalchemy import insert
 
 from app.orm import Database
 from app.relay import Relay
-from bench.common import Config, Env, Line, create_topic, execute, median, note, sample_message, settle, spread
+from bench.common import (Config, Env, Line, LoopMonitor, create_topic, execute, median, note, sample_message,
+                          settle, spread)
 from models import Order
 
 
@@ -33,43 +36,45 @@ async def _backlog(db: Database, total: int, chunk: int) -> float:
     return time.monotonic() - t0
 
 
-async def _relay_round(env: Env, db: Database, cfg: Config) -> dict[str, float]:
+async def _relay_round(env: Env, db: Database, cfg: Config) -> dict[str, Any]:
     await execute(env, "DELETE FROM outbox")
     took_backlog = await _backlog(db, cfg.relay_backlog, cfg.relay_chunk)
     conn = await asyncpg.connect(env.dsn)
     try:
         pending = await conn.fetchval("SELECT count(*) FROM outbox")
-        assert pending == cfg.relay_backlog, f"backlog has {pending} rows, expected {cfg.relay_backlog}"
-        await execute(env, "VACUUM ANALYZE outbox")
+        if pending != cfg.relay_backlog:
+            raise RuntimeError(f"backlog has {pending} rows, expected {cfg.relay_backlog}")
+        await execute(env, "VACUUM ANALYZE outbox")  # every round starts from the same table state
         await settle()
         relay = Relay(env.settings)
-        t0 = time.monotonic()
-        task = asyncio.get_running_loop().create_task(relay.run(), name="relay")
         active_at = float("nan")
-        deadline = t0 + 300
-        try:
-            while True:
-                await asyncio.sleep(0.02)
-                if active_at != active_at and relay.stats.active:
-                    active_at = time.monotonic() - t0
-                if await conn.fetchval("SELECT count(*) FROM outbox") == 0:
-                    break
-                if task.done():
-                    raise RuntimeError(f"relay stopped: {relay.stats.last_error}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"outbox not drained: {relay.stats}")
-            took = time.monotonic() - t0
-        finally:
-            relay.stop()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 20)
+        with LoopMonitor() as monitor:
+            t0 = time.monotonic()
+            task = asyncio.get_running_loop().create_task(relay.run(), name="relay")
+            try:
+                while True:
+                    await asyncio.sleep(0.02)
+                    if math.isnan(active_at) and relay.stats.active:
+                        active_at = time.monotonic() - t0
+                    if await conn.fetchval("SELECT count(*) FROM outbox") == 0:
+                        break
+                    if task.done():
+                        raise RuntimeError(f"relay stopped: {relay.stats.last_error}")
+                    if time.monotonic() - t0 > 300:
+                        raise TimeoutError(f"outbox not drained: {relay.stats}")
+                took = time.monotonic() - t0
+            finally:
+                relay.stop()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, 20)
     finally:
         await conn.close()
     return {"rate": cfg.relay_backlog / took, "seconds": took, "startup": active_at,
-            "backlog_seconds": took_backlog, "batches": relay.stats.batches, "errors": relay.stats.errors}
+            "backlog_seconds": took_backlog, "batches": relay.stats.batches, "errors": relay.stats.errors,
+            "monitor": monitor}
 
 
-async def _raw_round(env: Env, cfg: Config) -> dict[str, float]:
+async def _raw_round(env: Env, cfg: Config) -> dict[str, Any]:
     topic = f"bench-throughput-{uuid.uuid4().hex[:8]}"
     await create_topic(env, topic)
     msg = sample_message()
@@ -80,31 +85,33 @@ async def _raw_round(env: Env, cfg: Config) -> dict[str, float]:
     try:
         await producer.client.force_metadata_update()
         await settle()
-        t0 = time.monotonic()
-        for start in range(0, len(keys), cfg.raw_batch):
-            futures = [await producer.send(topic, msg.value, key=k, headers=msg.headers)
-                       for k in keys[start:start + cfg.raw_batch]]
-            await asyncio.gather(*futures)
-        took = time.monotonic() - t0
+        with LoopMonitor() as monitor:
+            t0 = time.monotonic()
+            for start in range(0, len(keys), cfg.raw_batch):
+                futures = [await producer.send(topic, msg.value, key=k, headers=msg.headers)
+                           for k in keys[start:start + cfg.raw_batch]]
+                await asyncio.gather(*futures)
+            took = time.monotonic() - t0
     finally:
         await producer.stop()
-    return {"rate": cfg.relay_backlog / took, "seconds": took}
+    return {"rate": cfg.relay_backlog / took, "seconds": took, "monitor": monitor}
 
 
 async def run(env: Env, cfg: Config) -> list[Line]:
     db = Database(env.url)
-    ours: list[dict[str, float]] = []
-    raw: list[dict[str, float]] = []
+    ours: list[dict[str, Any]] = []
+    raw: list[dict[str, Any]] = []
     try:
         for r in range(cfg.relay_rounds):
             ours.append(await _relay_round(env, db, cfg))
             o = ours[-1]
             note(f"relay round {r + 1}/{cfg.relay_rounds}: {cfg.relay_backlog:,} rows in {o['seconds']:.2f} s "
                  f"= {o['rate']:,.0f}/s (startup {o['startup'] * 1000:.0f} ms, {o['batches']:.0f} batches, "
-                 f"{o['errors']:.0f} errors; backlog written in {o['backlog_seconds']:.2f} s)")
+                 f"{o['errors']:.0f} errors; backlog written in {o['backlog_seconds']:.2f} s); "
+                 f"{o['monitor'].summary()}")
             raw.append(await _raw_round(env, cfg))
             note(f"relay round {r + 1}/{cfg.relay_rounds} raw producer: {raw[-1]['seconds']:.2f} s "
-                 f"= {raw[-1]['rate']:,.0f}/s")
+                 f"= {raw[-1]['rate']:,.0f}/s; {raw[-1]['monitor'].summary()}")
     finally:
         await db.close()
     note(f"relay events/s: {spread([o['rate'] for o in ours])}; raw: {spread([o['rate'] for o in raw])}")

@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 
 from bench import latency, orm_writes, relay_throughput
-from bench.common import Config, Env, Line, create_schema, fresh_database, markdown_table, note, servers
+from bench.common import (OTHER_CPU, Config, Env, Line, create_schema, fresh_database, markdown_table, median,
+                          note, servers)
 
 BENCHMARKS = {"orm": orm_writes.run, "latency": latency.run, "relay": relay_throughput.run}
 
@@ -41,15 +43,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = Config.make(args.quick)
+    load_before = os.getloadavg()
     t0 = time.monotonic()
     with servers() as (server_url, broker, external):
         lines = asyncio.run(_main(server_url, broker, external, cfg, args.only))
     note(f"total {time.monotonic() - t0:.1f} s")
     print()
     print(f"Benchmarks ({'quick' if cfg.quick else 'full'}; medians of {cfg.orm_rounds}/"
-          f"{cfg.latency_rounds}/{cfg.relay_rounds} rounds for ORM/latency/relay)")
+          f"{cfg.latency_rounds}/{cfg.relay_rounds} rounds for ORM/latency/relay; {os.cpu_count()} CPUs; "
+          f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
+          f"{time.monotonic() - t0:.0f} s)")
     print()
     print(markdown_table(lines))
+    if OTHER_CPU:
+        print()
+        print(f"Noise: processes outside this benchmark used median {median(OTHER_CPU):.2f}, max "
+              f"{max(OTHER_CPU):.2f} of {os.cpu_count()} CPUs during the measurements.")
     met = all(line.check is None or line.check(line.ours, line.ratio) for line in lines)
     return 0 if met or not args.strict else 1
 
