@@ -5,6 +5,7 @@ import json
 from typing import Any
 
 from sqlalchemy import Connection, text
+from sqlalchemy.util import await_only
 
 from app.entities import EntityPlan, record_sql
 from app.schemas import topic_name
@@ -40,11 +41,11 @@ DDL = [
 ]
 CHANNEL = "outbox"
 
-_LOCK_SEQS = text("""
+_LOCK_SEQS = """
 INSERT INTO event_sequences AS s (entity, key, seq)
-SELECT :entity, k, 1 FROM unnest(CAST(:keys AS text[])) AS k ORDER BY k
+SELECT $1::text, k, 1 FROM unnest($2::text[]) AS k ORDER BY k
 ON CONFLICT (entity, key) DO UPDATE SET seq = s.seq + 1
-RETURNING s.key, s.seq""")
+RETURNING s.key, s.seq"""
 
 _ACCESS = text("""
 INSERT INTO outbox (topic, entity, schema_version, key, op, service, sequence, occurred_at, data)
@@ -68,17 +69,14 @@ def record_events(conn: Connection, plan: EntityPlan, keys: dict[Any, str], serv
     """
     str_keys = {str(k): op for k, op in keys.items()}
     existing = sorted(k for k, op in str_keys.items() if op != "create")
+    driver = conn.connection.driver_connection  # asyncpg, in the flush's own transaction
     seqs: dict[str, int] = {}
     if existing:
-        rows = conn.execute(_LOCK_SEQS, {"entity": plan.root_entity, "keys": existing})
+        rows = await_only(driver.fetch(_LOCK_SEQS, plan.root_entity, existing))
         seqs = {key: seq for key, seq in rows}
     ordered = sorted(str_keys)
-    conn.execute(record_sql(plan.root), {
-        "keys": ordered,
-        "ops": [str_keys[k] for k in ordered],
-        "seqs": [seqs.get(k) for k in ordered],
-        "service": service,
-    })
+    await_only(driver.execute(record_sql(plan.root), ordered, [str_keys[k] for k in ordered],
+                              [seqs.get(k) for k in ordered], service))
 
 
 def record_access(conn: Connection, service: str, batches: dict[str, dict[str, Any]]) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,16 @@ class EventSchema:
     def dataschema(self) -> str:
         """The CloudEvents `dataschema` URI naming this schema."""
         return f"urn:microservice-events:schemas:{self.entity}:v{self.version}"
+
+    @cached_property
+    def data_union_branch(self) -> str | None:
+        """Full name of the `data` record when `data` is a `["null", record]` union, else None."""
+        declared = next(f["type"] for f in self.raw["fields"] if f["name"] == "data")
+        if not isinstance(declared, list):
+            return None
+        record = non_null(declared)
+        namespace = record.get("namespace", self.raw.get("namespace"))
+        return f"{namespace}.{record['name']}" if namespace else record["name"]
 
     def data_fields(self) -> list[dict[str, Any]]:
         """The fields of the `data` record (the entity state), unwrapped from its null union."""
