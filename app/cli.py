@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="decode with this schema (default: from the topic name <entity>-v<N>)")
     archive.add_argument("--delete", action="store_true",
                          help="delete the topic once the file is written and re-read with the same count")
+    asyncapi = sub.add_parser("asyncapi", help="print the AsyncAPI 3.0.0 document of the topics (pretty JSON)")
+    asyncapi.add_argument("--out", default=None, metavar="FILE", help="write it to FILE instead of stdout")
     return parser
 
 
@@ -76,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "schemas":
             from app.compat import run_check
             sys.exit(run_check(Path(args.dir) if args.dir else None))
+        if args.command == "asyncapi":
+            sys.exit(write_asyncapi(settings, args.out))
         if args.command in ("dlq", "topic"):
             require(settings, "kafka_broker", "KAFKA_BROKER")
             run = dlq_command if args.command == "dlq" else topic_command
@@ -101,6 +105,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def write_asyncapi(settings: Settings, out: str | None) -> int:
+    """Print the AsyncAPI document, or write it to `out`; needs no server."""
+    import json
+
+    from app.asyncapi import build_document
+
+    text = json.dumps(build_document(settings), indent=2) + "\n"
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        Path(out).write_text(text)
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
 
 
 def require(settings: Settings, field: str, env: str) -> None:

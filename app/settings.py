@@ -21,7 +21,8 @@ class Settings:
     redis_url: str = ""
     service_name: str = "orders"
     web_port: int = 6066
-    # 127.0.0.1 outside containers; 0.0.0.0 in one (docker-compose sets it).
+    # The host name other workers reach this one at (Faust's canonical URL, used to route
+    # table lookups); docker-compose sets the service name.
     web_host: str = "127.0.0.1"
     app_id: str = "microservice-events"
     # Partitions of the topics the relay creates; per-key order holds within a partition.

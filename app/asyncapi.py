@@ -1,0 +1,318 @@
+"""The AsyncAPI 3.0.0 document of this system's topics, generated from the models and schemas/.
+
+One channel per topic: each root entity's current-version topic (written by the outbox relay)
+and every older version it still serves (dual-published by the relay or down-converted by the
+worker), `access-v1`, and the dead-letter topics. Messages carry the `.avsc` of their topic
+as an Avro payload schema, the CloudEvents binary-mode headers as a JSON Schema, and a string
+Kafka key. `python -m app asyncapi [--out FILE]` prints or writes it; the web layer may serve
+`build_document()` as `/asyncapi.json`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from app.settings import Settings
+
+if TYPE_CHECKING:
+    from app.schemas import EventSchema
+
+ASYNCAPI_VERSION = "3.0.0"
+AVRO_SCHEMA_FORMAT = "application/vnd.apache.avro+json;version=1.9.0"
+KAFKA_BINDING_VERSION = "0.5.0"
+TITLE = "microservice-events"
+FALLBACK_VERSION = "0.1.0"
+#: Keys of the message of each channel (`#/channels/<topic>/messages/<key>`).
+EVENT = "event"
+DEAD_LETTER = "deadLetter"
+
+Schema = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One topic of the document and the operations on it."""
+
+    topic: str
+    description: str
+    message: Schema
+    message_key: str
+    sender: str  # who publishes it, for the send operation; empty: nothing does in this configuration
+    receiver: str = ""  # the worker's agents consuming it; empty: nothing here consumes it
+
+
+def build_document(settings: Settings | None = None) -> dict[str, Any]:
+    """The AsyncAPI 3.0.0 document (a JSON-ready dict) for `settings` (default: from the environment)."""
+    settings = Settings.from_env() if settings is None else settings
+    channels = _channels(settings)
+    host = settings.bootstrap_servers if settings.kafka_broker else "localhost:9092"
+    return {
+        "asyncapi": ASYNCAPI_VERSION,
+        "id": "urn:microservice-events",
+        "info": {
+            "title": TITLE,
+            "version": _package_version(),
+            "description": (
+                "Events of the entities written through the evented ORM, published from a "
+                "transactional outbox. Topic `<entity>-v<N>`; Kafka key = entity key as UTF-8; "
+                "value = plain Avro binary of the full event record, decodable with "
+                "`schemas/<entity>/v<N>.avsc` alone (no registry, no framing); headers follow the "
+                "CloudEvents Kafka binding in binary mode. Consumers deduplicate by `ce_id` "
+                "(= `event_id`, kept through down-conversion) and order per key by `sequence`."
+            ),
+        },
+        "servers": {
+            "kafka": {
+                "host": host,
+                "protocol": "kafka",
+                "description": "The broker of KAFKA_BROKER (Apache Kafka in docker-compose.yml, "
+                               "the embedded Tansu broker under `python -m app dev`).",
+            },
+        },
+        "defaultContentType": "application/avro",
+        "channels": {c.topic: _channel_object(c, settings) for c in channels},
+        "operations": _operations(channels, settings),
+    }
+
+
+def _package_version() -> str:
+    """The installed package's version, or the fallback when running from an uninstalled tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(TITLE)
+    except PackageNotFoundError:
+        return FALLBACK_VERSION
+
+
+def _channels(settings: Settings) -> list[Channel]:
+    """Every topic, in a stable order: per entity current, older versions, DLQ; then access, outbox DLQ."""
+    import models  # noqa: F401  # registers the entity models whose topics the document lists
+    from app.orm import current_version, legacy_modes
+    from app.relay import DLQ_TOPIC
+    from app.schemas import load, topic_name
+
+    out: list[Channel] = []
+    for entity, modes in sorted(legacy_modes(settings.legacy_overrides()).items()):
+        current = load(entity, current_version(entity))
+        dlq = f"{current.topic}.dlq" if modes else ""
+        agents = []
+        if "downconvert" in modes.values():
+            agents.append(f"`downconvert_{entity}` (serves the older versions)")
+        if entity == "orders":  # agents/views.py builds its views from the orders events
+            agents.append("`apply_order_events` (the materialized views)")
+        agents.append(f"`refresh_cache_{entity}` (the Redis entity cache, when REDIS_URL is set)")
+        redrive = {"dlq_redriven_from": _header(
+            f"Only on a message re-sent from `{dlq}` by `python -m app dlq redrive`: "
+            "`<dlq topic>:<partition>:<offset>` of the dead letter.")} if dlq else {}
+        out.append(Channel(
+            current.topic,
+            f"{entity} events at schema v{current.version}, the version the `{entity}` model writes. "
+            f"Written by the outbox relay from committed outbox rows, in outbox order (= `sequence` "
+            f"order per key), at least once.",
+            _event_message(current, optional=redrive), EVENT,
+            "the outbox relay (in the worker), from committed outbox rows",
+            "the worker's agents " + ", ".join(agents)))
+        for version, mode in sorted(modes.items(), reverse=True):
+            old = load(entity, version)
+            if mode == "dual-publish":
+                how = (f"Dual-published: the relay converts each `{current.topic}` event to v{version} "
+                       f"and writes it here in the same batch, before deleting the outbox row.")
+                sender = "the outbox relay (dual-publish)"
+            else:
+                how = (f"Down-converted by the worker's `downconvert_{entity}` agent from "
+                       f"`{current.topic}`: same key, partition and event id; what cannot be "
+                       f"converted goes to `{dlq}`.")
+                sender = f"the worker's `downconvert_{entity}` agent"
+            out.append(Channel(
+                old.topic,
+                f"{entity} events at the older schema v{version}, for consumers not yet on "
+                f"v{current.version} (mode `{mode}`; LEGACY_MODES switches it). {how} Both modes "
+                f"give byte-identical messages.",
+                _event_message(old), EVENT, sender))
+        if dlq:
+            # Only the down-conversion agent writes dead letters: none while every older
+            # version is dual-published (the relay's failures go to the outbox DLQ).
+            downconverted = "downconvert" in modes.values()
+            out.append(Channel(
+                dlq,
+                f"Dead letters of `{current.topic}`: messages the down-conversion agent could not "
+                f"decode or convert, unchanged (key, value, original headers) with why and where "
+                f"from in `dlq_*` headers. `python -m app dlq list|redrive {dlq}`.",
+                _dead_letter_message(current), DEAD_LETTER,
+                f"the worker's `downconvert_{entity}` agent" if downconverted else ""))
+    access = load("access", 1)
+    out.append(Channel(
+        topic_name("access", 1),
+        "ORM reads: every entity a session loads is noted in memory and flushed every "
+        f"{settings.access_flush_interval:g} s as one event per entity read (service, distinct "
+        "keys, count, first/last time), through the outbox. Kafka key: the entity read.",
+        _event_message(access), EVENT, "the outbox relay, from access-log outbox rows"))
+    out.append(Channel(
+        DLQ_TOPIC,
+        "Outbox rows the relay could not encode as Avro, as JSON with the error in headers; "
+        "the row leaves the outbox only once this message is acked, so nothing is lost.",
+        _outbox_dead_letter_message(), DEAD_LETTER, "the outbox relay"))
+    return out
+
+
+def _channel_object(channel: Channel, settings: Settings) -> dict[str, Any]:
+    """The AsyncAPI channel of one topic; the relay creates every topic with the same partition count."""
+    return {
+        "address": channel.topic,
+        "title": channel.topic,
+        "description": channel.description,
+        "messages": {channel.message_key: channel.message},
+        "bindings": {"kafka": {"partitions": settings.topic_partitions,
+                               "bindingVersion": KAFKA_BINDING_VERSION}},
+    }
+
+
+def _operations(channels: list[Channel], settings: Settings) -> dict[str, Any]:
+    """`send` for every topic this system publishes, `receive` for the ones the worker consumes."""
+    out: dict[str, Any] = {}
+    for c in channels:
+        if not c.sender:
+            continue
+        out[f"send-{c.topic}"] = {
+            "action": "send", "channel": _channel_ref(c), "messages": [_message_ref(c)],
+            "title": f"Publish to {c.topic}", "description": f"Sent by {c.sender}.",
+        }
+    for c in channels:
+        if c.receiver:
+            out[f"receive-{c.topic}"] = {
+                "action": "receive", "channel": _channel_ref(c), "messages": [_message_ref(c)],
+                "title": f"Consume {c.topic}",
+                "description": f"Consumed by {c.receiver}. Consumer group: the Faust app id.",
+                "bindings": {"kafka": {"groupId": {"type": "string", "enum": [settings.app_id]},
+                                       "bindingVersion": KAFKA_BINDING_VERSION}},
+            }
+    return out
+
+
+def _channel_ref(channel: Channel) -> dict[str, str]:
+    """A Reference Object to `channel`."""
+    return {"$ref": f"#/channels/{channel.topic}"}
+
+
+def _message_ref(channel: Channel) -> dict[str, str]:
+    """A Reference Object to the message of `channel` (operations must point into their channel)."""
+    return {"$ref": f"#/channels/{channel.topic}/messages/{channel.message_key}"}
+
+
+def _header(description: str, **schema: Any) -> Schema:
+    """A header's JSON Schema: Kafka header values are bytes, here UTF-8 strings."""
+    return {"type": "string", "description": description, **schema}
+
+
+def _ce_headers(schema: EventSchema) -> dict[str, Schema]:
+    """The CloudEvents binary-mode headers of `schema`'s topic, as `app.events.ce_headers` writes them."""
+    from app.events import CONTENT_TYPE
+    from app.schemas import field_type
+
+    ops = field_type(schema.raw, "op")["symbols"]
+    return {
+        "ce_specversion": _header("CloudEvents specification version.", const="1.0"),
+        "ce_id": _header("The event id (`event_id`); the same on every version of one event, so "
+                         "consumers deduplicate by it.", format="uuid"),
+        "ce_source": _header("`/services/<service>`: the service that raised the event.",
+                             pattern="^/services/[^/]+$"),
+        "ce_type": _header("`<entity>.<op>.v<N>`.",
+                           enum=[f"{schema.entity}.{op}.v{schema.version}" for op in ops]),
+        "ce_time": _header("`occurred_at`, RFC 3339, UTC.", format="date-time"),
+        "ce_dataschema": _header("Names the Avro schema of the value: `schemas/<entity>/v<N>.avsc`.",
+                                 const=schema.dataschema),
+        "content-type": _header("The value's media type.", const=CONTENT_TYPE),
+    }
+
+
+def _avro_payload(schema: EventSchema) -> Schema:
+    """A Multi Format Schema Object carrying the `.avsc` exactly as it is on disk."""
+    return {"schemaFormat": AVRO_SCHEMA_FORMAT, "schema": schema.raw}
+
+
+def _key(description: str) -> Schema:
+    """The Kafka message binding: the key is a UTF-8 string."""
+    return {"kafka": {"key": {"type": "string", "description": description},
+                      "bindingVersion": KAFKA_BINDING_VERSION}}
+
+
+def _event_message(schema: EventSchema, optional: dict[str, Schema] | None = None) -> Schema:
+    """The message of an event topic: Avro value of `schema`, CloudEvents headers, string key."""
+    headers = _ce_headers(schema)
+    key = ("The entity that was read." if schema.entity == "access"
+           else f"The {schema.entity} key (the aggregate's id) as UTF-8.")
+    return {
+        "name": f"{schema.entity}.v{schema.version}",
+        "title": f"{schema.raw['name']} v{schema.version}",
+        "summary": schema.raw.get("doc", f"An event of {schema.entity}, schema v{schema.version}."),
+        "contentType": "application/avro",
+        "headers": {"type": "object", "required": list(headers),
+                    "properties": {**headers, **(optional or {})}},
+        "payload": _avro_payload(schema),
+        "bindings": _key(key),
+    }
+
+
+def _dead_letter_message(source: EventSchema) -> Schema:
+    """A dead letter of `source`'s topic (agents/downconvert.py): the original message plus `dlq_*` headers."""
+    reason = {
+        "dlq_error_class": _header("Class of the error, e.g. `SchemaResolutionError`."),
+        "dlq_error_message": _header("The error message, at most 1000 characters."),
+        "dlq_source_topic": _header("The topic the message came from.", const=source.topic),
+        "dlq_source_partition": _header("Its partition.", pattern="^[0-9]+$"),
+        "dlq_source_offset": _header("Its offset.", pattern="^[0-9]+$"),
+    }
+    return {
+        "name": f"{source.topic}.dead-letter",
+        "title": f"Dead letter of {source.topic}",
+        "summary": "The original message, unchanged; it is here because it could not be decoded "
+                   "or converted, so its value may not match the schema below.",
+        "contentType": "application/avro",
+        # The original's headers follow, unchecked: they may be why it could not be converted.
+        "headers": {"type": "object", "required": list(reason), "properties": reason,
+                    "additionalProperties": _header("The original message's headers, unchanged "
+                                                    "(its CloudEvents `ce_*` ones when it had them).")},
+        "payload": _avro_payload(source),
+        "bindings": _key("The original message's key."),
+    }
+
+
+def _outbox_dead_letter_message() -> Schema:
+    """An outbox row the relay could not encode (app/relay.py `dead_letter`), as JSON."""
+    return {
+        "name": "outbox.dead-letter",
+        "title": "Outbox dead letter",
+        "summary": "An outbox row that could not be encoded as Avro, with its columns as JSON.",
+        "contentType": "application/json",
+        "headers": {
+            "type": "object",
+            "required": ["error_class", "error_message", "source_topic", "content-type"],
+            "properties": {
+                "error_class": _header("Class of the encoding error."),
+                "error_message": _header("The error message, at most 1000 characters."),
+                "source_topic": _header("The topic the row was meant for."),
+                "content-type": _header("The value's media type.", const="application/json"),
+            },
+        },
+        "payload": {
+            "type": "object",
+            "description": "The outbox row.",
+            "required": ["id", "topic", "entity", "schema_version", "key", "event_id", "op",
+                         "service", "occurred_at", "sequence", "data"],
+            "properties": {
+                "id": {"type": "integer", "description": "Outbox row id (publication order)."},
+                "topic": {"type": "string"},
+                "entity": {"type": "string"},
+                "schema_version": {"type": "integer"},
+                "key": {"type": "string"},
+                "event_id": {"type": "string", "format": "uuid"},
+                "op": {"type": "string", "enum": ["create", "update", "delete", "read"]},
+                "service": {"type": "string"},
+                "occurred_at": {"type": "string", "description": "As PostgreSQL's timestamptz text."},
+                "sequence": {"type": "integer"},
+                "data": {"description": "The entity state as stored in the outbox (JSON), null on delete."},
+            },
+        },
+        "bindings": _key("The row's entity key."),
+    }
