@@ -237,7 +237,7 @@ def _on_load(target: EventedBase, context: Any) -> None:
     access: AccessLog | None = context.session.info.get("access")
     if access is not None:
         plan = plan_for(type(target))
-        access.add(plan.root_entity, plan.key_of(target))
+        access.add(plan.root_entity, plan.key_of(target), context.session.info.get("on_behalf_of"))
 
 
 _installed = False
@@ -266,16 +266,16 @@ class AccessLog:
         self._db = db
         self._interval = interval
         self._max_keys = max_keys
-        self._batches: dict[str, _AccessBatch] = {}
+        self._batches: dict[tuple[str, str | None], _AccessBatch] = {}
         self._task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
         self.dropped = 0
 
-    def add(self, entity: str, key: Any) -> None:
-        """Note one read of `entity` `key`; cheap, no I/O."""
-        batch = self._batches.get(entity)
+    def add(self, entity: str, key: Any, on_behalf_of: str | None = None) -> None:
+        """Note one read of `entity` `key` (for a calling service, if any); cheap, no I/O."""
+        batch = self._batches.get((entity, on_behalf_of))
         if batch is None:
-            batch = self._batches[entity] = _AccessBatch(first_at=time.time())
+            batch = self._batches[(entity, on_behalf_of)] = _AccessBatch(first_at=time.time())
         batch.keys.add(str(key))
         batch.reads += 1
         batch.last_at = time.time()
@@ -299,7 +299,7 @@ class AccessLog:
         try:
             async with self._db.engine.begin() as conn:
                 await conn.run_sync(lambda c: outbox.record_access(
-                    c, self._db.service, {e: b.as_data() for e, b in batches.items()}))
+                    c, self._db.service, {k: b.as_data(k[1]) for k, b in batches.items()}))
         except Exception as exc:  # best-effort: a failed access batch must not break reads
             self.dropped += sum(b.reads for b in batches.values())
             log.warning("access events dropped: %s", exc)
@@ -321,12 +321,13 @@ class _AccessBatch:
     reads: int = 0
     keys: set[str] = field(default_factory=set)
 
-    def as_data(self) -> dict[str, Any]:
+    def as_data(self, on_behalf_of: str | None) -> dict[str, Any]:
         return {
             "first_at": datetime.fromtimestamp(self.first_at, timezone.utc),
             "last_at": int(self.last_at * 1_000_000),
             "reads": self.reads,
             "keys": sorted(self.keys),
+            "on_behalf_of": on_behalf_of,
         }
 
 
@@ -359,9 +360,13 @@ class Database:
         )
 
     @contextlib.asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
-        """A session in a transaction: committed when the block ends, rolled back on error."""
-        async with self._sessions() as session:
+    async def session(self, *, on_behalf_of: str | None = None) -> AsyncIterator[AsyncSession]:
+        """A session in a transaction: committed when the block ends, rolled back on error.
+
+        `on_behalf_of` names the service a request came from (an owner answering another
+        service over HTTP), so its access events say who the data was read for.
+        """
+        async with self._sessions(info={"on_behalf_of": on_behalf_of}) as session:
             try:
                 yield session
                 await session.commit()

@@ -79,10 +79,11 @@ def record_events(conn: Connection, plan: EntityPlan, keys: dict[Any, str], serv
                               [seqs.get(k) for k in ordered], service))
 
 
-def record_access(conn: Connection, service: str, batches: dict[str, dict[str, Any]]) -> None:
-    """Write one `access-v1` outbox row per entity read."""
+def record_access(conn: Connection, service: str,
+                  batches: dict[tuple[str, str | None], dict[str, Any]]) -> None:
+    """Write one `access-v1` outbox row per entity read (and service it was read for)."""
     conn.execute(_ACCESS, [
         {"topic": topic_name("access", 1), "entity": entity, "service": service,
          "first_at": batch.pop("first_at"), "data": json.dumps(batch)}
-        for entity, batch in batches.items()
+        for (entity, _), batch in batches.items()
     ])

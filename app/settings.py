@@ -35,6 +35,10 @@ class Settings:
     consumer_fetch_max_wait_ms: int = 10
     # Faust table storage: "" (memory) or e.g. "rocksdb://" for tables that outgrow memory.
     table_store: str = ""
+    # Per-service bearer tokens for owner services' HTTP methods: "orders:<token>,...".
+    service_tokens: str = ""
+    # Services allowed to read a customer's contact from its owner.
+    contact_readers: str = "orders,support"
     # Relay tuning: rows per fetch, and the poll interval used when NOTIFY is missed.
     relay_batch: int = 2000
     relay_poll_interval: float = 1.0
@@ -56,8 +60,20 @@ class Settings:
             app_id=env.get("APP_ID", "microservice-events"),
             legacy_modes=env.get("LEGACY_MODES", ""),
             table_store=env.get("TABLE_STORE", ""),
+            service_tokens=env.get("SERVICE_TOKENS", ""),
+            contact_readers=env.get("CONTACT_READERS", "orders,support"),
             consumer_fetch_max_wait_ms=int(env.get("CONSUMER_FETCH_MAX_WAIT_MS", "10")),
         )
+
+    def service_token_map(self) -> dict[str, str]:
+        """`service_tokens` parsed: service -> token."""
+        out = {}
+        for item in filter(None, (part.strip() for part in self.service_tokens.split(","))):
+            service, sep, token = item.partition(":")
+            if not sep or not service or not token:
+                raise ValueError("SERVICE_TOKENS items must be service:token")
+            out[service] = token
+        return out
 
     def legacy_overrides(self) -> dict[tuple[str, int], str]:
         """`legacy_modes` parsed: (entity, version) -> "dual-publish" | "downconvert"."""
