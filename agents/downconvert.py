@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,8 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
+#: Called after each produced batch with (source topic, events converted, events dead-lettered).
+Counted = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -94,14 +96,15 @@ def downconvert_targets(settings: Settings) -> dict[str, list[int]]:
     return out
 
 
-def install(app: faust.App, settings: Settings) -> None:
+def install(app: faust.App, settings: Settings, counted: Counted | None = None) -> None:
     """Declare one down-conversion agent per entity that has versions in `downconvert` mode."""
     for entity, targets in downconvert_targets(settings).items():
-        _declare(app, load(entity, current_version(entity)), targets)
+        _declare(app, load(entity, current_version(entity)), targets, counted)
 
 
-def _declare(app: faust.App, source: EventSchema, targets: list[int]) -> None:
+def _declare(app: faust.App, source: EventSchema, targets: list[int], counted: Counted | None) -> None:
     topic = app.topic(source.topic, key_serializer="raw", value_serializer="raw")
+    dlq = dlq_topic(source.topic)
 
     async def downconvert_entity(stream: faust.StreamT[Any]) -> None:
         # take_events acks a batch only after this loop body finished with it, so the
@@ -109,7 +112,12 @@ def _declare(app: faust.App, source: EventSchema, targets: list[int]) -> None:
         async for events in stream.take_events(1000, within=0.005):
             batch = [Incoming(e.message.key, e.message.value, e.message.partition, e.message.offset,
                               list(e.message.headers or ())) for e in events]
-            await produce_all(app, convert_batch(source, targets, batch))
+            out = convert_batch(source, targets, batch)
+            await produce_all(app, out)
+            if counted is not None:
+                # Counted once produced: the numbers never run ahead of what reached Kafka.
+                dead = sum(1 for m in out if m.topic == dlq)
+                counted(source.topic, len(batch) - dead, dead)
 
     app.agent(topic, name=f"downconvert_{source.entity}")(downconvert_entity)
 

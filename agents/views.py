@@ -51,8 +51,12 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
         changelog = app.topic(f"{settings.app_id}-{name}-changelog", key_type=str, key_serializer="raw",
                               value_serializer="json", partitions=partitions, compacting=True,
                               acks=False, internal=True)
-        return app.Table(name, default=None, partitions=partitions, key_type=str,
-                         changelog_topic=changelog, **({"store": storage} if storage else {}))
+        t = app.Table(name, default=None, partitions=partitions, key_type=str,
+                      changelog_topic=changelog, **({"store": storage} if storage else {}))
+        # The table serializes changelog keys itself (json for str keys): make it raw too, or
+        # recovered and standby copies would hold '"12"' where the active one holds '12'.
+        t.key_serializer = "raw"
+        return t
 
     orders = table("orders")
     customer_orders = table("customer_orders")

@@ -6,7 +6,8 @@ from mode import Service
 
 import models  # noqa: F401  # the entity models, so the relay and agents know their topics
 from agents import cache, downconvert, views
-from app import web
+from app import ops, owner_api, web
+from app.metrics import DownconvertCounts
 from app.relay import Relay
 from app.settings import Settings
 from app.transport import App
@@ -31,12 +32,15 @@ def create_app(settings: Settings) -> faust.App:
         producer_acks=-1,
         autodiscover=False,
     )
-    downconvert.install(app, settings)
+    downconverted = DownconvertCounts()  # counted by the agents, exported by app.ops
+    downconvert.install(app, settings, counted=downconverted)
     app.views = views.install(app, settings)  # type: ignore[attr-defined]  # served by app/web.py
     # Without Redis there is no cache to keep fresh (reads go to the database).
     # (`entity_cache`: Faust's App already has a `cache` attribute.)
     app.entity_cache = cache.install(app, settings) if settings.redis_url else None  # type: ignore[attr-defined]
-    web.install(app, settings)
+    web_views = web.install(app, settings)
+    # The demo mounts the customers service's public methods (the owner's HTTP interface).
+    owner = owner_api.install(app, settings)
     relay = Relay(settings)
     app.relay = relay  # type: ignore[attr-defined]  # read by web views and metrics
 
@@ -50,9 +54,13 @@ def create_app(settings: Settings) -> faust.App:
 
         async def on_stop(self) -> None:
             relay.stop()
+            await owner.close()
             if app.entity_cache is not None:  # type: ignore[attr-defined]
                 await app.entity_cache.close()  # type: ignore[attr-defined]
 
+    # /metrics, /health/*, /status and the agent watchdog.
+    app.ops = ops.install(app, settings, relay=relay, downconverted=downconverted,  # type: ignore[attr-defined]
+                          web_views=web_views)
     return app
 
 

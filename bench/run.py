@@ -13,11 +13,13 @@ import os
 import sys
 import time
 
-from bench import latency, orm_writes, relay_throughput
+from bench import cache, downconvert, latency, orm_writes, relay_throughput, views
 from bench.common import (OTHER_CPU, Config, Env, Line, create_schema, fresh_database, markdown_table, median,
                           note, servers)
+from bench.workers import StreamConfig
 
-BENCHMARKS = {"orm": orm_writes.run, "latency": latency.run, "relay": relay_throughput.run}
+BENCHMARKS = {"orm": orm_writes.run, "latency": latency.run, "relay": relay_throughput.run,
+              "downconvert": downconvert.run, "views": views.run, "cache": cache.run}
 
 
 async def _main(server_url: str, broker: object, external: bool, cfg: Config, only: list[str]) -> list[Line]:
@@ -49,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         lines = asyncio.run(_main(server_url, broker, external, cfg, args.only))
     note(f"total {time.monotonic() - t0:.1f} s")
     print()
+    scfg = StreamConfig.make(cfg.quick)
     print(f"Benchmarks ({'quick' if cfg.quick else 'full'}; medians of {cfg.orm_rounds}/"
-          f"{cfg.latency_rounds}/{cfg.relay_rounds} rounds for ORM/latency/relay; {os.cpu_count()} CPUs; "
+          f"{cfg.latency_rounds}/{cfg.relay_rounds} rounds for ORM/latency/relay, {scfg.downconvert_rounds}/"
+          f"{scfg.views_rounds}/{scfg.cache_rounds} for downconvert/views/cache; {os.cpu_count()} CPUs; "
           f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; "
           f"{time.monotonic() - t0:.0f} s)")
     print()

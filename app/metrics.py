@@ -1,0 +1,422 @@
+"""Prometheus metrics of the worker, read from live stats at scrape time into a per-app registry.
+
+What is counted where:
+- Agents: `ProgressSensor`, a Faust sensor (`app.sensors.add`), counts the events each agent's
+  streams take in (`on_stream_event_in`) and finish (`on_stream_event_out`, i.e. acked) and
+  the last offset finished per partition; crashes are counted by the agents' `on_error` hook.
+  A stream belongs to the agent whose name is its `prefix` (Faust names agent streams so).
+- Consumer offsets: what Faust exposes without network calls. Highwater is
+  `app.consumer.highwater(tp)` (the high watermark of the consumer's latest fetch response),
+  else the Monitor's `tp_end_offsets`; committed is the Monitor's `tp_committed_offsets`
+  (this worker's commits), else the consumer's `_committed_offset` (read from the broker when
+  the partition was assigned); read is the Monitor's `tp_read_offsets` (last offset handed to
+  streams). Lag = highwater - committed. Tansu reports the high watermark at the start of
+  the last batch, so there lag reads low by up to one producer batch.
+- Relay, down-conversion, cache and tables: their own stats objects (`RelayStats`,
+  `DownconvertCounts`, `CacheStats`, the view tables), read when Prometheus scrapes.
+
+Families (all `mse_`): relay `relay_published_total`, `relay_batches_total`,
+`relay_errors_total`, `relay_active`, `relay_connected`, `outbox_lag_rows`,
+`outbox_lag_seconds`; agents {agent} `agent_events_total`, `agent_events_received_total`,
+`agent_errors_total`, `agent_restarts_total{agent,reason}`, `agent_in_flight`,
+`agent_lag_messages`, `agent_idle_seconds`, `agent_up`, `agent_failing`; dead letters
+`dead_letters_total{stage,topic}`, `downconverted_total{topic}`; cache {repository}
+`cache_{hits,misses,fills,refreshes,stale_rejections,redis_errors,db_loads,redis_bypassed}_total`;
+`table_keys{table}`; consumer {topic,partition} `consumer_highwater`,
+`consumer_committed_offset`, `consumer_read_offset`, `consumer_lag`; `ready`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import faust
+from faust.sensors import Sensor
+from faust.types import TP, AgentT, EventT, StreamT
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from app.orm import evented_topics
+
+if TYPE_CHECKING:
+    from agents.views import View
+    from app.cache import CacheStats
+    from app.relay import Relay
+
+log = logging.getLogger(__name__)
+
+#: The worker's pipeline stages, in the order the status page shows them.
+STAGES = ("relay", "downconvert", "views", "cache")
+#: `CacheStats` fields exported, with the metric name each gets (`mse_cache_<name>_total`).
+CACHE_FIELDS = {
+    "hits": "hits", "misses": "misses", "fills": "fills", "refreshes_applied": "refreshes",
+    "stale_rejections": "stale_rejections", "redis_errors": "redis_errors", "db_loads": "db_loads",
+    "redis_bypassed": "redis_bypassed",
+}
+
+
+# -- counting ------------------------------------------------------------------------------
+
+@dataclass
+class AgentProgress:
+    """What one agent has done; the watchdog reads it and records its restarts here."""
+
+    received: int = 0
+    processed: int = 0
+    errors: int = 0
+    #: time.monotonic() of the last finished event; 0.0 = none yet.
+    last_processed: float = 0.0
+    #: Last offset finished per partition (the agent's own position, not the group's).
+    offsets: dict[TP, int] = field(default_factory=dict)
+    #: reason -> restarts ("crashed": Faust's supervisor after an exception; the rest: the watchdog).
+    restarts: Counter[str] = field(default_factory=Counter)
+    #: Why the watchdog gave up on the agent ("" while it has not).
+    failing: str = ""
+
+    @property
+    def in_flight(self) -> int:
+        """Events taken in and not finished yet."""
+        return max(0, self.received - self.processed)
+
+
+class ProgressSensor(Sensor):
+    """Counts the events each agent takes in and finishes, and each agent's crashes."""
+
+    def __init__(self, app: faust.App, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.app = app
+        self.agents: dict[str, AgentProgress] = {}
+        #: time.monotonic() at install: the idle time of an agent that never finished an event.
+        self.installed_at = time.monotonic()
+        self._not_agents: set[str] = set()
+
+    def progress(self, agent: str) -> AgentProgress:
+        """The counts of `agent` (created on first use)."""
+        found = self.agents.get(agent)
+        if found is None:
+            found = self.agents[agent] = AgentProgress()
+        return found
+
+    def _of(self, stream: StreamT) -> AgentProgress | None:
+        name = stream.prefix
+        found = self.agents.get(name)
+        if found is None and name not in self._not_agents:
+            if name and name in self.app.agents:
+                return self.progress(name)
+            self._not_agents.add(name)  # app.stream() and friends: not an agent's
+        return found
+
+    def on_stream_event_in(self, tp: TP, offset: int, stream: StreamT, event: EventT) -> dict | None:
+        """Count an event an agent's stream took in."""
+        progress = self._of(stream)
+        if progress is not None:
+            progress.received += 1
+        return None
+
+    def on_stream_event_out(self, tp: TP, offset: int, stream: StreamT, event: EventT,
+                            state: dict | None = None) -> None:
+        """Count an event an agent's stream finished (acked)."""
+        progress = self._of(stream)
+        if progress is not None:
+            progress.processed += 1
+            progress.last_processed = time.monotonic()
+            if offset > progress.offsets.get(tp, -1):
+                progress.offsets[tp] = offset
+
+    async def on_start(self) -> None:
+        """Hook the agents' crashes (agents declared after `install`, e.g. by tests, included)."""
+        self.hook_errors()
+
+    def hook_errors(self) -> None:
+        """Count every exception that crashes an actor, through the agent's `on_error` handler."""
+        for agent in self.app.agents.values():
+            # `_on_error` is where Agent keeps its `on_error=` argument; Faust awaits it with
+            # (agent, exc) before its supervisor replaces the crashed actor.
+            previous = agent._on_error  # type: ignore[attr-defined]
+            if getattr(previous, "counts_errors", False):
+                continue
+            agent._on_error = self._error_handler(agent.name, previous)  # type: ignore[attr-defined]
+
+    def _error_handler(self, name: str, previous: Callable[..., Any] | None) -> Callable[..., Any]:
+        async def on_error(agent: Any, exc: BaseException) -> None:
+            progress = self.progress(name)
+            progress.errors += 1
+            progress.restarts["crashed"] += 1  # Faust's supervisor replaces the actor next
+            log.warning("agent %s crashed (%s: %s); Faust restarts it", name, type(exc).__name__, exc)
+            if previous is not None:
+                await previous(agent, exc)
+
+        on_error.counts_errors = True  # type: ignore[attr-defined]
+        return on_error
+
+
+@dataclass
+class DownconvertCounts:
+    """Events down-converted and dead-lettered per source topic (the down-conversion agents' hook)."""
+
+    converted: Counter[str] = field(default_factory=Counter)
+    dead_lettered: Counter[str] = field(default_factory=Counter)
+
+    def __call__(self, topic: str, converted: int, dead_lettered: int) -> None:
+        """Add one produced batch."""
+        self.converted[topic] += converted
+        self.dead_lettered[topic] += dead_lettered
+
+
+# -- consumer offsets ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PartitionOffsets:
+    """Where the consumer stands in one assigned partition (see the module docstring)."""
+
+    tp: TP
+    highwater: int | None
+    committed: int | None
+    read: int | None
+
+    @property
+    def lag(self) -> int | None:
+        """Messages not committed yet; None while the high watermark is unknown."""
+        if self.highwater is None:
+            return None
+        return max(0, self.highwater - (self.committed or 0))
+
+
+def agent_topics(app: faust.App) -> dict[str, set[str]]:
+    """agent name -> the topics it reads."""
+    return {name: set(agent.get_topic_names()) for name, agent in app.agents.items()}
+
+
+def partition_offsets(app: faust.App, topics: Iterable[str]) -> list[PartitionOffsets]:
+    """Offsets of the assigned partitions of `topics` (no network I/O); [] before the consumer runs."""
+    wanted = set(topics)
+    consumer = app.consumer
+    try:
+        assigned = consumer.assignment()
+    except Exception:  # ConsumerNotStarted: nothing is assigned yet
+        return []
+    monitor = app.monitor
+    committed_by_consumer: Mapping[TP, int | None] = getattr(consumer, "_committed_offset", {})
+    out = []
+    for tp in sorted(tp for tp in assigned if tp.topic in wanted):
+        try:
+            highwater = consumer.highwater(tp)
+        except Exception:  # revoked between assignment() and here
+            highwater = None
+        if highwater is None:
+            highwater = monitor.tp_end_offsets.get(tp)
+        committed = monitor.tp_committed_offsets.get(tp)
+        if committed is None:
+            committed = committed_by_consumer.get(tp)
+        out.append(PartitionOffsets(tp, highwater, committed, monitor.tp_read_offsets.get(tp)))
+    return out
+
+
+def agent_lag(progress: AgentProgress, topics: set[str], offsets: Iterable[PartitionOffsets]) -> int:
+    """Messages in the agent's assigned input partitions it has not finished yet."""
+    total = 0
+    for p in offsets:
+        if p.tp.topic not in topics or p.highwater is None:
+            continue
+        done = progress.offsets.get(p.tp)
+        # After a rebalance the group may be past what this agent did here before.
+        position = max(p.committed or 0, -1 if done is None else done + 1)
+        total += max(0, p.highwater - position)
+    return total
+
+
+def stage_of(agent: AgentT, sources: set[str]) -> str | None:
+    """The pipeline stage an agent belongs to: its module in `agents/`, if it reads event topics."""
+    module = getattr(agent.fun, "__module__", "") or ""
+    if not module.startswith("agents.") or not sources & set(agent.get_topic_names()):
+        return None  # e.g. the views' second stage, which reads internal repartition topics
+    return module.rsplit(".", 1)[1]
+
+
+# -- what a scrape reads -------------------------------------------------------------------
+
+@dataclass
+class Sources:
+    """Everything the metrics and the status page read, live."""
+
+    app: faust.App
+    progress: ProgressSensor
+    relay: Relay | None
+    downconverted: DownconvertCounts
+    views: Mapping[str, View]
+    #: label -> CacheStats of each cache repository in this worker (agent's, web's).
+    caches: Callable[[], dict[str, CacheStats]]
+    #: Reasons the worker is not ready ([] = ready).
+    not_ready: Callable[[], list[str]]
+    #: Agents that currently have a running actor.
+    running: Callable[[], set[str]]
+
+    def stage_totals(self) -> dict[str, int]:
+        """Events each stage has handled so far (relay: published; agents: finished)."""
+        totals = dict.fromkeys(STAGES, 0)
+        if self.relay is not None:
+            totals["relay"] = self.relay.stats.published
+        sources = set(evented_topics())
+        for name, agent in self.app.agents.items():
+            stage = stage_of(agent, sources)
+            if stage in totals and stage != "relay":
+                totals[stage] += self.progress.progress(name).processed
+        return totals
+
+    def dead_letters(self) -> dict[tuple[str, str], int]:
+        """(stage, dead-letter topic) -> messages dead-lettered by this worker."""
+        from agents.downconvert import dlq_topic
+        from app.relay import DLQ_TOPIC
+
+        out = {("relay", DLQ_TOPIC): self.relay.stats.dead_lettered if self.relay is not None else 0}
+        for topic, count in self.downconverted.dead_lettered.items():
+            out[("downconvert", dlq_topic(topic))] = count
+        return out
+
+    def table_keys(self) -> dict[str, int]:
+        """view name -> keys in this worker's copy of the table (active and standby partitions)."""
+        return {name: len(view.table.data) for name, view in self.views.items()}
+
+
+class OpsCollector(Collector):
+    """Builds every `mse_` metric family from `Sources` when the registry is collected."""
+
+    def __init__(self, sources: Sources) -> None:
+        self.sources = sources
+
+    def describe(self) -> list[Metric]:
+        """Nothing up front: registering must not read the live stats."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """The current value of every metric."""
+        s = self.sources
+        yield from self._relay()
+        yield from self._agents()
+        yield from self._dead_letters()
+        yield from self._cache()
+        tables = GaugeMetricFamily("mse_table_keys", "Keys in this worker's copy of each view table.",
+                                   labels=["table"])
+        for name, keys in s.table_keys().items():
+            tables.add_metric([name], keys)
+        yield tables
+        yield from self._consumer()
+        reasons = s.not_ready()
+        yield GaugeMetricFamily("mse_ready", "1 when /health/ready answers 200.", value=0 if reasons else 1)
+
+    def _relay(self) -> Iterator[Metric]:
+        relay = self.sources.relay
+        stats = relay.stats if relay is not None else None
+
+        def value(name: str) -> float:
+            return float(getattr(stats, name)) if stats is not None else 0.0
+
+        yield CounterMetricFamily("mse_relay_published", "Outbox events the relay published to Kafka.",
+                                  value=value("published"))
+        yield CounterMetricFamily("mse_relay_batches", "Outbox batches the relay published.",
+                                  value=value("batches"))
+        yield CounterMetricFamily("mse_relay_errors", "Relay failures (database or broker); it retries.",
+                                  value=value("errors"))
+        yield GaugeMetricFamily("mse_relay_active", "1 while this worker's relay holds the relay lock.",
+                                value=value("active"))
+        yield GaugeMetricFamily("mse_relay_connected", "1 while the relay holds a PostgreSQL connection.",
+                                value=value("connected"))
+        yield GaugeMetricFamily("mse_outbox_lag_rows", "Outbox rows not published yet (measured by the "
+                                "active relay about every second).", value=value("pending_rows"))
+        yield GaugeMetricFamily("mse_outbox_lag_seconds", "Age of the oldest unpublished outbox row.",
+                                value=value("oldest_seconds"))
+
+    def _agents(self) -> Iterator[Metric]:
+        s = self.sources
+        now = time.monotonic()
+        topics = agent_topics(s.app)
+        offsets = partition_offsets(s.app, set().union(*topics.values()) if topics else ())
+        running = s.running()
+        processed = CounterMetricFamily("mse_agent_events", "Events each agent finished (acked).",
+                                        labels=["agent"])
+        received = CounterMetricFamily("mse_agent_events_received", "Events each agent took in.",
+                                       labels=["agent"])
+        errors = CounterMetricFamily("mse_agent_errors", "Exceptions that crashed an agent's actor.",
+                                     labels=["agent"])
+        restarts = CounterMetricFamily("mse_agent_restarts", "Agent restarts by reason: crashed (Faust's "
+                                       "supervisor), stalled, finished or dead (the watchdog).",
+                                       labels=["agent", "reason"])
+        in_flight = GaugeMetricFamily("mse_agent_in_flight", "Events taken in and not finished.",
+                                      labels=["agent"])
+        lag = GaugeMetricFamily("mse_agent_lag_messages", "Messages in the agent's assigned input "
+                                "partitions it has not finished.", labels=["agent"])
+        idle = GaugeMetricFamily("mse_agent_idle_seconds", "Seconds since the agent last finished an "
+                                 "event (since the worker started if never).", labels=["agent"])
+        up = GaugeMetricFamily("mse_agent_up", "1 while the agent has a running actor.", labels=["agent"])
+        failing = GaugeMetricFamily("mse_agent_failing", "1 when the watchdog gave up restarting the agent.",
+                                    labels=["agent"])
+        for name in sorted(s.app.agents):
+            p = s.progress.progress(name)
+            processed.add_metric([name], p.processed)
+            received.add_metric([name], p.received)
+            errors.add_metric([name], p.errors)
+            for reason in ("crashed", "stalled", "finished", "dead"):
+                restarts.add_metric([name, reason], p.restarts[reason])
+            in_flight.add_metric([name], p.in_flight)
+            lag.add_metric([name], agent_lag(p, topics.get(name, set()), offsets))
+            idle.add_metric([name], now - (p.last_processed or s.progress.installed_at))
+            up.add_metric([name], 1 if name in running else 0)
+            failing.add_metric([name], 1 if p.failing else 0)
+        yield from (processed, received, errors, restarts, in_flight, lag, idle, up, failing)
+
+    def _dead_letters(self) -> Iterator[Metric]:
+        s = self.sources
+        dead = CounterMetricFamily("mse_dead_letters", "Messages sent to a dead-letter topic, by stage.",
+                                   labels=["stage", "topic"])
+        for (stage, topic), count in sorted(s.dead_letters().items()):
+            dead.add_metric([stage, topic], count)
+        yield dead
+        converted = CounterMetricFamily("mse_downconverted", "Events down-converted to older versions.",
+                                        labels=["topic"])
+        for topic, count in sorted(s.downconverted.converted.items()):
+            converted.add_metric([topic], count)
+        yield converted
+
+    def _cache(self) -> Iterator[Metric]:
+        caches = self.sources.caches()
+        for attribute, name in CACHE_FIELDS.items():
+            family = CounterMetricFamily(f"mse_cache_{name}", f"Cache repository {attribute.replace('_', ' ')}.",
+                                         labels=["repository"])
+            for label, stats in sorted(caches.items()):
+                family.add_metric([label], getattr(stats, attribute))
+            yield family
+
+    def _consumer(self) -> Iterator[Metric]:
+        s = self.sources
+        topics = set().union(*agent_topics(s.app).values())
+        highwater = GaugeMetricFamily("mse_consumer_highwater", "High watermark of each assigned input "
+                                      "partition (the consumer's latest fetch).", labels=["topic", "partition"])
+        committed = GaugeMetricFamily("mse_consumer_committed_offset", "Committed offset of each assigned "
+                                      "input partition.", labels=["topic", "partition"])
+        read = GaugeMetricFamily("mse_consumer_read_offset", "Last offset the consumer handed to streams.",
+                                 labels=["topic", "partition"])
+        lag = GaugeMetricFamily("mse_consumer_lag", "Messages not committed yet (highwater - committed).",
+                                labels=["topic", "partition"])
+        for p in partition_offsets(s.app, topics):
+            labels = [p.tp.topic, str(p.tp.partition)]
+            if p.highwater is not None:
+                highwater.add_metric(labels, p.highwater)
+            if p.committed is not None:
+                committed.add_metric(labels, p.committed)
+            if p.read is not None:
+                read.add_metric(labels, p.read)
+            if p.lag is not None:
+                lag.add_metric(labels, p.lag)
+        yield from (highwater, committed, read, lag)
+
+
+def new_registry(sources: Sources) -> CollectorRegistry:
+    """A registry of the app's own (never the global one), so apps and tests never share metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(OpsCollector(sources))
+    return registry

@@ -1,0 +1,143 @@
+"""Operations endpoints of the worker: `/metrics`, `/health/live`, `/health/ready`, `/status`.
+
+- `GET /metrics`: Prometheus text format from the app's own registry (`app.metrics`).
+- `GET /health/live`: 200 `{"status": "live", ...}` whenever the event loop answers.
+- `GET /health/ready`: 200 `{"status": "ready"}` once tables are recovered, no rebalance is
+  under way and the relay holds a PostgreSQL connection, and no agent is failing (see
+  `app.health`); else 503 `{"error": "not ready", "reasons": [...]}`.
+- `GET /status`: HTML page with a live chart; `GET /status.json`: its data.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import faust
+from faust.web import Request, Response
+from faust.web import View as FaustView
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from app.health import Watchdog, WatchdogPolicy, not_ready
+from app.metrics import DownconvertCounts, ProgressSensor, Sources, new_registry
+from app.settings import Settings
+from app.status_page import PAGE, StatusHistory, status_body
+
+if TYPE_CHECKING:
+    from app.cache import CacheStats
+    from app.relay import Relay
+    from app.web import WebViews
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Ops", "install"]
+
+
+@dataclass
+class Ops:
+    """What `install` added to the app (`app.ops`)."""
+
+    sources: Sources
+    progress: ProgressSensor
+    watchdog: Watchdog
+    history: StatusHistory
+    registry: CollectorRegistry
+
+    def ready(self) -> tuple[bool, list[str]]:
+        """(ready, reasons it is not)."""
+        reasons = self.sources.not_ready()
+        return not reasons, reasons
+
+
+def install(app: faust.App, settings: Settings, *, relay: Relay | None = None,
+            downconverted: DownconvertCounts | None = None, web_views: WebViews | None = None,
+            policy: WatchdogPolicy | None = None) -> Ops:
+    """Add the progress sensor, the watchdog and the ops endpoints to `app`; returns them."""
+    progress = ProgressSensor(app)
+    app.sensors.add(progress)
+    watchdog = Watchdog(app, progress, policy)
+    resource = getattr(app, "entity_cache", None)
+
+    def caches() -> dict[str, CacheStats]:
+        # The repositories' private slots, not `.repo`: a scrape must not open clients.
+        # "worker": the cache agent's, which the entity endpoint shares; "web": the entity
+        # endpoint's own, if it opened one.
+        found = {}
+        shared = getattr(resource, "_repo", None)
+        if shared is not None:
+            found["worker"] = shared.stats
+        own = getattr(web_views, "_repository", None)
+        if own is not None and own is not shared:
+            found["web"] = own.stats
+        return found
+
+    sources = Sources(app=app, progress=progress, relay=relay, downconverted=downconverted or DownconvertCounts(),
+                      views=getattr(app, "views", {}), caches=caches,
+                      not_ready=lambda: not_ready(app, relay, watchdog), running=watchdog.running)
+    history = StatusHistory(sources)
+    ops = Ops(sources, progress, watchdog, history, new_registry(sources))
+    # Both start after table recovery, with the app's other services (Faust starts instances as given).
+    app.service(watchdog)  # type: ignore[arg-type]
+    app.service(history)  # type: ignore[arg-type]
+    _pages(app, ops)
+    return ops
+
+
+def _pages(app: faust.App, ops: Ops) -> None:
+    async def guarded(view: FaustView, request: Request, answer: Callable[[], Awaitable[Response]]) -> Response:
+        try:
+            return await answer()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("ops: %s %s failed", request.method, request.rel_url.raw_path)
+            return view.json({"error": "internal error"}, status=500)
+
+    @app.page("/metrics", name="mse-metrics")
+    class Metrics(FaustView):
+        """Prometheus metrics."""
+
+        async def get(self, request: Request, **_: Any) -> Response:
+            async def answer() -> Response:
+                # Content-Type in headers: aiohttp refuses a charset inside `content_type`.
+                return self.bytes(generate_latest(ops.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+            return await guarded(self, request, answer)
+
+    @app.page("/health/live", name="mse-health-live")
+    class Live(FaustView):
+        """Liveness: answering at all is the check."""
+
+        async def get(self, request: Request, **_: Any) -> Response:
+            return self.json({"status": "live", "loop_lag_seconds": round(ops.watchdog.loop_lag, 4)})
+
+    @app.page("/health/ready", name="mse-health-ready")
+    class Ready(FaustView):
+        """Readiness: tables recovered, relay connected, no failing agent."""
+
+        async def get(self, request: Request, **_: Any) -> Response:
+            async def answer() -> Response:
+                ready, reasons = ops.ready()
+                if ready:
+                    return self.json({"status": "ready"})
+                return self.json({"error": "not ready", "reasons": reasons}, status=503,
+                                 headers={"Retry-After": "1"})
+            return await guarded(self, request, answer)
+
+    @app.page("/status", name="mse-status")
+    class Status(FaustView):
+        """The operator's first look: a live chart of the pipeline."""
+
+        async def get(self, request: Request, **_: Any) -> Response:
+            return self.html(PAGE, headers={"Cache-Control": "no-store"})
+
+    @app.page("/status.json", name="mse-status-json")
+    class StatusJson(FaustView):
+        """The status page's data."""
+
+        async def get(self, request: Request, **_: Any) -> Response:
+            async def answer() -> Response:
+                body = status_body(ops.sources, ops.history, ops.watchdog.states)
+                return self.json(body, headers={"Cache-Control": "no-store"})
+            return await guarded(self, request, answer)
