@@ -30,6 +30,9 @@ def create_app(settings: Settings) -> faust.App:
         # and per-key sequences, so keep Faust at-least-once.
         processing_guarantee="at_least_once",
         producer_acks=-1,
+        # Each event fans out to changelog and repartition sends; a few ms of linger turns
+        # them into batches instead of one tiny produce request each.
+        producer_linger=settings.producer_linger_ms / 1000,
         autodiscover=False,
     )
     downconverted = DownconvertCounts()  # counted by the agents, exported by app.ops

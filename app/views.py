@@ -106,11 +106,18 @@ class PartitionAggregates:
         customers: set[str] = set()
         statuses: set[str] = set()
         minutes: set[int] = set()
-        for state, sign in ((change.before, -1), (change.after, 1)):
+        before, after = change.before, change.after
+        for state, sign in ((before, -1), (after, 1)):
             if state is not None:
                 customer, status = self.add(state, sign)
                 customers.add(customer)
                 statuses.add(status)
+        # Only keys whose value really changed are re-stated downstream (fewer sends).
+        if before is not None and after is not None:
+            if before["status"] == after["status"]:
+                statuses.clear()
+            if all(before[f] == after[f] for f in ("customer_id", "currency", "amount_cents", "created_at")):
+                customers.clear()
         if change.created is not None:
             minute = minute_of(change.created)
             self.minutes[minute] += 1
