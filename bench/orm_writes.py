@@ -68,7 +68,7 @@ async def run(env: Env, cfg: Config) -> list[Line]:
     try:
         for writers in (1, 8):
             results: dict[str, list[float]] = {k: [] for k in variants}
-            for name, write in variants.items():  # warm-up: pools, compiled-statement caches
+            for write in variants.values():  # warm-up: pools, compiled-statement caches
                 await _drive(write, writers, 0.3)
             await execute(env, "DELETE FROM outbox")
             names = list(variants)
