@@ -43,7 +43,6 @@ class View:
 def install(app: faust.App, settings: Settings) -> dict[str, View]:
     """Declare the view tables and their agents; returns them by name for the web layer."""
     partitions = settings.topic_partitions
-    storage = settings.table_store or None
 
     def table(name: str) -> faust.Table:
         # Raw string keys: the changelog partition of a key is then the partition its
@@ -52,7 +51,7 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
                               value_serializer="json", partitions=partitions, compacting=True,
                               acks=False, internal=True)
         t = app.Table(name, default=None, partitions=partitions, key_type=str,
-                      changelog_topic=changelog, **({"store": storage} if storage else {}))
+                      changelog_topic=changelog)
         # The table serializes changelog keys itself (json for str keys): make it raw too, or
         # recovered and standby copies would hold '"12"' where the active one holds '12'.
         t.key_serializer = "raw"

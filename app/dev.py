@@ -37,6 +37,7 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
         if not settings.kafka_broker:
             servers.append(EmbeddedBroker.start(run / "broker"))
             env["KAFKA_BROKER"] = servers[-1].url
+            env.setdefault("RECOVERY_CONSISTENCY_CHECK", "0")  # see Settings: Tansu's end offsets
         full = Settings.from_env(env)
         asyncio.run(check_all(full))
         asyncio.run(init_db(full))

@@ -34,6 +34,11 @@ def create_app(settings: Settings) -> faust.App:
         # them into batches instead of one tiny produce request each.
         producer_linger=settings.producer_linger_ms / 1000,
         autodiscover=False,
+        **({"datadir": settings.data_dir} if settings.data_dir else {}),
+        # Table storage for every table (a table-level `store="rocksdb://"` parses to a falsy
+        # URL and silently falls back to memory).
+        **({"store": settings.table_store} if settings.table_store else {}),
+        recovery_consistency_check=settings.recovery_consistency_check,
     )
     downconverted = DownconvertCounts()  # counted by the agents, exported by app.ops
     downconvert.install(app, settings, counted=downconverted)

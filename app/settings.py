@@ -37,6 +37,12 @@ class Settings:
     producer_linger_ms: float = 2.0
     # Faust table storage: "" (memory) or e.g. "rocksdb://" for tables that outgrow memory.
     table_store: str = ""
+    # Faust's data directory (table stores); "" is Faust's default, `<app id>-data` in the cwd.
+    data_dir: str = ""
+    # Faust refuses to recover a RocksDB table whose stored offset is past the changelog's
+    # end. Tansu answers "latest offset" with the start of the last batch, so on Tansu the
+    # check misfires after every restart: `python -m app dev` turns it off for its broker.
+    recovery_consistency_check: bool = True
     # Per-service bearer tokens for owner services' HTTP methods: "orders:<token>,...".
     service_tokens: str = ""
     # Services allowed to read a customer's contact from its owner.
@@ -62,6 +68,8 @@ class Settings:
             app_id=env.get("APP_ID", "microservice-events"),
             legacy_modes=env.get("LEGACY_MODES", ""),
             table_store=env.get("TABLE_STORE", ""),
+            data_dir=env.get("FAUST_DATA_DIR", ""),
+            recovery_consistency_check=env.get("RECOVERY_CONSISTENCY_CHECK", "1") not in ("0", "false", "no"),
             service_tokens=env.get("SERVICE_TOKENS", ""),
             contact_readers=env.get("CONTACT_READERS", "orders,support"),
             consumer_fetch_max_wait_ms=int(env.get("CONSUMER_FETCH_MAX_WAIT_MS", "10")),

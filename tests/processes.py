@@ -61,6 +61,8 @@ async def wait_for_log(log: Path, text: str, child: subprocess.Popen[bytes] | No
 async def start_worker(settings: Settings, log: Path, **extra: str) -> subprocess.Popen[bytes]:
     """A Faust worker (`python -m app worker`), returned once it says it is ready."""
     start = log.stat().st_size if log.exists() else 0
+    # Table stores go next to the log, not into the repository.
+    extra.setdefault("FAUST_DATA_DIR", str(log.parent / "faust-data"))
     child = spawn_app(settings, "worker", log=log, **extra)
     await wait_for_log(log, "[^Worker]: Ready", child, start=start)
     return child
