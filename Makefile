@@ -16,6 +16,7 @@ dev: $(VENV)/.installed
 	$(PY) -m app dev --demo
 
 test: $(VENV)/.installed
+	scripts/ensure-chromium
 	$(PY) -m app schemas check
 	$(PY) -m pytest -q -p no:cacheprovider
 

@@ -88,6 +88,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "worker":
             require(settings, "kafka_broker", "KAFKA_BROKER")
             asyncio.run(check_all(settings))
+            # The agents subscribe at start: their topics must exist by then, or the worker
+            # gets no partitions of them until some later rebalance.
+            asyncio.run(create_topics(settings))
             # -l info: Faust's default level sets the root logger to DEBUG and costs ~25%.
             os.execvp(sys.executable, [sys.executable, "-m", "faust", "-A", "app.main", "worker", "-l", "info"])
         if args.command == "init-db":
@@ -151,6 +154,15 @@ async def check_broker(settings: Settings) -> None:
         raise StartupError(f"cannot reach the Kafka broker at {settings.kafka_broker}: {exc}") from None
     finally:
         await producer.stop()
+
+
+async def create_topics(settings: Settings) -> None:
+    """Create the event topics (and dead-letter topics) the worker consumes and produces."""
+    import models  # noqa: F401
+    from app.orm import evented_topics
+    from app.relay import DLQ_TOPIC, ensure_topics
+
+    await ensure_topics(settings, [*evented_topics(), DLQ_TOPIC])
 
 
 async def check_all(settings: Settings) -> None:

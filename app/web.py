@@ -11,11 +11,12 @@ Endpoints (JSON unless a browser asks for HTML; every error is JSON `{"error": .
   window's start and end.
 - `GET /tables/<name>/<key>/[?max_lag=N]`: one key, answered by the worker that owns the key's
   partition (others forward the request). When the owner is unknown (rebalancing),
-  unreachable or still recovering, the answer is 503, unless `max_lag` is given: then the
-  local copy answers if its estimated lag is at most N changelog messages, with
-  `X-Served-By: standby` and `X-Standby-Lag: <messages>`.
+  unreachable, or is this worker while it rebalances, the answer is 503 unless `max_lag` is
+  given: then the local copy answers if its estimated lag is at most N changelog messages,
+  with `X-Served-By: standby` and `X-Standby-Lag: <messages>` (see `Staleness`).
 - `GET /entities/<entity>/<key>/`: the entity's current state through the Redis read-through
-  repository (`app.cache`), sensitive columns excluded.
+  repository (`app.cache`; the worker's `app.entity_cache` when it has one), sensitive
+  columns excluded.
 
 Response headers of key lookups: `X-Served-By` (`active`: the owner's table; `standby`: a
 local copy that may be stale), `X-Standby-Lag` (with `standby`), `X-Worker` (the canonical URL
@@ -93,6 +94,7 @@ class HttpError(Exception):
 
     def __init__(self, status: int, error: str, headers: Mapping[str, str] | None = None,
                  **extra: Any) -> None:
+        """An answer with `status`, JSON `{"error": error, **extra}` and `headers`."""
         super().__init__(error)
         self.status, self.error, self.headers, self.extra = status, error, dict(headers or {}), extra
 
@@ -197,6 +199,7 @@ def prefers_html(accept: str) -> bool:
         ranges.append((kind, sub, q))
 
     def quality(kind: str, sub: str) -> float:
+        """The q-value the header gives `kind/sub`."""
         # The most specific matching range decides (RFC 9110 12.5.1).
         best, specificity = 0.0, -1
         for rk, rs, q in ranges:
@@ -259,10 +262,14 @@ class Staleness:
       whatever came before. Every message up to that point is counted as missing, which
       over-states the lag of keys written later but never under-states it. RocksDB stores
       keep their standby keys and are not penalised.
-    - A partition this worker neither stands by for nor recovers has no estimate (None).
+    - For a partition this worker owns while it rebalances, the figure is the recovery's
+      remaining count once it is measured; before that, or for a partition kept through the
+      rebalance, it also counts the worker's own writes since its last recovery (too high).
+    - A partition this worker neither stands by for nor owns has no estimate (None).
     """
 
     def __init__(self, app: faust.App) -> None:
+        """Estimates for `app`'s tables."""
         self.app = app
         # Changelog partition -> last offset applied before Faust purged the memory copy.
         self._purged: dict[TP, int] = {}
@@ -276,6 +283,7 @@ class Staleness:
         """Record, after each recovery, what Faust purged from `table`'s memory standbys."""
 
         async def purged() -> None:
+            """Note the standby offsets up to which the memory store just dropped keys."""
             recovery = self.recovery
             standbys = set(recovery.standbys_for_table.get(table, ()))
             for tp in [tp for tp in self._purged if tp.topic == table.changelog_topic.get_topic_name()]:
@@ -304,7 +312,9 @@ class Staleness:
         recovery = self.recovery
         if tp in recovery.standby_tps:
             applied, measured = recovery.standby_offsets.get(tp), recovery.standby_highwaters.get(tp)
-        elif tp in recovery.active_tps and recovery.in_recovery:
+        elif tp in recovery.active_tps:
+            # Active offsets advance only while recovering: a partition kept through the
+            # rebalance counts its own writes since the last recovery too (an over-estimate).
             applied, measured = recovery.active_offsets.get(tp), recovery.active_highwaters.get(tp)
         else:
             return None
@@ -312,13 +322,13 @@ class Staleness:
         ends = [end for end in (measured, self.fetched_end(tp)) if end is not None]
         end = max(ends, default=applied)
         pending = sum(1 for event in recovery.buffers.get(table, ()) if event.message.tp == tp)
-        purged = self._purged.get(tp, -1) + 1
+        purged = self._purged.get(tp, -1) + 1 if tp in recovery.standby_tps else 0
         return max(0, end - applied) + pending + purged
 
-    def recovering(self, tp: TP) -> bool:
-        """Whether this worker owns `tp` but is still replaying its changelog."""
-        recovery = self.recovery
-        return recovery.in_recovery and recovery.active_remaining().get(tp, 0) > 0
+    def rebalancing(self) -> bool:
+        """Whether this worker is between losing its partitions and having recovered the new ones."""
+        # Faust's own route_req answers from the table then too; its copy may be incomplete.
+        return bool(getattr(self.app, "rebalancing", False)) or self.recovery.in_recovery
 
     def fetched_end(self, tp: TP) -> int | None:
         """Last offset of `tp` per the consumer's latest fetch (no network); None if unknown."""
@@ -343,6 +353,7 @@ class WebViews:
     """The handlers behind `/tables/` and `/entities/`, and the resources they hold."""
 
     def __init__(self, app: faust.App, settings: Settings, views: Mapping[str, View]) -> None:
+        """Handlers for `views` on `app`; nothing is connected until a request needs it."""
         self.app = app
         self.settings = settings
         self.views = dict(views)
@@ -525,9 +536,9 @@ class WebViews:
         except Exception:  # KeyError: no owner known (Faust answers 503 ServiceUnavailable)
             owner = None
         if owner is not None and self.is_self(owner):
-            if self.staleness.recovering(tp):
+            if self.staleness.rebalancing():
                 return self.from_copy(page_view, name, view, key, tp, max_lag,
-                                      "this worker is still recovering the partition")
+                                      "this worker is rebalancing: its copy of the partition may be behind")
             return self.answer(page_view, name, view, key, {SERVED_BY: "active"})
         if owner is None:
             return self.from_copy(page_view, name, view, key, tp, max_lag,
@@ -623,7 +634,11 @@ class WebViews:
                 if mapper.class_.__extends__ is None}
 
     async def repository(self) -> CacheRepository:
-        """The read-through repository, connected on first use."""
+        """The worker's cache repository (`app.entity_cache`), else one of ours, connected on first use."""
+        shared = getattr(self.app, "entity_cache", None)
+        if shared is not None:
+            # One Redis client and pool per worker, and its in-flight loads are shared too.
+            return shared.repo  # type: ignore[no-any-return]
         if self._repository is not None:
             return self._repository
         if not self.settings.redis_url or not self.settings.database_url:
@@ -680,18 +695,20 @@ def install(app: faust.App, settings: Settings) -> WebViews:
 
     # One catch-all route per prefix: paths are parsed from the raw request target here, so
     # every malformed path gets a JSON answer instead of aiohttp's text 404.
-    @app.page("/tables{tail:.*}", name="mse-tables")
+    @app.page("/tables{tail:[\\s\\S]*}", name="mse-tables")
     class Tables(FaustView):
         """Materialized-view tables."""
 
         async def get(self, request: Request, **_: Any) -> Response:
+            """Dispatch to `WebViews.tables`."""
             return await handlers.dispatch(self, request, handlers.tables)
 
-    @app.page("/entities{tail:.*}", name="mse-entities")
+    @app.page("/entities{tail:[\\s\\S]*}", name="mse-entities")
     class Entities(FaustView):
         """Current entity state for request/response callers."""
 
         async def get(self, request: Request, **_: Any) -> Response:
+            """Dispatch to `WebViews.entities`."""
             return await handlers.dispatch(self, request, handlers.entities)
 
     @app.service
@@ -699,6 +716,7 @@ def install(app: faust.App, settings: Settings) -> WebViews:
         """Closes what the web views opened when the worker stops."""
 
         async def on_stop(self) -> None:
+            """Close the repository if the web views opened one."""
             await handlers.close()
 
     return handlers
@@ -726,6 +744,7 @@ th { background: #f6f8fa; position: sticky; top: 0; font-weight: 600; }
 tr:nth-child(even) td { background: #fbfcfd; }
 td.key, td.num, code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 td.num { text-align: right; }
+td.ts { white-space: nowrap; }
 .muted { color: #8c959f; }
 nav { margin-top: 12px; display: flex; gap: 16px; }
 nav a, td a { color: #0969da; text-decoration: none; }
@@ -756,13 +775,20 @@ def cell(name: str, value: Any) -> str:
     if isinstance(value, int) and name.endswith("_at") and value > 10 ** 14:
         try:
             shown = datetime.fromtimestamp(value / 1_000_000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-            return f'<td title="{esc(value)}">{esc(shown)}</td>'
+            return f'<td class="ts" title="{esc(value)}">{esc(shown)}</td>'
         except (OverflowError, OSError, ValueError):
             pass
     if isinstance(value, (int, float)):
         return f'<td class="num">{esc(value)}</td>'
-    if isinstance(value, (dict, list)):
-        return f"<td><code>{esc(json.dumps(value, sort_keys=True))}</code></td>"
+    if isinstance(value, dict):
+        # Nested records (an order's shipping) as "field: value" lines; JSON for deeper values.
+        lines = [f'<span class="muted">{esc(k)}:</span> {esc(v if isinstance(v, (str, int, float)) else json.dumps(v))}'
+                 for k, v in value.items() if v is not None]
+        if not lines:
+            return '<td class="muted">—</td>'
+        return f"<td>{'<br>'.join(lines)}</td>"
+    if isinstance(value, list):
+        return f"<td><code>{esc(json.dumps(value))}</code></td>"
     return f"<td>{esc(value)}</td>"
 
 
