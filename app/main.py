@@ -39,6 +39,7 @@ def create_app(settings: Settings) -> faust.App:
         # URL and silently falls back to memory).
         **({"store": settings.table_store} if settings.table_store else {}),
         recovery_consistency_check=settings.recovery_consistency_check,
+        consumer_auto_offset_reset=settings.consumer_auto_offset_reset,
     )
     downconverted = DownconvertCounts()  # counted by the agents, exported by app.ops
     downconvert.install(app, settings, counted=downconverted)

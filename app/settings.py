@@ -33,6 +33,8 @@ class Settings:
     # Faust hard-codes a 1500 ms fetch wait; Tansu answers a waiting fetch only when it
     # expires, so this wait is the latency of every hop. Ours is a setting (app/transport.py).
     consumer_fetch_max_wait_ms: int = 10
+    # Where a new consumer group starts: "earliest" (every event ever) or "latest".
+    consumer_auto_offset_reset: str = "earliest"
     # How long the worker's producer waits to batch sends (changelogs, repartition, v1).
     producer_linger_ms: float = 2.0
     # Faust table storage: "" (memory) or e.g. "rocksdb://" for tables that outgrow memory.
@@ -73,6 +75,7 @@ class Settings:
             service_tokens=env.get("SERVICE_TOKENS", ""),
             contact_readers=env.get("CONTACT_READERS", "orders,support"),
             consumer_fetch_max_wait_ms=int(env.get("CONSUMER_FETCH_MAX_WAIT_MS", "10")),
+            consumer_auto_offset_reset=env.get("CONSUMER_AUTO_OFFSET_RESET", "earliest"),
             producer_linger_ms=float(env.get("PRODUCER_LINGER_MS", "2")),
         )
 
