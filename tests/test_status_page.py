@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -96,10 +97,13 @@ async def test_status_page_charts_events_per_second_of_every_stage(
     finally:
         stop_load.set()
         await writer
-    # Caught up before the worker is stopped: Faust's shutdown waits for unfinished events.
-    await until(lambda: status(worker_url), lambda body: all(a["lag"] == 0 and a["in_flight"] == 0
-                                                            for a in body["agents"].values()),
-                timeout=30, what="agents caught up")
+    # Let the worker catch up before it is stopped (Faust's shutdown waits for unfinished
+    # events). Only a courtesy to the teardown, not an outcome: lag read from Tansu's end
+    # offsets can stay above 0 by up to a batch.
+    with contextlib.suppress(AssertionError):
+        await until(lambda: status(worker_url), lambda body: all(a["lag"] == 0 and a["in_flight"] == 0
+                                                                for a in body["agents"].values()),
+                    timeout=15, what="agents caught up")
 
 
 async def status(worker_url: str) -> dict[str, Any]:
