@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy import select
 
 from app.cache import CacheRepository, connect_redis
@@ -112,7 +112,9 @@ async def run(env: Env, cfg: Config) -> list[Line]:
     run_dir = Path(tempfile.mkdtemp(prefix="mse-bench-cache-"))
     redis_server = EmbeddedRedis.start(run_dir / "redis")
     note(f"embedded Redis pid={redis_server.pid} on {redis_server.host}:{redis_server.port}")
-    raw = Redis.from_url(redis_server.url)
+    # The visibility poller checks every pending key at once: wait for a connection instead
+    # of failing when the worker lags and hundreds are pending.
+    raw = Redis(connection_pool=BlockingConnectionPool.from_url(redis_server.url, max_connections=32))
     db = Database(env.url)
     lags: list[dict[str, Any]] = []
     keys: list[str] = []
