@@ -8,7 +8,9 @@ cache apply events by sequence, the result equals what incremental processing bu
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import TopicPartition
 
@@ -37,6 +39,24 @@ def plan(settings: Settings, existing: set[str]) -> ReplayPlan:
     return ReplayPlan([t for t in derived if t in existing], [t for t in sources if t in existing])
 
 
+async def _commit_when_group_empty(consumer: Any, offsets: dict[TopicPartition, int],
+                                   timeout: float = 60.0) -> None:
+    """Commit `offsets` for the group; the broker refuses while a stopped worker's membership
+    has not expired yet (up to the session timeout), so retry until it is empty."""
+    from aiokafka.errors import CommitFailedError, IllegalGenerationError, RebalanceInProgressError
+    from aiokafka.errors import UnknownMemberIdError
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            await consumer.commit(offsets)
+            return
+        except (CommitFailedError, IllegalGenerationError, RebalanceInProgressError, UnknownMemberIdError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError("the consumer group still has members: stop every worker first") from None
+            await asyncio.sleep(1.0)
+
+
 async def replay(settings: Settings) -> list[str]:
     """Reset views and cache so the next worker start rebuilds them; returns what it did."""
     from app.topics import delete_topic, make_admin, make_consumer, topic_partitions
@@ -58,7 +78,7 @@ async def replay(settings: Settings) -> list[str]:
         for topic in todo.rewind_topics:
             tps = await topic_partitions(consumer, topic)
             consumer.assign(tps)
-            await consumer.commit({TopicPartition(tp.topic, tp.partition): 0 for tp in tps})
+            await _commit_when_group_empty(consumer, {TopicPartition(tp.topic, tp.partition): 0 for tp in tps})
             done.append(f"rewound group {settings.app_id} on {topic} to offset 0")
     finally:
         await consumer.stop()

@@ -19,10 +19,7 @@ def app_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment of a child `python -m app ...` pointed at the test's servers."""
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "KAFKA_BROKER")}
     env.update(DATABASE_URL=settings.database_url, KAFKA_BROKER=settings.kafka_broker,
-               SERVICE_NAME=settings.service_name, PYTHONPATH=str(ROOT),
-               # A test's worker is a new consumer group: it starts at the end of the
-               # session's topics instead of replaying every earlier test's events.
-               CONSUMER_AUTO_OFFSET_RESET="latest")
+               SERVICE_NAME=settings.service_name, PYTHONPATH=str(ROOT))
     env.update(extra)
     return env
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sqlalchemy import insert, text
 
+from app.embedded import EmbeddedBroker
 from app.orm import Database
 from app.settings import Settings
 from models import Order
@@ -27,6 +28,16 @@ async def wait_pending(db: Database, condition: Callable[[int], bool], timeout: 
 
 
 async def test_relay_killed_mid_batch_loses_nothing(db: Database, settings: Settings, tmp_path: Path) -> None:
+    # A broker of its own: 20,000 events on the session's topics would make every later
+    # test's worker (a new consumer group, reading from the start) replay them.
+    broker = EmbeddedBroker.start(tmp_path / "broker")
+    try:
+        await _relay_killed_mid_batch_loses_nothing(db, settings.with_(kafka_broker=broker.url), tmp_path)
+    finally:
+        broker.stop()
+
+
+async def _relay_killed_mid_batch_loses_nothing(db: Database, settings: Settings, tmp_path: Path) -> None:
     async with db.session() as s:
         result = await s.execute(
             insert(Order).returning(Order.id),
