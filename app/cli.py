@@ -62,8 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="delete the topic once the file is written and re-read with the same count")
     asyncapi = sub.add_parser("asyncapi", help="print the AsyncAPI 3.0.0 document of the topics (pretty JSON)")
     asyncapi.add_argument("--out", default=None, metavar="FILE", help="write it to FILE instead of stdout")
-    sub.add_parser("replay", help="with the workers stopped: reset views and cache so the next "
-                                  "worker start rebuilds them from the topics")
     return parser
 
 
@@ -82,12 +80,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(run_check(Path(args.dir) if args.dir else None))
         if args.command == "asyncapi":
             sys.exit(write_asyncapi(settings, args.out))
-        if args.command == "replay":
-            require(settings, "kafka_broker", "KAFKA_BROKER")
-            from app.replay import replay
-            for line in asyncio.run(replay(settings)):
-                print(line)
-            sys.exit(0)
         if args.command in ("dlq", "topic"):
             require(settings, "kafka_broker", "KAFKA_BROKER")
             run = dlq_command if args.command == "dlq" else topic_command
