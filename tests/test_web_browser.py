@@ -28,7 +28,7 @@ async def worker(settings: Settings, schema: None, redis_url: str,
                  tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Worker]:
     """A worker with tables of its own."""
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: run scripts/ensure-chromium (make test does)")
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/ensure-chromium (make test does)")
     await ensure_topics(settings, evented_topics())  # before the worker subscribes: see tests/test_web.py
     log = tmp_path_factory.mktemp("browser-worker") / "worker.log"
     w = await spawn(settings, log, f"mse-browser-{uuid.uuid4().hex[:8]}", redis_url)
