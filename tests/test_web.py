@@ -154,7 +154,8 @@ async def test_key_lookup_returns_the_presented_state_and_hides_deleted_orders(w
     assert keys[0] in listed and keys[1] not in listed
 
     customer = (await until(lambda: get(worker.url, "/tables/customer_orders/7002/"),
-                            lambda r: r.status == 200 and r.json()["value"]["count"] == 1,
+                            lambda r: r.status == 200 and r.json()["value"]["count"] == 1
+                            and r.json()["value"]["total_cents"] == {"USD": 100},
                             timeout=30, what="customer 7002 with one order")).json()
     assert customer["value"]["total_cents"] == {"USD": 100}
 
