@@ -151,7 +151,8 @@ async def test_views_equal_the_database_after_random_writes_and_duplicates(
     # Changelog keys are the raw keys, as on the event topics (recovery and standbys use them).
     async with TopicReader(settings.bootstrap_servers, f"{view_app_id}-orders-changelog", decode=False) as cl:
         keys = {m.key for m in await cl.wait_for(lambda ms: len(ms) > 0)}
-    assert all(k.isdigit() for k in keys), sorted(keys)[:5]
+    # (Other tests put non-numeric keys such as "valid-…" on orders-v2: only the quoting matters.)
+    assert keys and not [k for k in keys if k.startswith('"')], sorted(keys)[:5]
 
     # customer_orders: count and totals per currency.
     for customer in customers:
