@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="decode with this schema (default: from the topic name <entity>-v<N>)")
     archive.add_argument("--delete", action="store_true",
                          help="delete the topic once the file is written and re-read with the same count")
+    sub.add_parser("replay", help="with the workers stopped: make their next start rebuild views and cache "
+                                  "from offset 0 (deletes the consumer group, view topics, table stores "
+                                  "and cached entities)")
     asyncapi = sub.add_parser("asyncapi", help="print the AsyncAPI 3.0.0 document of the topics (pretty JSON)")
     asyncapi.add_argument("--out", default=None, metavar="FILE", help="write it to FILE instead of stdout")
     return parser
@@ -80,9 +83,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(run_check(Path(args.dir) if args.dir else None))
         if args.command == "asyncapi":
             sys.exit(write_asyncapi(settings, args.out))
-        if args.command in ("dlq", "topic"):
+        if args.command in ("dlq", "topic", "replay"):
             require(settings, "kafka_broker", "KAFKA_BROKER")
-            run = dlq_command if args.command == "dlq" else topic_command
+            run = {"dlq": dlq_command, "topic": topic_command, "replay": replay_command}[args.command]
             sys.exit(asyncio.run(run(settings, args)))
         require(settings, "database_url", "DATABASE_URL")
         if args.command == "worker":
@@ -258,6 +261,25 @@ async def topic_command(settings: Settings, args: argparse.Namespace) -> int:
     except (TopicError, KafkaError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+async def replay_command(settings: Settings, _args: argparse.Namespace) -> int:
+    """`replay`; a refusal (a worker still running) is one line and exit 1."""
+    from aiokafka.errors import KafkaError
+
+    from app.replay import replay
+    from app.topics import TopicError
+
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    await check_broker(settings)
+    try:
+        report = await replay(settings)
+    except (TopicError, KafkaError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for line in report.lines():
+        print(line)
     return 0
 
 
