@@ -78,7 +78,10 @@ async def test_replay_rebuilds_views_and_cache_that_went_wrong(db: Database, set
         done = run_replay(settings, env)
         assert done.returncode == 0, done.stderr
         assert f"consumer group {app_id}: deleted" in done.stdout
-        assert "cached entities deleted: 20" in done.stdout
+        # (The worker cached every order on the session's topic, not only this test's 20.)
+        cached = int(done.stdout.split("cached entities deleted: ")[1].split()[0])
+        assert cached >= 20
+        assert await client.dbsize() == 0
         assert not list((tmp_path / "faust-data").rglob("orders*.db")), "the local table stores survived"
         assert f"{app_id}-orders-changelog" in done.stdout and f"{app_id}-customer_orders-updates" in done.stdout
 

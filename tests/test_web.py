@@ -340,9 +340,11 @@ async def test_two_workers_route_lookups_and_a_standby_answers_while_the_owner_i
         while time.monotonic() < deadline:
             for key in theirs:
                 reply = await get(worker.url, f"/tables/orders/{key}/?max_lag=100000")
-                if (reply.status == 404 and reply.headers.get("X-Served-By") == "standby"
-                        and int(reply.headers["X-Standby-Lag"]) > 0):
-                    continue  # a standby still catching up may not have the key yet: stale, as allowed
+                if reply.status == 404 and reply.headers.get("X-Served-By") == "standby":
+                    # A standby still catching up may not have the key yet: stale, as max_lag
+                    # allows. Its lag may even read 0: Tansu's end offsets (the start of the
+                    # last batch) make the estimate short by up to one batch.
+                    continue
                 assert reply.status == 200, (key, reply.status, reply.text, reply.headers)
                 assert reply.json() == expected[key]
                 served_by.append(reply.headers["X-Served-By"])
