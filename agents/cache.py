@@ -4,6 +4,8 @@ Creates and updates write the event's state, deletes write a tombstone, each onl
 sequence is newer than what Redis holds (`CacheRepository.apply`), so duplicates, replays
 and reordering across batches are harmless. A batch is acked only once Redis took all of
 it; while Redis is down the agent retries, and readers fall back to the database.
+Undecodable messages are never cached; on a topic without a down-converter (which
+dead-letters them itself) they go to `<topic>.dlq`.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ from typing import Any
 
 import faust
 
+from agents.downconvert import downconvert_targets
 from app.cache import CacheRepository, connect_redis
+from app.deadletter import dead_letter, incoming, produce_all
 from app.events import decode
 from app.orm import Database, EventedBase
 from app.schemas import EventSchema, load
@@ -35,19 +39,21 @@ class Refresh:
     state: dict[str, Any] | None  # None: deleted
 
 
-def refreshes(schema: EventSchema, values: Sequence[bytes | None]) -> list[Refresh]:
-    """The cache updates of a batch of event values; undecodable ones are skipped (pure)."""
-    out = []
-    for value in values:
+def refreshes(schema: EventSchema, values: Sequence[bytes | None]
+              ) -> tuple[list[Refresh], list[tuple[int, Exception]]]:
+    """The cache updates of a batch of event values, and the (index, error) of each undecodable one."""
+    out, poison = [], []
+    for i, value in enumerate(values):
         try:
             record = decode(schema, value or b"")
-        except Exception:  # poison: the down-converter dead-letters it; the cache ignores it
+        except Exception as exc:  # poison: dead-lettered (here or by the down-converter), never cached
+            poison.append((i, exc))
             continue
         if record["op"] == "read":
             continue
         out.append(Refresh(record["entity"], record["key"], record["sequence"],
                            None if record["op"] == "delete" else plain_state(record["data"])))
-    return out
+    return out, poison
 
 
 class CacheResource:
@@ -91,19 +97,25 @@ async def apply_all(repo: CacheRepository, batch: list[Refresh]) -> None:
 def install(app: faust.App, settings: Settings) -> CacheResource:
     """Declare one cache-refresh agent per root entity's current topic."""
     resource = CacheResource(settings)
+    # Poison on a topic the down-converter reads is dead-lettered by it; here only the rest.
+    downconverted = set(downconvert_targets(settings))
     for mapper in EventedBase.registry.mappers:
         model = mapper.class_
         if model.__extends__ is None:
-            _declare(app, resource, load(model.__entity__, model.__schema_version__))
+            schema = load(model.__entity__, model.__schema_version__)
+            _declare(app, resource, schema, dead_letters=schema.entity not in downconverted)
     return resource
 
 
-def _declare(app: faust.App, resource: CacheResource, schema: EventSchema) -> None:
+def _declare(app: faust.App, resource: CacheResource, schema: EventSchema, *, dead_letters: bool) -> None:
     topic = app.topic(schema.topic, key_serializer="raw", value_serializer="raw")
 
     async def refresh_cache(stream: faust.StreamT[Any]) -> None:
         async for events in stream.take_events(500, within=0.005):
-            batch = refreshes(schema, [e.message.value for e in events])
+            batch, poison = refreshes(schema, [e.message.value for e in events])
+            if poison and dead_letters:
+                await produce_all(app, [dead_letter(schema.topic, incoming(events[i].message), exc)
+                                        for i, exc in poison])
             if batch:
                 await apply_all(resource.repo, batch)
 

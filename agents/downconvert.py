@@ -7,63 +7,19 @@ same key, partition and event id. What cannot be decoded or converted goes to
 """
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import faust
 
+from app.deadletter import Incoming, Outgoing, dead_letter, dlq_topic, incoming, produce_all
 from app.events import downconvert
 from app.orm import current_version, legacy_modes
 from app.schemas import EventSchema, load
 from app.settings import Settings
 
-log = logging.getLogger(__name__)
-
-Headers = list[tuple[str, bytes]]
 #: Called after each produced batch with (source topic, events converted, events dead-lettered).
 Counted = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """What the agent needs of one consumed message."""
-
-    key: bytes | None
-    value: bytes | None
-    partition: int
-    offset: int
-    headers: Headers
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """One message to produce."""
-
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    partition: int | None
-    headers: Headers
-
-
-def dlq_topic(source_topic: str) -> str:
-    """The dead-letter topic of a source topic."""
-    return f"{source_topic}.dlq"
-
-
-def dead_letter(source: EventSchema, msg: Incoming, exc: BaseException) -> Outgoing:
-    """The original message, untouched, with why it failed and where it came from in headers."""
-    reason: Headers = [
-        ("dlq_error_class", type(exc).__name__.encode()),
-        ("dlq_error_message", str(exc)[:1000].encode(errors="replace")),
-        ("dlq_source_topic", source.topic.encode()),
-        ("dlq_source_partition", str(msg.partition).encode()),
-        ("dlq_source_offset", str(msg.offset).encode()),
-    ]
-    return Outgoing(dlq_topic(source.topic), msg.key, msg.value, None, reason + list(msg.headers))
 
 
 def convert_batch(source: EventSchema, targets: Sequence[int], batch: Sequence[Incoming]) -> list[Outgoing]:
@@ -79,7 +35,7 @@ def convert_batch(source: EventSchema, targets: Sequence[int], batch: Sequence[I
                 raise ValueError("message has no value (tombstone) on an event topic")
             converted = [(v, downconvert(msg.value, source, v)) for v in targets]
         except Exception as exc:  # anything undecodable or unconvertible is a dead letter
-            out.append(dead_letter(source, msg, exc))
+            out.append(dead_letter(source.topic, msg, exc))
             continue
         for version, (value, headers) in converted:
             out.append(Outgoing(load(source.entity, version).topic, msg.key, value, msg.partition, headers))
@@ -110,8 +66,7 @@ def _declare(app: faust.App, source: EventSchema, targets: list[int], counted: C
         # take_events acks a batch only after this loop body finished with it, so the
         # offsets Faust commits never run ahead of what was produced (at-least-once).
         async for events in stream.take_events(1000, within=0.005):
-            batch = [Incoming(e.message.key, e.message.value, e.message.partition, e.message.offset,
-                              list(e.message.headers or ())) for e in events]
+            batch = [incoming(e.message) for e in events]
             out = convert_batch(source, targets, batch)
             await produce_all(app, out)
             if counted is not None:
@@ -120,18 +75,3 @@ def _declare(app: faust.App, source: EventSchema, targets: list[int], counted: C
                 counted(source.topic, len(batch) - dead, dead)
 
     app.agent(topic, name=f"downconvert_{source.entity}")(downconvert_entity)
-
-
-async def produce_all(app: faust.App, messages: list[Outgoing]) -> None:
-    """Send `messages` in order and wait for every ack, retrying until the broker takes them."""
-    backoff = 0.1
-    while True:
-        try:
-            futures = [await app.producer.send(m.topic, m.key, m.value, m.partition, None, m.headers)
-                       for m in messages]
-            await asyncio.gather(*futures)
-            return
-        except Exception as exc:  # the batch is not acked until it is produced: never lose it
-            log.warning("down-conversion produce failed (%s); retrying", exc)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)

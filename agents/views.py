@@ -13,14 +13,17 @@ from typing import Any
 
 import faust
 
+from app.deadletter import dead_letter, incoming, produce_all
 from app.events import decode
 from app.schemas import load
 from app.settings import Settings
 from app.views import (
     WINDOW_KEEP,
+    BadUpdate,
     PartitionAggregates,
     apply_order,
     merge_part,
+    parse_update,
     plain_state,
     present_count,
     present_customer,
@@ -62,9 +65,12 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
     orders_by_status = table("orders_by_status")
     orders_per_minute = table("orders_per_minute")
 
-    def updates(view: str) -> faust.TopicT:
+    def updates(view: str, *, raw: bool = False) -> faust.TopicT:
+        # Stage 1 sends JSON; stage 2 reads raw bytes and validates them itself, so poison
+        # is dead-lettered instead of crashing the agent (Faust's decode error would).
         return app.topic(f"{settings.app_id}-{view}-updates", partitions=partitions, internal=True,
-                         key_type=str, key_serializer="raw", value_serializer="json")
+                         key_type=None if raw else str, key_serializer="raw",
+                         value_serializer="raw" if raw else "json")
 
     customer_updates = updates("customer_orders")
     status_updates = updates("orders_by_status")
@@ -109,9 +115,16 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
             orders[key] = entry
             await emit(p, msg.offset, agg, *agg.apply(change))
 
-    async def merge_into(target: faust.Table, stream: faust.StreamT[Any], windowed: bool = False) -> None:
-        async for key, update in stream.items():
-            if windowed:
+    async def merge_into(target: faust.Table, stream: faust.StreamT[Any], kind: str) -> None:
+        async for event in stream.events():
+            msg = event.message
+            try:
+                key, update = parse_update(msg.key, msg.value, kind)
+            except BadUpdate as exc:
+                log.warning("views: dead-lettering %s/%s/%s: %s", msg.topic, msg.partition, msg.offset, exc)
+                await produce_all(app, [dead_letter(msg.topic, incoming(msg), exc)])
+                continue
+            if kind == "minute":
                 # Windows are kept one hour (wall clock); older ones are dropped, not updated.
                 horizon = time.time() - WINDOW_KEEP
                 for old in [k for k in list(target.keys()) if int(k) < horizon]:
@@ -123,19 +136,22 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
                 target[key] = merged
 
     async def apply_customer_orders_updates(stream: faust.StreamT[Any]) -> None:
-        await merge_into(customer_orders, stream)
+        await merge_into(customer_orders, stream, "customer")
 
     async def apply_orders_by_status_updates(stream: faust.StreamT[Any]) -> None:
-        await merge_into(orders_by_status, stream)
+        await merge_into(orders_by_status, stream, "count")
 
     async def apply_orders_per_minute_updates(stream: faust.StreamT[Any]) -> None:
-        await merge_into(orders_per_minute, stream, windowed=True)
+        await merge_into(orders_per_minute, stream, "minute")
 
     raw_source = app.topic(source.topic, key_serializer="raw", value_serializer="raw")
     app.agent(raw_source, name="apply_order_events")(apply_order_events)
-    app.agent(customer_updates, name="apply_customer_orders_updates")(apply_customer_orders_updates)
-    app.agent(status_updates, name="apply_orders_by_status_updates")(apply_orders_by_status_updates)
-    app.agent(minute_updates, name="apply_orders_per_minute_updates")(apply_orders_per_minute_updates)
+    app.agent(updates("customer_orders", raw=True),
+              name="apply_customer_orders_updates")(apply_customer_orders_updates)
+    app.agent(updates("orders_by_status", raw=True),
+              name="apply_orders_by_status_updates")(apply_orders_by_status_updates)
+    app.agent(updates("orders_per_minute", raw=True),
+              name="apply_orders_per_minute_updates")(apply_orders_per_minute_updates)
     return {
         "orders": View(orders, "latest state per order", present_order),
         "customer_orders": View(customer_orders, "aggregate per customer", present_customer),

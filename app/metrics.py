@@ -270,7 +270,7 @@ class Sources:
 
     def dead_letters(self) -> dict[tuple[str, str], int]:
         """(stage, dead-letter topic) -> messages dead-lettered by this worker."""
-        from agents.downconvert import dlq_topic
+        from app.deadletter import dlq_topic
         from app.relay import DLQ_TOPIC
 
         out = {("relay", DLQ_TOPIC): self.relay.stats.dead_lettered if self.relay is not None else 0}

@@ -14,6 +14,7 @@ The views are built in two stages so every one of them is idempotent:
 """
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -142,6 +143,47 @@ def rebuild(entries: list[dict[str, Any]]) -> PartitionAggregates:
         if entry.get("created") is not None:
             aggregates.minutes[minute_of(entry["created"])] += 1
     return aggregates
+
+
+class BadUpdate(ValueError):
+    """A stage-2 message that is not an update stage 1 could have sent (poison)."""
+
+
+def parse_update(key: bytes | None, value: bytes | None, kind: str) -> tuple[str, dict[str, Any]]:
+    """Key and update of a repartition message; BadUpdate naming what is wrong otherwise.
+
+    `kind` is "customer" (value: count, totals, last order time, or null), "count" (an int)
+    or "minute" (an int, under a key that is an epoch second).
+    """
+    if not key:
+        raise BadUpdate("update has no key")
+    try:
+        text_key = key.decode()
+        update = json.loads(value or b"")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadUpdate(f"update is not UTF-8 JSON: {exc}") from None
+    if kind == "minute" and not text_key.isdigit():
+        raise BadUpdate(f"minute key {text_key[:40]!r} is not an epoch second")
+    if not isinstance(update, dict):
+        raise BadUpdate(f"update is a {type(update).__name__}, not an object")
+    for field in ("p", "version"):
+        if not _is_int(update.get(field)) or update[field] < 0:
+            raise BadUpdate(f"update field {field!r} must be a non-negative integer, got {update.get(field)!r:.40}")
+    part = update.get("value")
+    if kind == "customer":
+        ok = part is None or (isinstance(part, dict) and _is_int(part.get("count"))
+                              and isinstance(part.get("total_cents"), dict)
+                              and all(isinstance(c, str) and _is_int(v) for c, v in part["total_cents"].items())
+                              and (part.get("last_order_at") is None or _is_int(part["last_order_at"])))
+    else:
+        ok = _is_int(part)
+    if not ok:
+        raise BadUpdate(f"update value {part!r:.60} is not a {kind} aggregate")
+    return text_key, update
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def merge_part(stored: dict[str, Any] | None, partition: int, version: int,

@@ -165,11 +165,11 @@ def test_event_headers_are_what_the_relay_writes(document: Document) -> None:
 
 
 def test_dead_letter_headers_are_what_the_agent_writes(document: Document) -> None:
-    from agents.downconvert import Incoming, dead_letter
+    from app.deadletter import Incoming, dead_letter
 
     source = schema_for_topic("orders-v2")
     original = ce_headers(source, uuid4(), "orders", "update", datetime.now(timezone.utc))
-    letter = dead_letter(source, Incoming(b"7", b"\x00", 3, 42, original), ValueError("bad"))
+    letter = dead_letter(source.topic, Incoming(b"7", b"\x00", 3, 42, original), ValueError("bad"))
     message = document["channels"][letter.topic]["messages"]["deadLetter"]
     assert message["headers"]["required"] == [n for n, _ in letter.headers if n.startswith("dlq_")]
     check_headers(message, letter.headers)

@@ -65,7 +65,8 @@ def test_refreshes_turn_events_into_cache_updates_and_skip_poison() -> None:
               "entity": "orders", "key": "7", "op": "delete", "occurred_at": datetime.now(timezone.utc),
               "sequence": 4, "data": None}
     value, _ = encode_message(v2, record)
-    [only] = refreshes(v2, [b"\x00garbage", value, None])
+    [only], poison = refreshes(v2, [b"\x00garbage", value, None])
+    assert [i for i, _ in poison] == [0, 2]
     assert (only.entity, only.key, only.sequence, only.state) == ("orders", "7", 4, None)
 
 

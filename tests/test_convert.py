@@ -5,7 +5,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from agents.downconvert import Incoming, convert_batch, dlq_topic
+from agents.downconvert import convert_batch
+from app.deadletter import Incoming, dlq_topic
 from app.convert import CONVERTERS, ConversionError, Converter, chain, convert_record, orders_v2_to_v1
 from app.events import decode, downconvert, encode_message
 from app.relay import to_messages

@@ -13,7 +13,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import insert, update
 
-from agents.downconvert import dlq_topic
+from app.deadletter import dlq_topic
 from app.events import encode_message
 from app.orm import Database
 from app.relay import Relay, to_messages

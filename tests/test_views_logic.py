@@ -1,15 +1,20 @@
 """View logic as pure functions: idempotence under duplicates, replays and reordering."""
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
+import pytest
+
 from app.views import (
+    BadUpdate,
     PartitionAggregates,
     apply_order,
     merge_part,
     minute_of,
     present_count,
+    parse_update,
     present_customer,
     rebuild,
 )
@@ -99,3 +104,24 @@ def test_present_customer_sums_parts_and_hides_empty() -> None:
     assert present_customer(stored) == {"count": 3, "total_cents": {"EUR": 6, "USD": 2}, "last_order_at": T + 1}
     emptied = merge_part(merge_part(stored, 0, 2, None), 1, 2, None)
     assert emptied is not None and present_customer(emptied) is None
+
+
+def test_parse_update_names_what_is_wrong_with_poison() -> None:
+    good = b'{"p": 1, "version": 7, "value": {"count": 2, "total_cents": {"EUR": 5}, "last_order_at": 9}}'
+    assert parse_update(b"42", good, "customer") == ("42", json.loads(good))
+    assert parse_update(b"60", b'{"p": 0, "version": 1, "value": 3}', "minute")[0] == "60"
+    cases = [
+        (None, good, "customer", "no key"),
+        (b"42", b"{not json", "customer", "not UTF-8 JSON"),
+        (b"42", b"\xc1\xff", "customer", "not UTF-8 JSON"),
+        (b"42", b"null", "customer", "NoneType, not an object"),
+        (b"42", b'{"x": 1}', "count", "'p' must be a non-negative integer"),
+        (b"42", b'{"p": "zero", "version": 1, "value": 1}', "count", "'p'"),
+        (b"42", b'{"p": 0, "version": true, "value": 1}', "count", "'version'"),
+        (b"42", b'{"p": 0, "version": 1, "value": {}}', "count", "not a count aggregate"),
+        (b"42", b'{"p": 0, "version": 1, "value": {"count": 1}}', "customer", "not a customer aggregate"),
+        (b"not-a-number", b'{"p": 0, "version": 1, "value": 1}', "minute", "not an epoch second"),
+    ]
+    for key, value, kind, message in cases:
+        with pytest.raises(BadUpdate, match=message):
+            parse_update(key, value, kind)

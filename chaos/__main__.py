@@ -1,0 +1,6 @@
+"""`python -m chaos`: the soak (see chaos/run.py)."""
+import sys
+
+from chaos.run import main
+
+sys.exit(main())

@@ -1,0 +1,164 @@
+"""The faults: each breaks one part of a running stack while the load generator writes.
+
+A fault returns notes for the reliability table (restarts, pause lengths, dead letters). It
+restarts only servers the stack started itself.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from app.cache import connect_redis
+from chaos.stack import Stack
+
+Notes = dict[str, Any]
+FaultFn = Callable[[Stack], Awaitable[Notes]]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A named fault, and how many workers it needs running when it starts."""
+
+    name: str
+    act: FaultFn
+    workers: int = 1
+
+
+def kill_worker(times: int = 5, between: float = 1.0) -> FaultFn:
+    """SIGKILL the worker and start it again, `times` times."""
+    async def act(stack: Stack) -> Notes:
+        ready: list[float] = []
+        for _ in range(times):
+            await asyncio.sleep(between)  # let it work (and commit) a little before the next crash
+            worker = stack.alive_workers[0]
+            worker.kill()
+            started = time.monotonic()
+            await worker.start()
+            ready.append(time.monotonic() - started)
+        return {"kills": times, "restart to ready (max)": f"{max(ready):.1f} s"}
+    return act
+
+
+def pause_broker(seconds: float = 20.0) -> FaultFn:
+    """SIGSTOP the broker for `seconds`, then SIGCONT."""
+    async def act(stack: Stack) -> Notes:
+        stack.broker.pause()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            stack.broker.resume()
+        return {"broker paused": f"{seconds:.0f} s"}
+    return act
+
+
+def restart_postgres() -> FaultFn:
+    """Restart PostgreSQL (fast shutdown: every connection dropped, then start on the same port)."""
+    async def act(stack: Stack) -> Notes:
+        started = time.monotonic()
+        await asyncio.to_thread(stack.postgres.restart)
+        return {"postgres down": f"{time.monotonic() - started:.1f} s"}
+    return act
+
+
+def restart_and_flush_redis(between: float = 3.0) -> FaultFn:
+    """Restart Redis (it keeps nothing: every entry is gone), then later FLUSHALL under load."""
+    async def act(stack: Stack) -> Notes:
+        await asyncio.to_thread(stack.redis.restart)
+        await asyncio.sleep(between)
+        redis = connect_redis(stack.settings.redis_url, timeout=5)
+        try:
+            flushed = await redis.dbsize()
+            await redis.flushall()
+        finally:
+            await redis.aclose()
+        return {"redis restarted, then flushed": f"{flushed} keys"}
+    return act
+
+
+def kill_one_of_two() -> FaultFn:
+    """With two workers, SIGKILL the first (the relay's lock holder): the other takes over."""
+    async def act(stack: Stack) -> Notes:
+        first, *_ = stack.alive_workers
+        first.kill()
+        return {"killed": first.name, "survivor": stack.alive_workers[0].name}
+    return act
+
+
+def poison(count: int = 1000) -> FaultFn:
+    """`count` undecodable or malformed messages on every topic the worker consumes."""
+    async def act(stack: Stack) -> Notes:
+        app_id = stack.settings.app_id
+        topics = {"orders-v2": avro_poison, "customers-v1": avro_poison,
+                  **{f"{app_id}-{view}-updates": json_poison
+                     for view in ("customer_orders", "orders_by_status", "orders_per_minute")}}
+        producer = AIOKafkaProducer(bootstrap_servers=stack.settings.bootstrap_servers, linger_ms=5)
+        await producer.start()
+        try:
+            for topic, make in topics.items():
+                for i in range(count):
+                    key, value = make(i)
+                    await producer.send(topic, value, key=key)
+            await producer.flush()
+        finally:
+            await producer.stop()
+        return {"poison per topic": count, "topics": len(topics)}
+    return act
+
+
+def avro_poison(i: int) -> tuple[bytes | None, bytes | None]:
+    """Random bytes, truncated records, empty values and tombstones, with and without keys."""
+    kinds: list[tuple[bytes | None, bytes | None]] = [
+        (f"poison-{i}".encode(), os.urandom(40)),
+        (f"poison-{i}".encode(), b"\x02"),            # a record cut after its first byte
+        (None, os.urandom(8)),
+        (f"poison-{i}".encode(), None),               # a tombstone on an event topic
+        (f"poison-{i}".encode(), b""),
+    ]
+    return kinds[i % len(kinds)]
+
+
+def json_poison(i: int) -> tuple[bytes | None, bytes | None]:
+    """Not JSON, JSON of the wrong shape, wrong types, null and missing keys."""
+    kinds: list[tuple[bytes | None, bytes | None]] = [
+        (f"{i}".encode(), b"{not json"),
+        (f"{i}".encode(), b'{"x": 1}'),
+        (f"{i}".encode(), b'{"p": "zero", "version": [], "value": {}}'),
+        (f"{i}".encode(), b"null"),
+        (None, b'{"p": 0, "version": 1, "value": 1}'),
+        (b"not-a-number", b'{"p": 0, "version": 1, "value": 1}'),
+        (f"{i}".encode(), os.urandom(16)),
+    ]
+    return kinds[i % len(kinds)]
+
+
+def pause_worker(seconds: float = 30.0) -> FaultFn:
+    """SIGSTOP the worker for `seconds` while writes continue, then SIGCONT."""
+    async def act(stack: Stack) -> Notes:
+        worker = stack.alive_workers[0]
+        worker.pause()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            worker.resume()
+        return {"worker paused": f"{seconds:.0f} s"}
+    return act
+
+
+def faults(*, kills: int = 5, broker_pause: float = 20.0, poison_count: int = 1000,
+           worker_pause: float = 30.0) -> dict[str, Fault]:
+    """Every fault of the suite, by name."""
+    return {
+        "worker-kill": Fault(f"worker SIGKILL + restart x{kills}", kill_worker(kills)),
+        "broker-pause": Fault(f"broker SIGSTOP {broker_pause:.0f} s", pause_broker(broker_pause)),
+        "postgres-restart": Fault("PostgreSQL restart", restart_postgres()),
+        "redis-restart": Fault("Redis restart + flush", restart_and_flush_redis()),
+        "worker-takeover": Fault("2 workers, one SIGKILLed", kill_one_of_two(), workers=2),
+        "poison": Fault(f"{poison_count} poison messages per input topic", poison(poison_count)),
+        "worker-pause": Fault(f"worker SIGSTOP {worker_pause:.0f} s (slow consumer)", pause_worker(worker_pause)),
+    }

@@ -1,0 +1,129 @@
+"""Run faults under load on a stack of their own, then check the promises and report.
+
+`python -m chaos` (`make chaos`) is the soak: every fault in turn, for `--rounds` rounds, on one
+stack whose history keeps growing, each under continuous load, each followed by a check of
+everything written so far. The tests in `tests/chaos/` run one fault each on a fresh stack.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+import tempfile
+
+from chaos.checker import Checker, Report
+from chaos.faults import Fault, faults
+from chaos.load import Load
+from chaos.stack import Stack
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """A stack, its checker, and the running total of what the load generator did."""
+
+    def __init__(self, stack: Stack, checker: Checker) -> None:
+        self.stack = stack
+        self.checker = checker
+        self.totals = Report("all")
+
+    @classmethod
+    async def start(cls, root: Path) -> Session:
+        stack = await Stack.start(root)
+        try:
+            checker = await Checker(stack.postgres.dsn, stack.settings.bootstrap_servers,
+                                    stack.settings.redis_url).start()
+        except BaseException:
+            stack.stop()
+            raise
+        return cls(stack, checker)
+
+    async def stop(self) -> None:
+        await self.checker.stop()
+        self.stack.stop()
+
+    async def run(self, fault: Fault, *, rate: float = 100.0, warmup: float = 3.0, tail: float = 2.0,
+                  converge_timeout: float = 120.0, seed: int = 1) -> Report:
+        """Start workers up to `fault.workers`, write at `rate` while the fault acts, then converge."""
+        while len(self.stack.alive_workers) < fault.workers:
+            dead = [w for w in self.stack.workers if not w.alive]
+            if dead:
+                await dead[0].start()
+            else:
+                await self.stack.add_worker()
+        load = Load(self.stack.settings.database_url, rate=rate, seed=seed)
+        writing = asyncio.get_running_loop().create_task(load.run())
+        try:
+            await asyncio.sleep(warmup)  # the fault strikes a system under load
+            notes = await fault.act(self.stack)
+            await asyncio.sleep(tail)
+        finally:
+            load.stop()
+            stats = await writing
+        for field in ("committed", "ambiguous", "retried", "rolled_back"):
+            name = "writes" if field == "committed" else field
+            setattr(self.totals, name, getattr(self.totals, name) + getattr(stats, field))
+        report = Report(fault.name, notes=notes)
+        # The database holds this stack's whole history: check all of it, against all writes.
+        report.writes, report.ambiguous = self.totals.writes, self.totals.ambiguous
+        report.retried, report.rolled_back = stats.retried, stats.rolled_back
+        await self.checker.converge(report, self.view_url(), timeout=converge_timeout)
+        report.notes["workers alive"] = len(self.stack.alive_workers)
+        return report
+
+    def view_url(self) -> str:
+        alive = self.stack.alive_workers
+        if not alive:
+            raise RuntimeError("no worker is alive to answer view lookups")
+        return alive[0].url
+
+
+async def soak(root: Path, names: Sequence[str], rounds: int, rate: float, catalogue: dict[str, Fault],
+               converge_timeout: float) -> list[Report]:
+    session = await Session.start(root)
+    reports = []
+    try:
+        for round_no in range(rounds):
+            for name in names:
+                started = time.monotonic()
+                report = await session.run(catalogue[name], rate=rate, seed=round_no * 100 + len(reports),
+                                           converge_timeout=converge_timeout)
+                reports.append(report)
+                print(f"{report.row()}  [{time.monotonic() - started:.0f} s]", file=sys.stderr, flush=True)
+    finally:
+        await session.stop()
+    return reports
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__)
+    parser.add_argument("--faults", default="all", help="comma-separated fault names, or 'all': "
+                        + ", ".join(faults()))
+    parser.add_argument("--rounds", type=int, default=2, help="times through the fault list (default 2)")
+    parser.add_argument("--rate", type=float, default=200.0, help="writes/s in all (default 200)")
+    parser.add_argument("--kills", type=int, default=5, help="worker kills per worker-kill fault")
+    parser.add_argument("--broker-pause", type=float, default=20.0, help="seconds the broker is paused")
+    parser.add_argument("--worker-pause", type=float, default=30.0, help="seconds the worker is paused")
+    parser.add_argument("--poison", type=int, default=1000, help="poison messages per input topic")
+    parser.add_argument("--converge-timeout", type=float, default=300.0)
+    parser.add_argument("--dir", default=None, help="where servers and logs go (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    catalogue = faults(kills=args.kills, broker_pause=args.broker_pause, poison_count=args.poison,
+                       worker_pause=args.worker_pause)
+    names = list(catalogue) if args.faults == "all" else args.faults.split(",")
+    unknown = [n for n in names if n not in catalogue]
+    if unknown:
+        parser.error(f"unknown fault(s) {', '.join(unknown)}; choose from {', '.join(catalogue)}")
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="chaos-"))
+    reports = asyncio.run(soak(root, names, args.rounds, args.rate, catalogue, args.converge_timeout))
+    print(Report.HEADER)
+    for report in reports:
+        print(report.row())
+    failed = [r for r in reports if not r.ok]
+    print(f"\n{len(reports) - len(failed)}/{len(reports)} faults kept every promise; logs in {root}")
+    return 1 if failed else 0

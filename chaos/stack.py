@@ -1,0 +1,171 @@
+"""A whole system of its own for a fault test: embedded PostgreSQL, Redis and Tansu, and workers.
+
+Everything here is started by the stack and stopped by PID when it stops, so faults can kill,
+pause and restart any part without touching the machine's shared servers.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from app.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedRedis, free_port
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_LINE = b"[^Worker]: Ready"
+
+
+class StackError(RuntimeError):
+    """A part of the stack did not start or stop; the message names it and its log."""
+
+
+@dataclass
+class Worker:
+    """One `python -m app worker` process (Faust agents, views, cache refresh and the relay)."""
+
+    name: str
+    port: int
+    log: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def start(self, timeout: float = 90) -> None:
+        """Start the process and return once Faust logs that it is ready."""
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "app", "worker"], cwd=ROOT, env=self.env,
+                                         stdout=out, stderr=subprocess.STDOUT)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while READY_LINE not in self.log.read_bytes()[offset:]:
+            if self.proc.poll() is not None:
+                raise StackError(f"worker {self.name} exited with {self.proc.returncode}; see {self.log}")
+            if loop.time() > deadline:
+                raise StackError(f"worker {self.name} not ready in {timeout:.0f} s; see {self.log}")
+            await asyncio.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no chance to commit offsets or release the relay lock."""
+        if self.alive:
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait()
+
+    def pause(self) -> None:
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        """SIGTERM (after SIGCONT, in case it is paused); SIGKILL if it has not exited in 20 s."""
+        if not self.alive:
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    async def live(self) -> bool:
+        """True when the worker's web server answers `/health/live`."""
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+                async with session.get(f"{self.url}/health/live") as response:
+                    return response.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+
+@dataclass
+class Stack:
+    """Embedded servers plus workers, all of this stack's own."""
+
+    root: Path
+    postgres: EmbeddedPostgres
+    redis: EmbeddedRedis
+    broker: EmbeddedBroker
+    settings: Settings
+    workers: list[Worker] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, root: Path) -> Stack:
+        """Start the servers, create the schema and the event topics."""
+        root.mkdir(parents=True, exist_ok=True)
+        # Acknowledged commits must survive a restart: the load generator counts them as written.
+        postgres = EmbeddedPostgres.start(root / "postgres", settings={"synchronous_commit": "on"})
+        redis = broker = None
+        try:
+            redis = EmbeddedRedis.start(root / "redis")
+            broker = EmbeddedBroker.start(root / "broker")
+            settings = Settings(database_url=postgres.url, kafka_broker=broker.url, redis_url=redis.url,
+                                app_id=f"chaos-{uuid.uuid4().hex[:8]}", recovery_consistency_check=False)
+            stack = cls(root, postgres, redis, broker, settings)
+            await stack._prepare()
+            return stack
+        except BaseException:
+            for server in (broker, redis, postgres):
+                if server is not None:
+                    server.stop()
+            raise
+
+    async def _prepare(self) -> None:
+        import models  # noqa: F401  # the entity models
+        from app.cli import create_topics
+        from app.orm import Database
+
+        db = Database(self.settings.database_url, record_reads=False)
+        try:
+            await db.create_all()
+        finally:
+            await db.close()
+        await create_topics(self.settings)
+
+    def worker_env(self, port: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "KAFKA_BROKER")}
+        env.update(DATABASE_URL=self.settings.database_url, KAFKA_BROKER=self.settings.kafka_broker,
+                   REDIS_URL=self.settings.redis_url, APP_ID=self.settings.app_id, WEB_PORT=str(port),
+                   FAUST_DATA_DIR=str(self.root / f"faust-{port}"), RECOVERY_CONSISTENCY_CHECK="0",
+                   PYTHONPATH=str(ROOT))
+        return env
+
+    async def add_worker(self) -> Worker:
+        """Start one more worker of the same app (same consumer group, same relay lock)."""
+        port = free_port()
+        worker = Worker(f"w{len(self.workers) + 1}", port, self.root / f"worker-{port}.log", self.worker_env(port))
+        self.workers.append(worker)
+        await worker.start()
+        return worker
+
+    @property
+    def alive_workers(self) -> list[Worker]:
+        return [w for w in self.workers if w.alive]
+
+    def stop(self) -> None:
+        """Stop every worker, then every server, by PID."""
+        for worker in self.workers:
+            worker.stop()
+        for server in (self.broker, self.redis, self.postgres):
+            server.stop()
