@@ -15,7 +15,7 @@ import faust
 
 from app.deadletter import dead_letter, incoming, produce_all
 from app.events import decode
-from app.schemas import load
+from app.schemas import field_type, load, non_null
 from app.settings import Settings
 from app.views import (
     WINDOW_KEEP,
@@ -76,6 +76,8 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
     status_updates = updates("orders_by_status")
     minute_updates = updates("orders_per_minute")
     source = load("orders", 2)
+    # The only keys orders_by_status can have: the status enum's symbols.
+    statuses = frozenset(non_null(field_type({"fields": source.data_fields()}, "status"))["symbols"])
     aggregates: dict[int, PartitionAggregates] = {}
 
     @app.on_partitions_revoked.connect
@@ -86,13 +88,13 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
                    customers: set[str], statuses: set[str], minutes: set[int]) -> None:
         for customer in customers:
             await customer_updates.send(key=customer, value={
-                "p": p, "version": version, "value": agg.customer_value(customer)})
+                "p": p, "epoch": agg.epoch, "version": version, "value": agg.customer_value(customer)})
         for status in statuses:
             await status_updates.send(key=status, value={
-                "p": p, "version": version, "value": agg.statuses.get(status, 0)})
+                "p": p, "epoch": agg.epoch, "version": version, "value": agg.statuses.get(status, 0)})
         for minute in minutes:
             await minute_updates.send(key=str(minute), timestamp=float(minute), value={
-                "p": p, "version": version, "value": agg.minutes.get(minute, 0)})
+                "p": p, "epoch": agg.epoch, "version": version, "value": agg.minutes.get(minute, 0)})
 
     async def apply_order_events(stream: faust.StreamT[Any]) -> None:
         async for event in stream.events():
@@ -100,7 +102,9 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
             p = msg.partition
             agg = aggregates.get(p)
             if agg is None:
-                agg = aggregates[p] = rebuild([v for v in orders.values() if v and v.get("p") == p])
+                # A new epoch: these values replace whatever an earlier owner sent (app.views).
+                agg = aggregates[p] = rebuild([v for v in orders.values() if v and v.get("p") == p],
+                                              epoch=time.time_ns())
                 await emit(p, msg.offset, agg, set(agg.customers), set(agg.statuses), set(agg.minutes))
             try:
                 record = decode(source, msg.value)
@@ -119,7 +123,7 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
         async for event in stream.events():
             msg = event.message
             try:
-                key, update = parse_update(msg.key, msg.value, kind)
+                key, update = parse_update(msg.key, msg.value, kind, statuses)
             except BadUpdate as exc:
                 log.warning("views: dead-lettering %s/%s/%s: %s", msg.topic, msg.partition, msg.offset, exc)
                 await produce_all(app, [dead_letter(msg.topic, incoming(msg), exc)])
@@ -131,7 +135,7 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
                     del target[old]
                 if int(key) < horizon:
                     continue
-            merged = merge_part(target.get(key), update["p"], update["version"], update["value"])
+            merged = merge_part(target.get(key), update["p"], update["epoch"], update["version"], update["value"])
             if merged is not None:
                 target[key] = merged
 
@@ -139,7 +143,7 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
         await merge_into(customer_orders, stream, "customer")
 
     async def apply_orders_by_status_updates(stream: faust.StreamT[Any]) -> None:
-        await merge_into(orders_by_status, stream, "count")
+        await merge_into(orders_by_status, stream, "status")
 
     async def apply_orders_per_minute_updates(stream: faust.StreamT[Any]) -> None:
         await merge_into(orders_per_minute, stream, "minute")

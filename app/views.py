@@ -11,11 +11,19 @@ The views are built in two stages so every one of them is idempotent:
    deltas. Stage 1 derives them from its `orders` table (and rebuilds them from it after a
    rebalance), stage 2 keeps the newest value per source partition and sums the parts. A
    duplicate or replayed message re-states a value; it can never count twice.
+
+   "Newest" is ordered by (epoch, offset). The epoch is the wall-clock time at which stage 1
+   rebuilt the partition's aggregates from its table: after a crash, the new owner re-reads
+   events the old one had already handled, and its rebuilt values (from the table, so
+   complete) carry lower offsets than the old owner's last updates. Ordered by offset alone
+   they would be dropped as stale, and an update the old owner never got to send before it
+   died would stay missing (seen by the fault-injection suite: a status count one short).
 """
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -79,6 +87,8 @@ def minute_of(created_at_micros: int) -> int:
 class PartitionAggregates:
     """Aggregates of the orders of one source partition, derived from the `orders` table."""
 
+    # When these aggregates were rebuilt from the table (ns since the epoch): orders updates.
+    epoch: int = 0
     customers: dict[str, dict[str, Any]] = field(default_factory=dict)
     statuses: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     minutes: dict[int, int] = field(default_factory=lambda: defaultdict(int))
@@ -134,9 +144,13 @@ class PartitionAggregates:
                 "last_order_at": max(agg["created"]) if agg["created"] else None}
 
 
-def rebuild(entries: list[dict[str, Any]]) -> PartitionAggregates:
-    """Aggregates of one partition recomputed from its `orders` entries (after a rebalance)."""
-    aggregates = PartitionAggregates()
+def rebuild(entries: list[dict[str, Any]], epoch: int = 0) -> PartitionAggregates:
+    """Aggregates of one partition recomputed from its `orders` entries (after a rebalance).
+
+    `epoch` must be later than any earlier rebuild of the partition (by any worker): the
+    caller passes the wall-clock time.
+    """
+    aggregates = PartitionAggregates(epoch=epoch)
     for entry in entries:
         if entry.get("state") is not None:
             aggregates.add(entry["state"], 1)
@@ -149,11 +163,13 @@ class BadUpdate(ValueError):
     """A stage-2 message that is not an update stage 1 could have sent (poison)."""
 
 
-def parse_update(key: bytes | None, value: bytes | None, kind: str) -> tuple[str, dict[str, Any]]:
+def parse_update(key: bytes | None, value: bytes | None, kind: str,
+                 statuses: Collection[str] = ()) -> tuple[str, dict[str, Any]]:
     """Key and update of a repartition message; BadUpdate naming what is wrong otherwise.
 
-    `kind` is "customer" (value: count, totals, last order time, or null), "count" (an int)
-    or "minute" (an int, under a key that is an epoch second).
+    `kind` is "customer" (key: a customer id; value: count, totals, last order time, or
+    null), "status" (key: one of `statuses`; value: an int) or "minute" (key: an epoch
+    second; value: an int).
     """
     if not key:
         raise BadUpdate("update has no key")
@@ -162,11 +178,14 @@ def parse_update(key: bytes | None, value: bytes | None, kind: str) -> tuple[str
         update = json.loads(value or b"")
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadUpdate(f"update is not UTF-8 JSON: {exc}") from None
-    if kind == "minute" and not text_key.isdigit():
-        raise BadUpdate(f"minute key {text_key[:40]!r} is not an epoch second")
+    if kind in ("minute", "customer") and not text_key.isdigit():
+        raise BadUpdate(f"{kind} key {text_key[:40]!r} is not an integer")
+    if kind == "status" and text_key not in statuses:
+        raise BadUpdate(f"status key {text_key[:40]!r} is not one of {sorted(statuses)}")
     if not isinstance(update, dict):
         raise BadUpdate(f"update is a {type(update).__name__}, not an object")
-    for field in ("p", "version"):
+    update.setdefault("epoch", 0)  # updates sent before epochs existed
+    for field in ("p", "epoch", "version"):
         if not _is_int(update.get(field)) or update[field] < 0:
             raise BadUpdate(f"update field {field!r} must be a non-negative integer, got {update.get(field)!r:.40}")
     part = update.get("value")
@@ -186,14 +205,17 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def merge_part(stored: dict[str, Any] | None, partition: int, version: int,
+def merge_part(stored: dict[str, Any] | None, partition: int, epoch: int, version: int,
                value: Any) -> dict[str, Any] | None:
-    """Stage 2: the stored parts with one source partition's absolute value; None if stale."""
+    """Stage 2: the stored parts with one source partition's absolute value; None if stale.
+
+    A part is replaced by one of a later (epoch, version); an equal one re-states it.
+    """
     parts = dict((stored or {}).get("parts", {}))
     current = parts.get(str(partition))
-    if current is not None and current["version"] > version:
+    if current is not None and (current.get("epoch", 0), current["version"]) > (epoch, version):
         return None
-    parts[str(partition)] = {"version": version, "value": value}
+    parts[str(partition)] = {"epoch": epoch, "version": version, "value": value}
     return {"parts": parts}
 
 

@@ -103,6 +103,19 @@ class TopicLog:
             await self._consumer.stop()
 
 
+async def count_messages(bootstrap: str, topic: str, *, at_least: int, timeout: float = 30.0) -> int:
+    """Messages on `topic`, once there are `at_least` (or `timeout` has passed)."""
+    log = TopicLog(bootstrap, topic, decode_events=False)
+    await log.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while log.messages < at_least and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return log.messages
+    finally:
+        await log.stop()
+
+
 @dataclass
 class TopicCheck:
     """The promises on one topic."""
@@ -115,6 +128,7 @@ class TopicCheck:
     phantom: int = 0         # events beyond the committed sequence, or of rolled-back writes
     split: int = 0           # one sequence of a key under two event ids (two logical events)
     last: dict[str, Seen] = field(default_factory=dict)  # key -> its highest-sequence event
+    examples: list[str] = field(default_factory=list)    # a few of what is broken, for the report
 
     @property
     def ok(self) -> bool:
@@ -150,7 +164,11 @@ def check_topic(topic: str, events: list[Seen], committed: dict[str, int]) -> To
                 out.phantom += 1  # the marker of a rolled-back write
         n = committed.get(key, 0)
         out.phantom += sum(1 for s in sequences if s > n)
-        out.lost += sum(1 for s in range(1, n + 1) if s not in sequences)
+        missing = [s for s in range(1, n + 1) if s not in sequences]
+        out.lost += len(missing)
+        if missing and len(out.examples) < 5:
+            out.examples.append(f"{topic} key {key} lost sequences {missing[:5]} "
+                                f"(partition {seen_list[0].partition})")
         out.events += len(ids)
     # Keys with committed writes and not a single event.
     out.lost += sum(n for key, n in committed.items() if key not in by_key)
@@ -222,6 +240,7 @@ class Report:
     v1_mismatches: int = 0
     converge_s: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)  # what was still broken at the last check
 
     @property
     def consistent(self) -> bool:
@@ -239,7 +258,7 @@ class Report:
 
     def row(self) -> str:
         converge = "never" if self.converge_s is None else f"{self.converge_s:.1f} s"
-        notes = ", ".join(f"{k} {v}" for k, v in self.notes.items())
+        notes = ", ".join(f"{k} {v}" for k, v in self.notes.items() if not k.startswith("_"))
         if self.ambiguous or self.retried:
             notes = ", ".join(filter(None, [f"{self.retried} retried, {self.ambiguous} ambiguous", notes]))
         return (f"| {self.fault} | {self.writes} | {self.events} | {self.duplicates} | {self.lost} | {self.reordered} "
@@ -278,8 +297,10 @@ class Checker:
         report.v1_mismatches = sum(
             1 for key in db.sequences.get("orders", {}) if not v1_matches(checks["orders-v1"].last.get(key),
                                                                            db.orders.get(key)))
+        report.examples = [e for c in checks.values() for e in c.examples][:5]
         report.cache_mismatches = await self.cache_mismatches(db)
-        report.view_mismatches = await view_mismatches(view_url, db)
+        report.view_mismatches, examples = await view_mismatches(view_url, db)
+        report.examples += examples[:5]
         return report
 
     async def cache_mismatches(self, db: Snapshot) -> int:
@@ -330,8 +351,15 @@ def v1_matches(last: Seen | None, row: dict[str, Any] | None) -> bool:
             and last.data["customer_id"] == row["customer_id"])
 
 
-async def view_mismatches(base: str, db: Snapshot) -> int:
-    """Keys of the views that differ from the database, asked over the worker's HTTP API."""
+async def view_mismatches(base: str, db: Snapshot) -> tuple[int, list[str]]:
+    """Keys of the views that differ from the database (asked over the worker's HTTP API), and examples."""
+    examples: list[str] = []
+
+    def differs(what: str) -> int:
+        if len(examples) < 5:
+            examples.append(what)
+        return 1
+
     wrong = 0
     semaphore = asyncio.Semaphore(16)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
@@ -351,13 +379,13 @@ async def view_mismatches(base: str, db: Snapshot) -> int:
         entries = await asyncio.gather(*(lookup("orders", k) for k in order_keys))
         for key, entry in zip(order_keys, entries, strict=True):
             if entry is MISSING:
-                wrong += 1
+                wrong += differs(f"orders[{key}] lookup failed")
                 continue
             state = None if entry is None else present_order(entry)
             if not order_matches(state, db.orders.get(key)):
-                wrong += 1
+                wrong += differs(f"orders[{key}] = {state!r:.80} != {db.orders.get(key)!r:.80}")
             elif entry is not None and entry["seq"] != db.sequences["orders"][key]:
-                wrong += 1
+                wrong += differs(f"orders[{key}] at sequence {entry['seq']} != {db.sequences['orders'][key]}")
 
         want_customers: dict[str, dict[str, Any]] = {}
         for row in db.orders.values():
@@ -372,14 +400,15 @@ async def view_mismatches(base: str, db: Snapshot) -> int:
             if entry is MISSING or (got is None) != (want is None) or (
                     got is not None and want is not None
                     and (got["count"], got["total_cents"]) != (want["count"], want["total_cents"])):
-                wrong += 1
+                wrong += differs(f"customer_orders[{key}] = {got!r:.80} != {want!r:.80}")
 
         counts = await asyncio.gather(*(lookup("orders_by_status", s) for s in STATUSES))
         for status, entry in zip(STATUSES, counts, strict=True):
             got_count = -1 if entry is MISSING else (0 if entry is None else present_count(entry))
-            if got_count != sum(1 for r in db.orders.values() if r["status"] == status):
-                wrong += 1
-    return wrong
+            want_count = sum(1 for r in db.orders.values() if r["status"] == status)
+            if got_count != want_count:
+                wrong += differs(f"orders_by_status[{status}] = {got_count} != {want_count}")
+    return wrong, examples
 
 
 MISSING: Any = object()  # a lookup that failed (worker unreachable, rebalancing): not converged

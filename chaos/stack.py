@@ -36,6 +36,7 @@ class Worker:
     log: Path
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
+    _log_offset: int = 0
 
     @property
     def url(self) -> str:
@@ -47,18 +48,29 @@ class Worker:
 
     async def start(self, timeout: float = 90) -> None:
         """Start the process and return once Faust logs that it is ready."""
-        offset = self.log.stat().st_size if self.log.exists() else 0
+        self.spawn()
+        if not await self.wait_ready(timeout):
+            raise StackError(f"worker {self.name} not ready in {timeout:.0f} s; see {self.log}")
+
+    def spawn(self) -> None:
+        """Start the process (see `wait_ready`)."""
+        self._log_offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "app", "worker"], cwd=ROOT, env=self.env,
                                          stdout=out, stderr=subprocess.STDOUT)
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Whether Faust logged that it is ready within `timeout` s; StackError if the process exits."""
+        assert self.proc is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while READY_LINE not in self.log.read_bytes()[offset:]:
+        while READY_LINE not in self.log.read_bytes()[self._log_offset:]:
             if self.proc.poll() is not None:
                 raise StackError(f"worker {self.name} exited with {self.proc.returncode}; see {self.log}")
             if loop.time() > deadline:
-                raise StackError(f"worker {self.name} not ready in {timeout:.0f} s; see {self.log}")
+                return False
             await asyncio.sleep(0.1)
+        return True
 
     def kill(self) -> None:
         """SIGKILL: a crash, with no chance to commit offsets or release the relay lock."""

@@ -89,38 +89,52 @@ def test_rebuild_from_the_table_equals_incremental_aggregates() -> None:
 
 
 def test_merge_keeps_newest_absolute_value_per_partition() -> None:
-    stored = merge_part(None, 0, 10, 3)
-    stored = merge_part(stored, 1, 4, 2)
+    stored = merge_part(None, 0, 0, 10, 3)
+    stored = merge_part(stored, 1, 0, 4, 2)
     assert stored is not None and present_count(stored) == 5
-    assert merge_part(stored, 0, 9, 99) is None  # older version of partition 0
-    again = merge_part(stored, 0, 10, 3)  # a replayed duplicate re-states the same value
+    assert merge_part(stored, 0, 0, 9, 99) is None  # older version of partition 0
+    again = merge_part(stored, 0, 0, 10, 3)  # a replayed duplicate re-states the same value
     assert again is not None and present_count(again) == 5
 
 
+def test_a_rebuild_after_takeover_replaces_the_dead_owners_later_offsets() -> None:
+    # The old owner sent partition 0's count as of offset 50, then died before sending the
+    # update of offset 51. The new owner rebuilds from the table (which has offset 51's
+    # order) while re-reading from the committed offset 40: a lower offset, a later epoch.
+    old_owner = merge_part(None, 0, 1_000, 50, 7)
+    rebuilt = merge_part(old_owner, 0, 2_000, 40, 8)
+    assert rebuilt is not None and present_count(rebuilt) == 8
+    # An update of the old owner still in flight arrives late: its epoch makes it stale.
+    assert merge_part(rebuilt, 0, 1_000, 51, 6) is None
+
+
 def test_present_customer_sums_parts_and_hides_empty() -> None:
-    stored = merge_part(None, 0, 1, {"count": 1, "total_cents": {"EUR": 5}, "last_order_at": T})
-    stored = merge_part(stored, 1, 1, {"count": 2, "total_cents": {"EUR": 1, "USD": 2}, "last_order_at": T + 1})
+    stored = merge_part(None, 0, 0, 1, {"count": 1, "total_cents": {"EUR": 5}, "last_order_at": T})
+    stored = merge_part(stored, 1, 0, 1, {"count": 2, "total_cents": {"EUR": 1, "USD": 2}, "last_order_at": T + 1})
     assert stored is not None
     assert present_customer(stored) == {"count": 3, "total_cents": {"EUR": 6, "USD": 2}, "last_order_at": T + 1}
-    emptied = merge_part(merge_part(stored, 0, 2, None), 1, 2, None)
+    emptied = merge_part(merge_part(stored, 0, 0, 2, None), 1, 0, 2, None)
     assert emptied is not None and present_customer(emptied) is None
 
 
 def test_parse_update_names_what_is_wrong_with_poison() -> None:
     good = b'{"p": 1, "version": 7, "value": {"count": 2, "total_cents": {"EUR": 5}, "last_order_at": 9}}'
-    assert parse_update(b"42", good, "customer") == ("42", json.loads(good))
+    assert parse_update(b"42", good, "customer") == ("42", {**json.loads(good), "epoch": 0})
     assert parse_update(b"60", b'{"p": 0, "version": 1, "value": 3}', "minute")[0] == "60"
+    assert parse_update(b"paid", b'{"p": 0, "version": 1, "value": 3}', "status", {"paid"})[0] == "paid"
     cases = [
         (None, good, "customer", "no key"),
         (b"42", b"{not json", "customer", "not UTF-8 JSON"),
         (b"42", b"\xc1\xff", "customer", "not UTF-8 JSON"),
         (b"42", b"null", "customer", "NoneType, not an object"),
-        (b"42", b'{"x": 1}', "count", "'p' must be a non-negative integer"),
-        (b"42", b'{"p": "zero", "version": 1, "value": 1}', "count", "'p'"),
-        (b"42", b'{"p": 0, "version": true, "value": 1}', "count", "'version'"),
-        (b"42", b'{"p": 0, "version": 1, "value": {}}', "count", "not a count aggregate"),
+        (b"42", b'{"x": 1}', "minute", "'p' must be a non-negative integer"),
+        (b"42", b'{"p": "zero", "version": 1, "value": 1}', "minute", "'p'"),
+        (b"42", b'{"p": 0, "version": true, "value": 1}', "minute", "'version'"),
+        (b"42", b'{"p": 0, "version": 1, "value": {}}', "minute", "not a minute aggregate"),
+        (b"bogus", b'{"p": 0, "version": 1, "value": 1}', "status", "not one of"),
+        (b"x7", b'{"p": 0, "version": 1, "value": null}', "customer", "not an integer"),
         (b"42", b'{"p": 0, "version": 1, "value": {"count": 1}}', "customer", "not a customer aggregate"),
-        (b"not-a-number", b'{"p": 0, "version": 1, "value": 1}', "minute", "not an epoch second"),
+        (b"not-a-number", b'{"p": 0, "version": 1, "value": 1}', "minute", "not an integer"),
     ]
     for key, value, kind, message in cases:
         with pytest.raises(BadUpdate, match=message):

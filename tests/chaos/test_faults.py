@@ -1,0 +1,83 @@
+"""Each fault, under load, on a stack of its own: nothing lost, nothing reordered, everything agrees.
+
+The promises are checked by `chaos.checker` (see its docstring); each test appends its row
+to `test-artifacts/chaos-report.md`. `make chaos` runs the same faults as a longer soak.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from chaos.checker import Report, count_messages
+from chaos.faults import Fault, faults
+from chaos.run import Session
+from app.deadletter import dlq_topic
+from tests.processes import ROOT
+
+ARTIFACTS = ROOT / "test-artifacts"
+# Fewer writes than the soak: the suite has to stay within minutes on 2 cores.
+RATE = 60.0
+FAULTS = faults(kills=5, broker_pause=20, poison_count=1000, worker_pause=30)
+
+
+@pytest.fixture
+async def session(tmp_path: Path) -> AsyncIterator[Session]:
+    s = await Session.start(tmp_path / "stack")
+    try:
+        yield s
+    finally:
+        await s.stop()
+
+
+async def run(session: Session, name: str) -> Report:
+    """Run fault `name` under load; the report is kept, and every promise must hold."""
+    fault: Fault = FAULTS[name]
+    report = await session.run(fault, rate=RATE, converge_timeout=90)
+    ARTIFACTS.mkdir(exist_ok=True)
+    table = ARTIFACTS / "chaos-report.md"
+    if not table.exists():
+        table.write_text(Report.HEADER + "\n")
+    with table.open("a") as out:
+        out.write(report.row() + "\n")
+    assert report.ok, f"{report.row()}\n{report.examples}\nlogs: {session.stack.root}"
+    assert report.writes > 0 and report.rolled_back > 0, "the load generator did not write"
+    return report
+
+
+async def test_worker_killed_five_times_under_load_loses_nothing(session: Session) -> None:
+    report = await run(session, "worker-kill")
+    assert report.notes["kills"] == 5
+
+
+async def test_broker_paused_for_20_seconds_loses_nothing(session: Session) -> None:
+    await run(session, "broker-pause")
+
+
+async def test_postgres_restart_under_load_loses_no_committed_write(session: Session) -> None:
+    report = await run(session, "postgres-restart")
+    assert report.retried > 0, "no write failed: the restart did not hit the load"
+
+
+async def test_redis_restarted_and_flushed_under_load_leaves_no_stale_entry(session: Session) -> None:
+    await run(session, "redis-restart")
+
+
+async def test_surviving_worker_takes_over_partitions_and_relay(session: Session) -> None:
+    report = await run(session, "worker-takeover")
+    assert report.notes["workers alive"] == 1
+
+
+async def test_poison_on_every_input_topic_is_dead_lettered_and_never_stops_the_worker(session: Session) -> None:
+    report = await run(session, "poison")
+    assert report.notes["workers alive"] == 1
+    bootstrap = session.stack.settings.bootstrap_servers
+    for topic in report.notes["_poisoned"]:
+        letters = await count_messages(bootstrap, dlq_topic(topic), at_least=1000)
+        assert letters >= 1000, f"{dlq_topic(topic)} holds {letters} dead letters, expected 1000"
+
+
+async def test_worker_paused_30_seconds_catches_up(session: Session) -> None:
+    report = await run(session, "worker-pause")
+    assert report.converge_s is not None  # the catch-up time, in the report's table
