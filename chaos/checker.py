@@ -326,6 +326,24 @@ class Checker:
             await redis.aclose()
         return wrong
 
+    async def read_through_mismatches(self, database_url: str) -> int:
+        """Orders a reader gets through `CacheRepository` (filling what a flush emptied) that differ
+        from the database."""
+        from app.cache import CacheRepository
+        from app.orm import Database
+        from models import Order
+
+        db = await snapshot(self.dsn)
+        repo = CacheRepository(connect_redis(self.redis_url, timeout=5),
+                               Database(database_url, service="orders", record_reads=False))
+        try:
+            keys = list(db.sequences.get("orders", {}))
+            got = await repo.get_many(Order, keys)
+        finally:
+            await repo.redis.aclose()
+            await repo.db.close()
+        return sum(1 for key in keys if not order_matches(got[key], db.orders.get(key)))
+
     async def converge(self, report: Report, view_url: str, *, timeout: float) -> Report:
         """Check until nothing is broken (recording the time that took) or `timeout` passes."""
         started = time.monotonic()

@@ -72,6 +72,8 @@ class Session:
         report.writes, report.ambiguous = self.totals.writes, self.totals.ambiguous
         report.retried, report.rolled_back = stats.retried, stats.rolled_back
         await self.checker.converge(report, self.view_url(), timeout=converge_timeout)
+        if report.consistent:  # then what readers get through the cache must agree too
+            report.cache_mismatches += await self.checker.read_through_mismatches(self.stack.settings.database_url)
         report.notes["workers alive"] = len(self.stack.alive_workers)
         return report
 
