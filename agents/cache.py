@@ -64,6 +64,11 @@ class CacheResource:
         self._repo: CacheRepository | None = None
 
     @property
+    def opened(self) -> CacheRepository | None:
+        """The repository if it has been opened, without opening it (for metrics scrapes)."""
+        return self._repo
+
+    @property
     def repo(self) -> CacheRepository:
         """The repository (Redis client and database pool are created lazily)."""
         if self._repo is None:

@@ -61,14 +61,14 @@ def install(app: faust.App, settings: Settings, *, relay: Relay | None = None,
     resource = getattr(app, "entity_cache", None)
 
     def caches() -> dict[str, CacheStats]:
-        # The repositories' private slots, not `.repo`: a scrape must not open clients.
+        # Only repositories already opened: a scrape must not open clients.
         # "worker": the cache agent's, which the entity endpoint shares; "web": the entity
         # endpoint's own, if it opened one.
         found = {}
-        shared = getattr(resource, "_repo", None)
+        shared = resource.opened if resource is not None else None
         if shared is not None:
             found["worker"] = shared.stats
-        own = getattr(web_views, "_repository", None)
+        own = web_views.opened_repository if web_views is not None else None
         if own is not None and own is not shared:
             found["web"] = own.stats
         return found

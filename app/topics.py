@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +55,39 @@ async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[Topic
     if not partitions:
         raise TopicError(f"topic {topic} does not exist")
     return [TopicPartition(topic, p) for p in sorted(partitions)]
+
+
+async def fetched_end_offsets(bootstrap: str, reported: Mapping[TopicPartition, int], *,
+                              timeout: float = 5.0) -> dict[TopicPartition, int]:
+    """End offsets corrected by a fetch: the high watermark of a fetch from the reported end.
+
+    Tansu answers ListOffsets(latest) with the start of the partition's last record batch, so
+    `end_offsets()` can be short by up to one batch (see LAG_CAVEAT); its fetch responses
+    carry the true high watermark. On Kafka both agree and this costs one fetch. A partition
+    whose fetch does not answer within `timeout` keeps its reported end.
+    """
+    ends = {tp: end for tp, end in reported.items() if end is not None}
+    if not ends:
+        return dict(reported)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10)
+    await consumer.start()
+    try:
+        consumer.assign(list(ends))
+        for tp, end in ends.items():
+            consumer.seek(tp, end)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending = set(ends)
+        while pending and loop.time() < deadline:
+            await consumer.getmany(*pending, timeout_ms=50, max_records=1)
+            for tp in list(pending):
+                highwater = consumer.highwater(tp)
+                if highwater is not None:
+                    ends[tp] = max(ends[tp], highwater)
+                    pending.discard(tp)
+    finally:
+        await consumer.stop()
+    return {**reported, **ends}
 
 
 async def read_to_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition], *, idle_ms: int = IDLE_MS,

@@ -633,6 +633,11 @@ class WebViews:
         return {mapper.class_.__entity__: mapper.class_ for mapper in EventedBase.registry.mappers
                 if mapper.class_.__extends__ is None}
 
+    @property
+    def opened_repository(self) -> CacheRepository | None:
+        """This endpoint's own repository if it opened one (for metrics scrapes), else None."""
+        return self._repository
+
     async def repository(self) -> CacheRepository:
         """The worker's cache repository (`app.entity_cache`), else one of ours, connected on first use."""
         shared = getattr(self.app, "entity_cache", None)

@@ -90,14 +90,14 @@ class Worker:
             self.proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
-        """SIGTERM (after SIGCONT, in case it is paused); SIGKILL if it has not exited in 20 s."""
+        """SIGTERM (after SIGCONT, in case it is paused); SIGKILL if it has not exited in 5 s."""
         if not self.alive:
             return
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
         self.proc.terminate()
         try:
-            self.proc.wait(20)
+            self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.kill()
 
