@@ -36,7 +36,7 @@ def stop(child: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
     if child.poll() is None:
         child.send_signal(sig)
         try:
-            child.wait(5)  # Faust sometimes hangs in shutdown; nothing here needs more
+            child.wait(2)  # Faust sometimes hangs in shutdown; no test needs a clean exit
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
