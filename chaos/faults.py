@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaProducer
 
 from app.cache import connect_redis
 from app.embedded import EmbeddedPostgres
-from chaos.stack import Stack, StackError
+from chaos.stack import Stack, StackError, Worker
 
 Notes = dict[str, Any]
 FaultFn = Callable[[Stack], Awaitable[Notes]]
@@ -42,14 +42,28 @@ def kill_worker(times: int = 5, between: float = 1.0, ready_within: float | None
             await asyncio.sleep(between)  # let it work (and commit) a little before the next crash
             worker = stack.alive_workers[0]
             worker.kill()
-            worker.spawn()
             last = i == times - 1
-            if not await worker.wait_ready(90 if last or ready_within is None else ready_within):
+            if not await restart(worker, 90 if last or ready_within is None else ready_within):
                 if last:
                     raise StackError(f"worker {worker.name} not ready after its last restart; see {worker.log}")
                 early += 1
         return {"kills": times, "killed before ready": early}
     return act
+
+
+async def restart(worker: Worker, ready_within: float, give_up_after: float = 120.0) -> bool:
+    """Start `worker` again as a supervisor would: a start that exits (say PostgreSQL is down
+    for the moment, and `python -m app worker` refuses to start without it) is retried."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + give_up_after
+    while True:
+        worker.spawn()
+        try:
+            return await worker.wait_ready(ready_within)
+        except StackError:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(1.0)
 
 
 def pause_broker(seconds: float = 20.0) -> FaultFn:
@@ -161,6 +175,16 @@ def pause_worker(seconds: float = 30.0) -> FaultFn:
     return act
 
 
+def storm(parts: list[FaultFn]) -> FaultFn:
+    """Several faults at once (each on a different part of the stack)."""
+    async def act(stack: Stack) -> Notes:
+        notes: Notes = {}
+        for result in await asyncio.gather(*(part(stack) for part in parts)):
+            notes.update(result)
+        return notes
+    return act
+
+
 def faults(*, kills: int = 5, broker_pause: float = 20.0, poison_count: int = 1000,
            worker_pause: float = 30.0, ready_within: float | None = None) -> dict[str, Fault]:
     """Every fault of the suite, by name (`ready_within`: see `kill_worker`)."""
@@ -172,4 +196,8 @@ def faults(*, kills: int = 5, broker_pause: float = 20.0, poison_count: int = 10
         "worker-takeover": Fault("2 workers, one SIGKILLed", kill_one_of_two(), workers=2),
         "poison": Fault(f"{poison_count} poison messages per input topic", poison(poison_count)),
         "worker-pause": Fault(f"worker SIGSTOP {worker_pause:.0f} s (slow consumer)", pause_worker(worker_pause)),
+        # All at once: crashes, a frozen broker, a database and a cache restart, and poison.
+        "storm": Fault("all at once: worker kills, broker pause, PostgreSQL + Redis restarts, poison",
+                       storm([kill_worker(2, ready_within=ready_within), pause_broker(broker_pause / 2),
+                              restart_postgres(), restart_and_flush_redis(), poison(poison_count // 5)])),
     }

@@ -14,6 +14,7 @@ from chaos.checker import Report, count_messages
 from chaos.faults import Fault, faults
 from chaos.run import Session
 from app.deadletter import dlq_topic
+from tests.chaos.conftest import ROWS
 from tests.processes import ROOT
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -43,6 +44,7 @@ async def run(session: Session, name: str) -> Report:
         table.write_text(Report.HEADER + "\n")
     with table.open("a") as out:
         out.write(report.row() + "\n")
+    ROWS.append(report.row())
     assert report.ok, f"{report.row()}\n{report.examples}\nlogs: {session.stack.root}"
     assert report.writes > 0 and report.rolled_back > 0, "the load generator did not write"
     return report
