@@ -13,7 +13,7 @@ from typing import Any
 
 import faust
 
-from app.deadletter import dead_letter, incoming, produce_all
+from app.deadletter import dead_letter, dlq_topic, incoming, produce_all
 from app.events import decode
 from app.schemas import field_type, load, non_null
 from app.settings import Settings
@@ -41,6 +41,14 @@ class View:
     table: faust.Table
     kind: str
     present: Any  # stored value -> what readers see (None: hidden)
+
+
+AGGREGATES = ("customer_orders", "orders_by_status", "orders_per_minute")
+
+
+def dead_letter_topics(app_id: str) -> list[str]:
+    """The dead-letter topics of the repartition topics (created before the worker starts)."""
+    return [dlq_topic(f"{app_id}-{view}-updates") for view in AGGREGATES]
 
 
 def install(app: faust.App, settings: Settings) -> dict[str, View]:

@@ -95,7 +95,7 @@ def _channels(settings: Settings) -> list[Channel]:
     out: list[Channel] = []
     for entity, modes in sorted(legacy_modes(settings.legacy_overrides()).items()):
         current = load(entity, current_version(entity))
-        dlq = f"{current.topic}.dlq" if modes else ""
+        dlq = f"{current.topic}.dlq"
         agents = []
         if "downconvert" in modes.values():
             agents.append(f"`downconvert_{entity}` (serves the older versions)")
@@ -104,7 +104,7 @@ def _channels(settings: Settings) -> list[Channel]:
         agents.append(f"`refresh_cache_{entity}` (the Redis entity cache, when REDIS_URL is set)")
         redrive = {"dlq_redriven_from": _header(
             f"Only on a message re-sent from `{dlq}` by `python -m app dlq redrive`: "
-            "`<dlq topic>:<partition>:<offset>` of the dead letter.")} if dlq else {}
+            "`<dlq topic>:<partition>:<offset>` of the dead letter.")}
         out.append(Channel(
             current.topic,
             f"{entity} events at schema v{current.version}, the version the `{entity}` model writes. "
@@ -130,17 +130,17 @@ def _channels(settings: Settings) -> list[Channel]:
                 f"v{current.version} (mode `{mode}`; LEGACY_MODES switches it). {how} Both modes "
                 f"give byte-identical messages.",
                 _event_message(old), EVENT, sender))
-        if dlq:
-            # Only the down-conversion agent writes dead letters: none while every older
-            # version is dual-published (the relay's failures go to the outbox DLQ).
-            downconverted = "downconvert" in modes.values()
-            out.append(Channel(
-                dlq,
-                f"Dead letters of `{current.topic}`: messages the down-conversion agent could not "
-                f"decode or convert, unchanged (key, value, original headers) with why and where "
-                f"from in `dlq_*` headers. `python -m app dlq list|redrive {dlq}`.",
-                _dead_letter_message(current), DEAD_LETTER,
-                f"the worker's `downconvert_{entity}` agent" if downconverted else ""))
+        # The down-converter dead-letters what it cannot decode or convert; on a topic no
+        # down-converter reads, the cache agent dead-letters what it cannot decode.
+        downconverted = "downconvert" in modes.values()
+        writer = (f"the worker's `downconvert_{entity}` agent" if downconverted
+                  else f"the worker's `refresh_cache_{entity}` agent")
+        out.append(Channel(
+            dlq,
+            f"Dead letters of `{current.topic}`: messages {writer} could not decode"
+            f"{' or convert' if downconverted else ''}, unchanged (key, value, original headers) "
+            f"with why and where from in `dlq_*` headers. `python -m app dlq list|redrive {dlq}`.",
+            _dead_letter_message(current), DEAD_LETTER, writer))
     access = load("access", 1)
     out.append(Channel(
         topic_name("access", 1),

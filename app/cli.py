@@ -162,10 +162,11 @@ async def check_broker(settings: Settings) -> None:
 async def create_topics(settings: Settings) -> None:
     """Create the event topics (and dead-letter topics) the worker consumes and produces."""
     import models  # noqa: F401
+    from agents.views import dead_letter_topics
     from app.orm import evented_topics
     from app.relay import DLQ_TOPIC, ensure_topics
 
-    await ensure_topics(settings, [*evented_topics(), DLQ_TOPIC])
+    await ensure_topics(settings, [*evented_topics(), DLQ_TOPIC, *dead_letter_topics(settings.app_id)])
 
 
 async def check_all(settings: Settings) -> None:

@@ -92,11 +92,10 @@ def evented_topics() -> list[str]:
         model = mapper.class_
         if model.__extends__ is None:
             current = topic_name(model.__entity__, model.__schema_version__)
-            topics.add(current)
+            # Its dead letters: of down-conversion, or of the cache agent when there is none.
+            topics.update((current, f"{current}.dlq"))
             if model.__legacy__:
-                # Older versions, and the dead letters of converting to them.
                 topics.update(topic_name(model.__entity__, v) for v in model.__legacy__)
-                topics.add(f"{current}.dlq")
     return sorted(topics)
 
 

@@ -185,9 +185,9 @@ def parse_update(key: bytes | None, value: bytes | None, kind: str,
     if not isinstance(update, dict):
         raise BadUpdate(f"update is a {type(update).__name__}, not an object")
     update.setdefault("epoch", 0)  # updates sent before epochs existed
-    for field in ("p", "epoch", "version"):
-        if not _is_int(update.get(field)) or update[field] < 0:
-            raise BadUpdate(f"update field {field!r} must be a non-negative integer, got {update.get(field)!r:.40}")
+    for name in ("p", "epoch", "version"):
+        if not _is_int(update.get(name)) or update[name] < 0:
+            raise BadUpdate(f"update field {name!r} must be a non-negative integer, got {update.get(name)!r:.40}")
     part = update.get("value")
     if kind == "customer":
         ok = part is None or (isinstance(part, dict) and _is_int(part.get("count"))

@@ -212,8 +212,9 @@ def test_legacy_descriptions_follow_the_mode(document: Document) -> None:
     switched = build_document(Settings(legacy_modes="orders:1=dual-publish"))
     assert "ual-published" in switched["channels"]["orders-v1"]["description"]
     assert "relay" in switched["operations"]["send-orders-v1"]["description"]
-    # Nothing down-converts, so nothing writes the dead letters of conversion (the topic stays).
-    assert "orders-v2.dlq" in switched["channels"] and "send-orders-v2.dlq" not in switched["operations"]
+    # Nothing down-converts: the cache agent dead-letters what it cannot decode instead.
+    assert "refresh_cache_orders" in switched["operations"]["send-orders-v2.dlq"]["description"]
+    assert "refresh_cache_customers" in document["operations"]["send-customers-v1.dlq"]["description"]
     assert "downconvert_orders" not in switched["operations"]["receive-orders-v2"]["description"]
 
 

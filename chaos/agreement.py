@@ -1,0 +1,133 @@
+"""The database's truth, and whether views and events agree with it."""
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from app.views import present_count, present_customer, present_order
+from chaos.topiclog import Seen
+
+STATUSES = ("pending", "paid", "shipped", "cancelled")
+
+
+@dataclass
+class Snapshot:
+    """The database's truth: committed sequences and current rows."""
+
+    sequences: dict[str, dict[str, int]]  # entity -> key -> committed writes
+    orders: dict[str, dict[str, Any]]     # order id -> expected state
+    customers: dict[str, str]             # customer id -> name
+
+    @property
+    def committed_writes(self) -> int:
+        return sum(sum(keys.values()) for keys in self.sequences.values())
+
+
+async def snapshot(dsn: str) -> Snapshot:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        async with conn.transaction(isolation="repeatable_read"):
+            sequences: dict[str, dict[str, int]] = defaultdict(dict)
+            for row in await conn.fetch("SELECT entity, key, seq FROM event_sequences"):
+                sequences[row["entity"]][row["key"]] = row["seq"]
+            orders = {str(r["id"]): {
+                "customer_id": r["customer_id"], "amount_cents": r["amount_cents"], "currency": r["currency"],
+                "status": r["status"],
+                "shipping": None if r["address"] is None else {
+                    "address": r["address"], "carrier": r["carrier"], "tracking_number": r["tracking_number"]},
+            } for r in await conn.fetch(
+                "SELECT o.id, o.customer_id, o.amount_cents, o.currency, o.status, s.address, s.carrier, "
+                "s.tracking_number FROM orders o LEFT JOIN order_shipping s ON s.order_id = o.id")}
+            customers = {str(r["id"]): r["name"] for r in await conn.fetch("SELECT id, name FROM customers")}
+    finally:
+        await conn.close()
+    return Snapshot(dict(sequences), orders, customers)
+
+
+def order_matches(state: dict[str, Any] | None, want: dict[str, Any] | None) -> bool:
+    """An order state (view, cache or event data) equals the database row (None: deleted)."""
+    if state is None or want is None:
+        return state is None and want is None
+    shipping = state.get("shipping")
+    got = {"customer_id": state.get("customer_id"), "amount_cents": state.get("amount_cents"),
+           "currency": state.get("currency"), "status": str(state.get("status", "")).lower(),
+           "shipping": None if not shipping else {k: shipping.get(k) for k in ("address", "carrier", "tracking_number")}}
+    return got == want
+
+
+def v1_matches(last: Seen | None, row: dict[str, Any] | None) -> bool:
+    """The newest orders-v1 event of a key says what the database says (data None: deleted)."""
+    if last is None:
+        return False
+    if row is None or last.data is None:
+        return row is None and last.data is None
+    return (last.data["amount"] == row["amount_cents"] / 100 and last.data["status"] == row["status"]
+            and last.data["customer_id"] == row["customer_id"])
+
+
+async def view_mismatches(base: str, db: Snapshot) -> tuple[int, list[str]]:
+    """Keys of the views that differ from the database (asked over the worker's HTTP API), and examples."""
+    examples: list[str] = []
+
+    def differs(what: str) -> int:
+        if len(examples) < 5:
+            examples.append(what)
+        return 1
+
+    wrong = 0
+    semaphore = asyncio.Semaphore(16)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async def lookup(table: str, key: str) -> Any:
+            async with semaphore:
+                try:
+                    async with session.get(f"{base}/table/{table}/{key}/") as response:
+                        if response.status == 404:
+                            return None
+                        if response.status != 200:
+                            return MISSING
+                        return await response.json()
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    return MISSING
+
+        order_keys = list(db.sequences.get("orders", {}))
+        entries = await asyncio.gather(*(lookup("orders", k) for k in order_keys))
+        for key, entry in zip(order_keys, entries, strict=True):
+            if entry is MISSING:
+                wrong += differs(f"orders[{key}] lookup failed")
+                continue
+            state = None if entry is None else present_order(entry)
+            if not order_matches(state, db.orders.get(key)):
+                wrong += differs(f"orders[{key}] = {state!r:.80} != {db.orders.get(key)!r:.80}")
+            elif entry is not None and entry["seq"] != db.sequences["orders"][key]:
+                wrong += differs(f"orders[{key}] at sequence {entry['seq']} != {db.sequences['orders'][key]}")
+
+        want_customers: dict[str, dict[str, Any]] = {}
+        for row in db.orders.values():
+            c = want_customers.setdefault(str(row["customer_id"]), {"count": 0, "total_cents": {}})
+            c["count"] += 1
+            c["total_cents"][row["currency"]] = c["total_cents"].get(row["currency"], 0) + row["amount_cents"]
+        customer_keys = sorted({str(r["customer_id"]) for r in db.orders.values()} | set(db.customers))
+        stored = await asyncio.gather(*(lookup("customer_orders", k) for k in customer_keys))
+        for key, entry in zip(customer_keys, stored, strict=True):
+            got = None if entry in (None, MISSING) else present_customer(entry)
+            want = want_customers.get(key)
+            if entry is MISSING or (got is None) != (want is None) or (
+                    got is not None and want is not None
+                    and (got["count"], got["total_cents"]) != (want["count"], want["total_cents"])):
+                wrong += differs(f"customer_orders[{key}] = {got!r:.80} != {want!r:.80}")
+
+        counts = await asyncio.gather(*(lookup("orders_by_status", s) for s in STATUSES))
+        for status, entry in zip(STATUSES, counts, strict=True):
+            got_count = -1 if entry is MISSING else (0 if entry is None else present_count(entry))
+            want_count = sum(1 for r in db.orders.values() if r["status"] == status)
+            if got_count != want_count:
+                wrong += differs(f"orders_by_status[{status}] = {got_count} != {want_count}")
+    return wrong, examples
+
+
+MISSING: Any = object()  # a lookup that failed (worker unreachable, rebalancing): not converged

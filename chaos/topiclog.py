@@ -1,0 +1,97 @@
+"""Every message of a topic from the beginning, decoded, read in the background."""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from app.events import decode, schema_for_topic
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One decoded event message."""
+
+    partition: int
+    offset: int
+    key: str
+    event_id: str
+    sequence: int
+    data: dict[str, Any] | None
+
+
+class TopicLog:
+    """Every message of a topic from the beginning, read in the background."""
+
+    def __init__(self, bootstrap: str, topic: str, *, decode_events: bool = True) -> None:
+        self.topic = topic
+        self.bootstrap = bootstrap
+        self.decode_events = decode_events
+        self.events: list[Seen] = []
+        self.undecodable = 0
+        self.messages = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> TopicLog:
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                          auto_offset_reset="earliest", fetch_max_wait_ms=10)
+        await self._consumer.start()
+        partitions: set[int] | None = None
+        for _ in range(100):
+            await self._consumer.topics()
+            partitions = self._consumer.partitions_for_topic(self.topic)
+            if partitions:
+                break
+            await asyncio.sleep(0.1)
+        if not partitions:
+            raise RuntimeError(f"topic {self.topic} has no partitions")
+        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+        self._consumer.assign(tps)
+        await self._consumer.seek_to_beginning(*tps)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        schema = schema_for_topic(self.topic) if self.decode_events else None
+        while True:
+            batch = await self._consumer.getmany(timeout_ms=100)
+            for tp, messages in batch.items():
+                for m in messages:
+                    self.messages += 1
+                    if schema is None:
+                        continue
+                    try:
+                        record = decode(schema, m.value or b"")
+                    except Exception:  # poison: counted, never a logical event
+                        self.undecodable += 1
+                        continue
+                    self.events.append(Seen(tp.partition, m.offset, (m.key or b"").decode(errors="replace"),
+                                            str(record["event_id"]), record["sequence"], record["data"]))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+
+async def count_messages(bootstrap: str, topic: str, *, at_least: int, timeout: float = 30.0) -> int:
+    """Messages on `topic`, once there are `at_least` (or `timeout` has passed)."""
+    log = TopicLog(bootstrap, topic, decode_events=False)
+    await log.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while log.messages < at_least and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return log.messages
+    finally:
+        await log.stop()
