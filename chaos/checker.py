@@ -93,6 +93,10 @@ class Checker:
 
     async def check(self, report: Report, view_url: str) -> Report:
         """Fill `report` with what is broken right now (topics first: the rest can only agree after)."""
+        for log in self.logs.values():
+            log.alive()
+            if log.errors:
+                report.notes[f"{log.topic} fetch errors (retried)"] = len(log.errors)
         db = await snapshot(self.dsn)
         report.committed = db.committed_writes
         checks = {topic: check_topic(topic, log.events, db.sequences.get(schema_for_topic(topic).entity, {}))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from app.events import decode, schema_for_topic
 
@@ -32,6 +33,7 @@ class TopicLog:
         self.decode_events = decode_events
         self.events: list[Seen] = []
         self.undecodable = 0
+        self.errors: list[str] = []  # fetch errors (retried)
         self.messages = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -59,7 +61,14 @@ class TopicLog:
         assert self._consumer is not None
         schema = schema_for_topic(self.topic) if self.decode_events else None
         while True:
-            batch = await self._consumer.getmany(timeout_ms=100)
+            try:
+                batch = await self._consumer.getmany(timeout_ms=100)
+            except KafkaError as exc:
+                # A fetch error must not end the reading (that would look like lost events):
+                # note it and fetch again from the same positions, as any consumer would.
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.2)
+                continue
             for tp, messages in batch.items():
                 for m in messages:
                     self.messages += 1
@@ -72,6 +81,11 @@ class TopicLog:
                         continue
                     self.events.append(Seen(tp.partition, m.offset, (m.key or b"").decode(errors="replace"),
                                             str(record["event_id"]), record["sequence"], record["data"]))
+
+    def alive(self) -> None:
+        """Raise what ended the background reading, if it ended."""
+        if self._task is not None and self._task.done():
+            raise RuntimeError(f"reading {self.topic} stopped") from self._task.exception()
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -45,7 +45,9 @@ async def run(session: Session, name: str) -> Report:
     with table.open("a") as out:
         out.write(report.row() + "\n")
     ROWS.append(report.row())
-    assert report.ok, f"{report.row()}\n{report.examples}\nlogs: {session.stack.root}"
+    reads = {t: {"messages": log.messages, "events": len(log.events), "errors": log.errors[:3]}
+             for t, log in session.checker.logs.items()}
+    assert report.ok, f"{report.row()}\n{report.examples}\nread: {reads}\nlogs: {session.stack.root}"
     assert report.writes > 0 and report.rolled_back > 0, "the load generator did not write"
     return report
 
