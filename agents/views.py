@@ -85,7 +85,7 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
     minute_updates = updates("orders_per_minute")
     source = load("orders", 2)
     # The only keys orders_by_status can have: the status enum's symbols.
-    statuses = frozenset(non_null(field_type({"fields": source.data_fields()}, "status"))["symbols"])
+    status_symbols = frozenset(non_null(field_type({"fields": source.data_fields()}, "status"))["symbols"])
     aggregates: dict[int, PartitionAggregates] = {}
 
     @app.on_partitions_revoked.connect
@@ -131,7 +131,7 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
         async for event in stream.events():
             msg = event.message
             try:
-                key, update = parse_update(msg.key, msg.value, kind, statuses)
+                key, update = parse_update(msg.key, msg.value, kind, status_symbols)
             except BadUpdate as exc:
                 log.warning("views: dead-lettering %s/%s/%s: %s", msg.topic, msg.partition, msg.offset, exc)
                 await produce_all(app, [dead_letter(msg.topic, incoming(msg), exc)])

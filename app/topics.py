@@ -7,6 +7,7 @@ assignment (group joins are slow on Tansu) and `read_to_end`, which copes with T
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
 import os
 from collections.abc import AsyncGenerator, Mapping
@@ -21,6 +22,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from app.events import decode
 from app.schemas import EventSchema
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 #: How long a fetch may return nothing, once the end offsets are reached, before we call it the end.
 IDLE_MS = 250
@@ -58,7 +61,7 @@ async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[Topic
 
 
 async def fetched_end_offsets(bootstrap: str, reported: Mapping[TopicPartition, int], *,
-                              timeout: float = 5.0) -> dict[TopicPartition, int]:
+                              timeout: float = 15.0) -> dict[TopicPartition, int]:
     """End offsets corrected by a fetch: the high watermark of a fetch from the reported end.
 
     Tansu answers ListOffsets(latest) with the start of the partition's last record batch, so
@@ -85,6 +88,8 @@ async def fetched_end_offsets(bootstrap: str, reported: Mapping[TopicPartition, 
                 if highwater is not None:
                     ends[tp] = max(ends[tp], highwater)
                     pending.discard(tp)
+        if pending:
+            log.warning("no fetch answer for %s in %.0f s: keeping the reported end offsets", sorted(pending), timeout)
     finally:
         await consumer.stop()
     return {**reported, **ends}

@@ -18,6 +18,8 @@ The views are built in two stages so every one of them is idempotent:
    complete) carry lower offsets than the old owner's last updates. Ordered by offset alone
    they would be dropped as stale, and an update the old owner never got to send before it
    died would stay missing (seen by the fault-injection suite: a status count one short).
+   This assumes the workers' clocks agree to within a takeover (the 10 s session timeout at
+   least): a worker whose clock is further behind would have its updates dropped as stale.
 """
 from __future__ import annotations
 

@@ -223,12 +223,15 @@ class Load:
                 self.stats.missing += 1
         await self._with_retry(attempt)
 
-    async def _with_retry(self, attempt: Callable[[], Awaitable[object]]) -> object:
+    async def _with_retry(self, attempt: Callable[[], Awaitable[object]], give_up_after: float = 120.0) -> object:
         backoff = 0.05
+        deadline = asyncio.get_running_loop().time() + give_up_after
         while True:
             try:
                 return await attempt()
             except TRANSIENT as exc:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise  # the database never came back: a failure of the run, not a retry
                 self.stats.retried += 1
                 log.info("write failed (%s); retrying in %.2f s", type(exc).__name__, backoff)
                 await asyncio.sleep(backoff)
