@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import for_code
 from aiokafka.protocol.admin import DeleteGroupsRequest
 
 from app.settings import Settings
-from app.topics import TopicError, make_admin
+from app.topics import TopicError, delete_topics, make_admin
 
 # Kafka error codes of DeleteGroups that are not failures of the replay.
 GROUP_ID_NOT_FOUND = 69
@@ -84,15 +85,10 @@ async def worker_answers(settings: Settings) -> bool:
         return False
 
 
-async def delete_group(settings: Settings, group: str) -> bool:
-    """Delete consumer group `group`; False when it did not exist."""
-    admin = make_admin(settings)
-    await admin.start()
-    try:
-        node = await admin.find_coordinator(group)
-        response = await admin._send_request_to_node(node, DeleteGroupsRequest([group]))  # noqa: SLF001  # aiokafka has no public DeleteGroups
-    finally:
-        await admin.close()
+async def delete_group(admin: AIOKafkaAdminClient, group: str) -> bool:
+    """Delete consumer group `group` with a started admin client; False when it did not exist."""
+    node = await admin.find_coordinator(group)
+    response = await admin._send_request_to_node(node, DeleteGroupsRequest([group]))  # noqa: SLF001  # aiokafka has no public DeleteGroups
     for name, code in response.results:
         if code == GROUP_ID_NOT_FOUND:
             return False
@@ -101,30 +97,6 @@ async def delete_group(settings: Settings, group: str) -> bool:
             raise ReplayError(f"the broker did not delete consumer group {name}: {error}"
                               + (" (stop every worker first)" if "NonEmpty" in error else ""))
     return True
-
-
-async def delete_topics(settings: Settings, topics: list[str]) -> None:
-    """Delete `topics`; ReplayError naming the first the broker refused."""
-    if not topics:
-        return
-    admin = make_admin(settings)
-    await admin.start()
-    try:
-        response = await admin.delete_topics(topics)
-    finally:
-        await admin.close()
-    for name, code, *_ in response.topic_error_codes:
-        if code:
-            raise ReplayError(f"the broker did not delete topic {name}: {for_code(code).__name__}")
-
-
-async def list_topics(settings: Settings) -> list[str]:
-    admin = make_admin(settings)
-    await admin.start()
-    try:
-        return await admin.list_topics()
-    finally:
-        await admin.close()
 
 
 async def delete_cached_entities(redis_url: str, namespace: str = "") -> int:
@@ -156,10 +128,15 @@ async def replay(settings: Settings) -> ReplayReport:
         raise ReplayError(f"a worker answers at http://{settings.web_host}:{settings.web_port}: "
                           "stop every worker first")
     report = ReplayReport(group=settings.app_id)
-    # The group first: on Kafka it is refused while a worker runs, before anything is lost.
-    report.group_existed = await delete_group(settings, settings.app_id)
-    report.topics = view_topics(settings.app_id, await list_topics(settings))
-    await delete_topics(settings, report.topics)
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        # The group first: on Kafka it is refused while a worker runs, before anything is lost.
+        report.group_existed = await delete_group(admin, settings.app_id)
+        report.topics = view_topics(settings.app_id, await admin.list_topics())
+        await delete_topics(admin, report.topics)
+    finally:
+        await admin.close()
     for path in table_dirs(settings):
         shutil.rmtree(path)
         report.table_dirs.append(path)

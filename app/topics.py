@@ -227,7 +227,12 @@ async def archive_topic(settings: Settings, topic: str, path: Path, schema: Even
                              f"first {count}; the topic was NOT deleted (stop its producers and run again)")
     finally:
         await consumer.stop()
-    await delete_topic(settings, topic)
+    admin = make_admin(settings)
+    await admin.start()
+    try:
+        await delete_topics(admin, [topic])
+    finally:
+        await admin.close()
     return Archived(topic, path, count, True)
 
 
@@ -260,16 +265,13 @@ def _count_records(path: Path) -> int:
         return sum(1 for _ in fastavro.reader(f))
 
 
-async def delete_topic(settings: Settings, topic: str) -> None:
-    """Delete `topic`; TopicError with the broker's error when it refuses."""
+async def delete_topics(admin: AIOKafkaAdminClient, topics: list[str]) -> None:
+    """Delete `topics` with a started admin client; TopicError naming the first the broker refused."""
     from aiokafka.errors import for_code
 
-    admin = make_admin(settings)
-    await admin.start()
-    try:
-        response = await admin.delete_topics([topic])
-    finally:
-        await admin.close()
+    if not topics:
+        return
+    response = await admin.delete_topics(topics)
     for name, code, *_ in response.topic_error_codes:
         if code:
             raise TopicError(f"the broker did not delete topic {name}: {for_code(code).__name__}")
