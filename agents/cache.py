@@ -2,14 +2,15 @@
 
 Creates and updates write the event's state, deletes write a tombstone, each only if its
 sequence is newer than what Redis holds (`CacheRepository.apply`), so duplicates, replays
-and reordering across batches are harmless. A batch is acked only once Redis took all of
-it; while Redis is down the agent retries, and readers fall back to the database.
+and reordering across batches are harmless. A batch is one script call per few hundred
+distinct keys, the highest sequence per key (`CacheRepository.apply_many`). It is acked only
+once Redis took all of it; while Redis is down the agent retries (recorded in `app.retries`,
+so a stage stuck on it shows on `/health/ready`), and readers fall back to the database.
 Undecodable messages are never cached; on a topic without a down-converter (which
 dead-letters them itself) they go to `<topic>.dlq`.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from app.cache import CacheRepository, connect_redis
 from app.deadletter import dead_letter, incoming, produce_all
 from app.events import decode
 from app.orm import Database, EventedBase
+from app.retries import Retries, retries_of
 from app.schemas import EventSchema, load
 from app.settings import Settings
 from app.views import plain_state
@@ -85,18 +87,14 @@ class CacheResource:
             self._repo = None
 
 
-async def apply_all(repo: CacheRepository, batch: list[Refresh]) -> None:
-    """Apply a batch, retrying with backoff until Redis took every update."""
-    backoff = 0.05
-    while True:
-        try:
-            # Order does not matter: each write is conditional on its sequence.
-            await asyncio.gather(*(repo.apply(r.entity, r.key, r.sequence, r.state) for r in batch))
-            return
-        except Exception as exc:
-            log.warning("cache refresh failed (%s); retrying in %.2f s", exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+async def apply_all(repo: CacheRepository, batch: list[Refresh], *, stage: str = "cache",
+                    retries: Retries | None = None) -> None:
+    """Apply a batch in one script call per chunk, retrying with backoff until Redis took it all."""
+    # Order does not matter: each write is conditional on its sequence, and per key only the
+    # highest sequence of the batch is sent. One call, not one per event: a batch of 500
+    # concurrent calls overran redis-py 8's connection cap and was retried forever.
+    updates = [(r.entity, r.key, r.sequence, r.state) for r in batch]
+    await (retries or Retries()).until_done(stage, lambda: repo.apply_many(updates))
 
 
 def install(app: faust.App, settings: Settings) -> CacheResource:
@@ -114,14 +112,16 @@ def install(app: faust.App, settings: Settings) -> CacheResource:
 
 def _declare(app: faust.App, resource: CacheResource, schema: EventSchema, *, dead_letters: bool) -> None:
     topic = app.topic(schema.topic, key_serializer="raw", value_serializer="raw")
+    name = f"refresh_cache_{schema.entity}"
+    retries = retries_of(app)
 
     async def refresh_cache(stream: faust.StreamT[Any]) -> None:
         async for events in stream.take_events(500, within=0.005):
             batch, poison = refreshes(schema, [e.message.value for e in events])
             if poison and dead_letters:
                 await produce_all(app, [dead_letter(schema.topic, incoming(events[i].message), exc)
-                                        for i, exc in poison])
+                                        for i, exc in poison], stage=name)
             if batch:
-                await apply_all(resource.repo, batch)
+                await apply_all(resource.repo, batch, stage=name, retries=retries)
 
-    app.agent(topic, name=f"refresh_cache_{schema.entity}")(refresh_cache)
+    app.agent(topic, name=name)(refresh_cache)

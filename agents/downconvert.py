@@ -68,7 +68,7 @@ def _declare(app: faust.App, source: EventSchema, targets: list[int], counted: C
         async for events in stream.take_events(1000, within=0.005):
             batch = [incoming(e.message) for e in events]
             out = convert_batch(source, targets, batch)
-            await produce_all(app, out)
+            await produce_all(app, out, stage=f"downconvert_{source.entity}")
             if counted is not None:
                 # Counted once produced: the numbers never run ahead of what reached Kafka.
                 dead = sum(1 for m in out if m.topic == dlq)

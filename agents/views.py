@@ -134,7 +134,7 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
                 key, update = parse_update(msg.key, msg.value, kind, status_symbols)
             except BadUpdate as exc:
                 log.warning("views: dead-lettering %s/%s/%s: %s", msg.topic, msg.partition, msg.offset, exc)
-                await produce_all(app, [dead_letter(msg.topic, incoming(msg), exc)])
+                await produce_all(app, [dead_letter(msg.topic, incoming(msg), exc)], stage=stream.prefix)
                 continue
             if kind == "minute":
                 # Windows are kept one hour (wall clock); older ones are dropped, not updated.

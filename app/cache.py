@@ -7,8 +7,8 @@ root columns plus extensions nested (an order's `shipping`), no sensitive column
 timestamps as epoch microseconds (ints), like the Avro `timestamp-micros` fields.
 
 Traps:
-- Every write goes through one Lua script that compares sequences inside Redis, so the
-  cache agent (`apply`, one call per event) and readers filling misses may race freely:
+- Every write goes through a Lua script that compares sequences inside Redis, so the
+  cache agent (`apply_many`, one script call per batch) and readers filling misses may race freely:
   the higher sequence always wins, and a tombstone keeps a slow reader from resurrecting
   a deleted entity while it lives.
 - A fill is dropped when its database snapshot is older than half the shortest TTL in use
@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -49,30 +49,56 @@ __all__ = ["CacheRepository", "CacheStats", "connect_redis", "decode_entry", "en
 #: Errors that mean "Redis is unreachable" (as opposed to a bad command).
 _OUTAGE: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 
+#: The one rule of every cache write, as a Lua function: write `value` (TTL in ms, 0 = none)
+#: under `key` unless the stored entry has a higher-or-equal sequence. Returns true when
+#: written, else false and the stored value.
+_LUA_SET_IF_NEWER = """
+local function set_if_newer(key, sequence, value, ttl)
+  local cur = redis.call('GET', key)
+  if cur then
+    -- Our own values start with the sequence: read it without decoding the whole state.
+    local seq = string.match(cur, '^{"sequence":(%d+)')
+    if not seq then
+      local ok, doc = pcall(cjson.decode, cur)
+      if ok and type(doc) == 'table' then seq = doc['sequence'] end
+    end
+    seq = tonumber(seq)
+    if seq and seq >= tonumber(sequence) then
+      return false, cur
+    end
+  end
+  if tonumber(ttl) > 0 then
+    redis.call('SET', key, value, 'PX', ttl)
+  else
+    redis.call('SET', key, value)
+  end
+  return true, nil
+end
+"""
+
 #: KEYS[1] = entity key; ARGV = sequence, JSON value, TTL in ms (0 = none).
 #: Returns 1 when written, else the stored value (which has a higher-or-equal sequence).
-_SET_IF_NEWER = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  -- Our own values start with the sequence: read it without decoding the whole state.
-  local seq = string.match(cur, '^{"sequence":(%d+)')
-  if not seq then
-    local ok, doc = pcall(cjson.decode, cur)
-    if ok and type(doc) == 'table' then seq = doc['sequence'] end
-  end
-  seq = tonumber(seq)
-  if seq and seq >= tonumber(ARGV[1]) then
-    return cur
-  end
-end
-local ttl = tonumber(ARGV[3])
-if ttl > 0 then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
-else
-  redis.call('SET', KEYS[1], ARGV[2])
-end
-return 1
+_SET_IF_NEWER = _LUA_SET_IF_NEWER + """
+local written, cur = set_if_newer(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
+if written then return 1 end
+return cur
 """
+
+#: The same over many keys in one call: KEYS[i] with ARGV[3i-2..3i]. Returns how many were written.
+_SET_MANY_IF_NEWER = _LUA_SET_IF_NEWER + """
+local written = 0
+for i, key in ipairs(KEYS) do
+  local base = 3 * (i - 1)
+  if set_if_newer(key, ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]) then
+    written = written + 1
+  end
+end
+return written
+"""
+
+#: Keys per `_SET_MANY_IF_NEWER` call: a script blocks Redis while it runs, so a huge batch
+#: is split into calls of this size (a few hundred small SETs take well under a millisecond).
+MANY_CHUNK = 500
 
 #: (sequence, state); state None = deleted or never existed.
 Entry = tuple[int, dict[str, Any] | None]
@@ -95,11 +121,21 @@ class CacheStats:
     redis_bypassed: int = 0
 
 
-def connect_redis(url: str, *, timeout: float = 0.25) -> Redis:
-    """A client for the cache: short timeouts and no retries, so an outage never stalls readers."""
+def connect_redis(url: str, *, timeout: float = 0.25, max_connections: int = 64,
+                  pool_timeout: float = 2.0) -> Redis:
+    """A client for the cache: short timeouts and no retries, so an outage never stalls readers.
+
+    The pool is bounded and blocking: a burst of more concurrent commands than
+    `max_connections` waits up to `pool_timeout` for a connection instead of failing.
+    """
     # redis-py's default retries 10 times with backoff: seconds per command while Redis is down.
-    return Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                          retry=Retry(NoBackoff(), 0))
+    # redis-py 8 caps the default asyncio pool at 100 connections and raises "Too many
+    # connections" (a ConnectionError, so it looked like an outage) past it; redis-py 5 had no
+    # cap. A blocking pool of our own size behaves the same on every version.
+    pool = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=pool_timeout,
+                                           socket_timeout=timeout, socket_connect_timeout=timeout,
+                                           retry=Retry(NoBackoff(), 0))
+    return Redis.from_pool(pool)
 
 
 @functools.cache
@@ -156,6 +192,7 @@ class CacheRepository:
         self._after_load = after_load
         # Registering computes the SHA only; EVALSHA loads the script on first use.
         self._set_if_newer = redis.register_script(_SET_IF_NEWER)
+        self._set_many_if_newer = redis.register_script(_SET_MANY_IF_NEWER)
         self._inflight: dict[tuple[str, str], asyncio.Task[dict[str, Entry]]] = {}
         self._redis_down_until = 0.0
 
@@ -204,6 +241,37 @@ class CacheRepository:
             return True
         self.stats.stale_rejections += 1
         return False
+
+    async def apply_many(self, updates: Iterable[tuple[str, Any, int, dict[str, Any] | None]]) -> int:
+        """Store many events' states at once, each unless Redis has a newer one; returns how many were written.
+
+        `updates` are (entity, key, sequence, state) in any order: per Redis key only the
+        highest sequence is sent (the last of equal ones), so a batch costs one script call
+        per `MANY_CHUNK` distinct keys, made one after the other on one connection.
+        """
+        newest: dict[str, tuple[int, dict[str, Any] | None]] = {}
+        for entity, key, sequence, state in updates:
+            rkey = self.key_of(entity, key)
+            held = newest.get(rkey)
+            if held is None or sequence >= held[0]:
+                newest[rkey] = (sequence, state)
+        items = list(newest.items())
+        written = 0
+        for start in range(0, len(items), MANY_CHUNK):
+            chunk = items[start:start + MANY_CHUNK]
+            args: list[str | int] = []
+            for _, (sequence, state) in chunk:
+                args.extend(self._script_args(sequence, state))
+            try:
+                done = int(await self._set_many_if_newer(keys=[k for k, _ in chunk], args=args))
+            except _OUTAGE as exc:
+                # Raised on purpose: the agent must retry the batch, or the cache stays stale.
+                self._redis_failed(exc)
+                raise
+            written += done
+            self.stats.refreshes_applied += done
+            self.stats.stale_rejections += len(chunk) - done
+        return written
 
     def _script_args(self, sequence: int, state: dict[str, Any] | None) -> list[str | int]:
         """ARGV of the script: tombstones always expire, live entries after `state_ttl` if set."""

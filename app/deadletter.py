@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import faust
 
+from app.retries import retries_of
+
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
@@ -61,16 +63,13 @@ def incoming(message: faust.types.Message) -> Incoming:
     return Incoming(message.key, message.value, message.partition, message.offset, list(message.headers or ()))
 
 
-async def produce_all(app: faust.App, messages: list[Outgoing]) -> None:
+async def produce_all(app: faust.App, messages: list[Outgoing], *, stage: str = "produce") -> None:
     """Send `messages` in order and wait for every ack, retrying until the broker takes them."""
-    backoff = 0.1
-    while True:
-        try:
-            futures = [await app.producer.send(m.topic, m.key, m.value, m.partition, None, m.headers)
-                       for m in messages]
-            await asyncio.gather(*futures)
-            return
-        except Exception as exc:  # the input is not acked until this is produced: never lose it
-            log.warning("produce failed (%s); retrying", exc)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+    async def attempt() -> None:
+        # Sent one after the other (each send only queues), then every ack awaited together.
+        futures = [await app.producer.send(m.topic, m.key, m.value, m.partition, None, m.headers)
+                   for m in messages]
+        await asyncio.gather(*futures)
+
+    # The input is not acked until this is produced: never lose it.
+    await retries_of(app).until_done(stage, attempt, first_backoff=0.1, max_backoff=5.0)

@@ -14,6 +14,11 @@ rebalance is under way):
   retry Redis or the broker with a fresh sleep each round and are left alone. A stalled
   actor's task is cancelled: Faust takes that for a crash and its supervisor starts a new
   actor on the same stream, so events already buffered for the agent are kept.
+- Stuck (reported, never restarted): for `stuck_after` seconds (default 30) the agent has
+  retried the same batch (`app.retries`: Redis or the broker refusing it), or finished no
+  event while its input partitions held messages for it. `/health/ready` names the agent and
+  the error, `/status` shows it red, `mse_agent_stuck` is 1, and the log says it once per
+  `stuck_after` instead of at every retry.
 - Each watchdog restart is an attempt; an event taken in after the last restart and finished
   resets the count. After `max_attempts` restarts without progress the agent is failing
   (readiness 503, `mse_agent_failing`); the watchdog keeps trying with exponential backoff
@@ -37,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 import faust
 from mode import Service
 
-from app.metrics import ProgressSensor, agent_lag, agent_topics, partition_offsets
+from app.metrics import AgentProgress, ProgressSensor, agent_lag, agent_topics, partition_offsets
+from app.retries import retries_of
 
 if TYPE_CHECKING:
     from faust.types import AgentT
@@ -69,6 +75,8 @@ class WatchdogPolicy:
     max_attempts: int = 3
     #: Upper bound of the backoff between restarts of a failing agent.
     max_backoff: float = 600.0
+    #: Seconds of retrying one batch, or of no progress with lag, before an agent counts as stuck.
+    stuck_after: float = 30.0
 
     def stall_seconds(self, app: faust.App) -> float:
         """`stall_after`, or its default for `app`."""
@@ -89,6 +97,11 @@ class AgentWatch:
     #: actor -> (the awaitable it is parked on, since when).
     parked: dict[Any, tuple[Any, float]] = field(default_factory=dict)
     state: str = "running"
+    #: time.monotonic() since when the agent has had lag (None: none at the last check).
+    lag_since: float | None = None
+    #: Why the agent is stuck ("" while it is not), and when that was last logged.
+    stuck: str = ""
+    stuck_logged: float = 0.0
 
 
 def actors_of(agent: AgentT) -> list[ActorRefT]:
@@ -127,6 +140,7 @@ class Watchdog(Service):
         self.app = app
         self.progress = progress
         self.policy = policy or WatchdogPolicy()
+        self.retries = retries_of(app)
         self.watches: dict[str, AgentWatch] = {}
         #: How late the last check woke up: the event loop's responsiveness.
         self.loop_lag = 0.0
@@ -221,11 +235,44 @@ class Watchdog(Service):
                         task.cancel()
                     watch.parked.pop(actor, None)
                 self._restarted(name, watch, "stalled", lag, now)
+        self._check_stuck(name, watch, progress, lag, now)
         if watch.attempts >= policy.max_attempts:
             progress.failing = (f"{watch.state} after {watch.attempts} restart(s) without progress"
                                 if watch.state != "running" else
                                 f"no progress after {watch.attempts} restart(s)")
             watch.state = "failing"
+
+    def _check_stuck(self, name: str, watch: AgentWatch, progress: AgentProgress, lag: int, now: float) -> None:
+        """Note (and log once per `stuck_after`) an agent retrying one batch or idle with lag."""
+        after = self.policy.stuck_after
+        if lag <= 0:
+            watch.lag_since = None
+        elif watch.lag_since is None:
+            watch.lag_since = now
+        retrying = self.retries.current.get(name)
+        stuck_for = now - retrying.since if retrying is not None else 0.0
+        if watch.lag_since is not None:
+            # Progress counts from when lag appeared: an agent idle for an hour is not stuck
+            # the moment a rebalance hands it a partition with messages.
+            stuck_for = max(stuck_for, now - max(progress.last_processed, watch.lag_since, watch.since))
+        why = ""
+        if stuck_for >= after:
+            # The error it retries on says more than "no progress": name it when there is one.
+            why = (f"retrying the same batch for {now - retrying.since:.0f} s ({retrying.attempts} attempts): "
+                   f"{retrying.error}" if retrying is not None else
+                   f"no event finished for {stuck_for:.0f} s while {lag} message(s) wait")
+        if why and (not watch.stuck or now - watch.stuck_logged >= after):
+            log.warning("watchdog: agent %s is stuck: %s", name, why)
+            watch.stuck_logged = now
+        elif watch.stuck and not why:
+            log.info("watchdog: agent %s is no longer stuck", name)
+        watch.stuck = why
+        if why and watch.state == "running":
+            watch.state = "stuck"
+
+    def stuck(self) -> dict[str, str]:
+        """agent -> why it is stuck (as of the last check)."""
+        return {name: watch.stuck for name, watch in self.watches.items() if watch.stuck}
 
     def _may_restart(self, watch: AgentWatch, base: float, now: float) -> bool:
         """Whether enough time passed since the last restart (backing off once failing)."""
@@ -270,7 +317,7 @@ class Watchdog(Service):
         return {name for name, agent in self.app.agents.items() if any(is_running(a) for a in actors_of(agent))}
 
     def states(self) -> dict[str, str]:
-        """agent -> running | stalled | dead | failing (as of the last check)."""
+        """agent -> running | stuck | stalled | dead | failing (as of the last check)."""
         return {name: watch.state for name, watch in self.watches.items()}
 
 
@@ -289,4 +336,8 @@ def not_ready(app: faust.App, relay: Relay | None, watchdog: Watchdog | None) ->
     if watchdog is not None:
         for name, why in sorted(watchdog.failing().items()):
             reasons.append(f"agent {name}: {why}")
+        failing = watchdog.failing()
+        for name, why in sorted(watchdog.stuck().items()):
+            if name not in failing:
+                reasons.append(f"agent {name}: stuck: {why}")
     return reasons

@@ -19,7 +19,7 @@ Families (all `mse_`): relay `relay_published_total`, `relay_batches_total`,
 `relay_errors_total`, `relay_active`, `relay_connected`, `outbox_lag_rows`,
 `outbox_lag_seconds`; agents {agent} `agent_events_total`, `agent_events_received_total`,
 `agent_errors_total`, `agent_restarts_total{agent,reason}`, `agent_in_flight`,
-`agent_lag_messages`, `agent_idle_seconds`, `agent_up`, `agent_failing`; dead letters
+`agent_lag_messages`, `agent_idle_seconds`, `agent_up`, `agent_failing`, `agent_stuck`; dead letters
 `dead_letters_total{stage,topic}`, `downconverted_total{topic}`; cache {repository}
 `cache_{hits,misses,fills,refreshes,stale_rejections,redis_errors,db_loads,redis_bypassed}_total`;
 `table_keys{table}`; consumer {topic,partition} `consumer_highwater`,
@@ -255,6 +255,8 @@ class Sources:
     not_ready: Callable[[], list[str]]
     #: Agents that currently have a running actor.
     running: Callable[[], set[str]]
+    #: agent -> why it is stuck (retrying one batch, or no progress with lag; app.health).
+    stuck: Callable[[], dict[str, str]] = dict
 
     def stage_totals(self) -> dict[str, int]:
         """Events each stage has handled so far (relay: published; agents: finished)."""
@@ -355,6 +357,9 @@ class OpsCollector(Collector):
         up = GaugeMetricFamily("mse_agent_up", "1 while the agent has a running actor.", labels=["agent"])
         failing = GaugeMetricFamily("mse_agent_failing", "1 when the watchdog gave up restarting the agent.",
                                     labels=["agent"])
+        stuck = GaugeMetricFamily("mse_agent_stuck", "1 while the agent has retried one batch, or finished "
+                                  "nothing with lag, for longer than STUCK_AFTER_S.", labels=["agent"])
+        stuck_now = s.stuck()
         for name in sorted(s.app.agents):
             p = s.progress.progress(name)
             processed.add_metric([name], p.processed)
@@ -367,7 +372,8 @@ class OpsCollector(Collector):
             idle.add_metric([name], now - (p.last_processed or s.progress.installed_at))
             up.add_metric([name], 1 if name in running else 0)
             failing.add_metric([name], 1 if p.failing else 0)
-        yield from (processed, received, errors, restarts, in_flight, lag, idle, up, failing)
+            stuck.add_metric([name], 1 if name in stuck_now else 0)
+        yield from (processed, received, errors, restarts, in_flight, lag, idle, up, failing, stuck)
 
     def _dead_letters(self) -> Iterator[Metric]:
         s = self.sources

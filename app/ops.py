@@ -3,9 +3,11 @@
 - `GET /metrics`: Prometheus text format from the app's own registry (`app.metrics`).
 - `GET /health/live`: 200 `{"status": "live", ...}` whenever the event loop answers.
 - `GET /health/ready`: 200 `{"status": "ready"}` once tables are recovered, no rebalance is
-  under way and the relay holds a PostgreSQL connection, and no agent is failing (see
-  `app.health`); else 503 `{"error": "not ready", "reasons": [...]}`.
+  under way and the relay holds a PostgreSQL connection, and no agent is failing or stuck
+  (see `app.health`); else 503 `{"error": "not ready", "reasons": [...]}`, each reason naming
+  the part and the error (`agent refresh_cache_orders: stuck: retrying the same batch ...`).
 - `GET /status`: HTML page with a live chart; `GET /status.json`: its data.
+- `GET /asyncapi.json`: the AsyncAPI document of the topics (what `python -m app asyncapi` prints).
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def install(app: faust.App, settings: Settings, *, relay: Relay | None = None,
     """Add the progress sensor, the watchdog and the ops endpoints to `app`; returns them."""
     progress = ProgressSensor(app)
     app.sensors.add(progress)
-    watchdog = Watchdog(app, progress, policy)
+    watchdog = Watchdog(app, progress, policy or WatchdogPolicy(stuck_after=settings.stuck_after))
     resource = getattr(app, "entity_cache", None)
 
     def caches() -> dict[str, CacheStats]:
@@ -75,17 +77,18 @@ def install(app: faust.App, settings: Settings, *, relay: Relay | None = None,
 
     sources = Sources(app=app, progress=progress, relay=relay, downconverted=downconverted or DownconvertCounts(),
                       views=getattr(app, "views", {}), caches=caches,
-                      not_ready=lambda: not_ready(app, relay, watchdog), running=watchdog.running)
+                      not_ready=lambda: not_ready(app, relay, watchdog), running=watchdog.running,
+                      stuck=watchdog.stuck)
     history = StatusHistory(sources)
     ops = Ops(sources, progress, watchdog, history, new_registry(sources))
     # Both start after table recovery, with the app's other services (Faust starts instances as given).
     app.service(watchdog)  # type: ignore[arg-type]
     app.service(history)  # type: ignore[arg-type]
-    _pages(app, ops)
+    _pages(app, ops, settings)
     return ops
 
 
-def _pages(app: faust.App, ops: Ops) -> None:
+def _pages(app: faust.App, ops: Ops, settings: Settings) -> None:
     async def guarded(view: FaustView, request: Request, answer: Callable[[], Awaitable[Response]]) -> Response:
         try:
             return await answer()
@@ -140,4 +143,15 @@ def _pages(app: faust.App, ops: Ops) -> None:
             async def answer() -> Response:
                 body = status_body(ops.sources, ops.history, ops.watchdog.states)
                 return self.json(body, headers={"Cache-Control": "no-store"})
+            return await guarded(self, request, answer)
+
+    @app.page("/asyncapi.json", name="mse-asyncapi")
+    class AsyncApi(FaustView):
+        """The AsyncAPI 3 document of every topic, built from the models and schemas."""
+
+        async def get(self, request: Request, **_: Any) -> Response:
+            async def answer() -> Response:
+                from app.asyncapi import build_document  # the document is built only when asked for
+
+                return self.json(build_document(settings), headers={"Cache-Control": "no-cache"})
             return await guarded(self, request, answer)

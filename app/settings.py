@@ -55,6 +55,9 @@ class Settings:
     # ORM reads are buffered and written as one access event per entity per flush.
     access_flush_interval: float = 0.25
     access_max_keys: int = 5000
+    # Seconds an agent may retry one batch, or finish nothing while its input has lag, before
+    # `/health/ready` reports it stuck (it is not restarted for that: see app/health.py).
+    stuck_after: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -77,6 +80,7 @@ class Settings:
             consumer_fetch_max_wait_ms=int(env.get("CONSUMER_FETCH_MAX_WAIT_MS", "10")),
             consumer_auto_offset_reset=env.get("CONSUMER_AUTO_OFFSET_RESET", "earliest"),
             producer_linger_ms=float(env.get("PRODUCER_LINGER_MS", "2")),
+            stuck_after=float(env.get("STUCK_AFTER_S", "30")),
         )
 
     def service_token_map(self) -> dict[str, str]:

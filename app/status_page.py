@@ -56,6 +56,7 @@ def status_body(sources: Sources, history: StatusHistory, states: Callable[[], d
     relay = sources.relay
     reasons = sources.not_ready()
     agent_states = states()
+    stuck = sources.stuck()
     running = sources.running()
     topics = agent_topics(sources.app)
     offsets = partition_offsets(sources.app, set().union(*topics.values()) if topics else ())
@@ -65,7 +66,8 @@ def status_body(sources: Sources, history: StatusHistory, states: Callable[[], d
         state = agent_states.get(name) or ("running" if name in running else "dead")
         agents[name] = {"state": "failing" if p.failing else state, "processed": p.processed,
                         "in_flight": p.in_flight, "lag": agent_lag(p, topics.get(name, set()), offsets),
-                        "errors": p.errors, "restarts": sum(p.restarts.values())}
+                        "errors": p.errors, "restarts": sum(p.restarts.values()),
+                        "stuck": stuck.get(name, "")}
     return {
         "time": time.time(),
         "ready": not reasons,
@@ -112,7 +114,7 @@ svg text { font: 11px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; 
 table { border-collapse: collapse; width: 100%; }
 th, td { text-align: left; padding: 5px 10px; border-bottom: 1px solid #eaeef2; }
 td.num, th.num { text-align: right; font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
-.st-running { color: #1a7f37; } .st-stalled, .st-dead, .st-failing { color: #cf222e; font-weight: 600; }
+.st-running { color: #1a7f37; } .st-stalled, .st-dead, .st-failing, .st-stuck { color: #cf222e; font-weight: 600; }
 </style></head><body>
 <header><h1>worker status</h1><span id="badge">…</span>
 <a href="/metrics">metrics</a><a href="/tables/">tables</a><span id="updated">waiting for data</span></header>
@@ -222,6 +224,7 @@ function render(s) {
                             [a.lag, "num"], [a.errors, "num"], [a.restarts, "num"]]) {
       const td = document.createElement("td"); td.textContent = v; if (cls) td.className = cls; tr.appendChild(td);
     }
+    if (a.stuck) tr.children[1].title = a.stuck;
     return tr;
   }));
   draw(s.history, s.time);

@@ -19,6 +19,7 @@ from faust.transport.drivers import aiokafka as driver
 from faust.types import TP, Message
 from faust.types.tuples import ack_lock
 
+from app.retries import Retries
 from app.settings import Settings
 from app.topics import fetched_end_offsets
 
@@ -85,6 +86,8 @@ class App(faust.App):
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         super().__init__(settings.app_id, **kwargs)
         self.settings = settings
+        #: Which agents are retrying a batch, since when (read by the watchdog).
+        self.retries = Retries(log_interval=settings.stuck_after)
 
     def _new_transport(self) -> Any:
         return FetchWaitTransport(self.conf.broker_consumer, self)

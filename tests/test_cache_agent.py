@@ -1,18 +1,22 @@
-"""The worker's cache agent keeps Redis equal to the database, through restarts of Redis."""
+"""The worker's cache agent keeps Redis equal to the database, through restarts of Redis and of itself."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import signal
 import subprocess
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy import select, update
 
-from agents.cache import refreshes
+from agents.cache import Refresh, apply_all, refreshes
 from app.cache import CacheRepository, connect_redis, decode_entry
 from app.embedded import EmbeddedRedis, free_port
 from app.events import encode_message
@@ -22,6 +26,7 @@ from app.settings import Settings
 from models import Order, OrderShipping
 from tests.processes import start_worker, stop
 from tests.waiting import until
+from tests.http import get_json, get_text
 
 
 #: Documented staleness bound of cached reads: the cache agent's lag behind the topic. The
@@ -37,14 +42,43 @@ def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedi
     server.stop()
 
 
+#: How long the worker's agents may retry one batch before the worker reports them stuck.
+STUCK_AFTER = 2.0
+
+
+@dataclass
+class CacheWorker:
+    """The module's worker process, which a test may kill and start again."""
+
+    settings: Settings
+    log: Path
+    env: dict[str, str]
+    url: str
+    child: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        self.child = await start_worker(self.settings, self.log, **self.env)
+
+    def kill(self) -> None:
+        assert self.child is not None
+        stop(self.child, signal.SIGKILL)
+
+    def poll(self) -> int | None:
+        return None if self.child is None else self.child.poll()
+
+
 @pytest.fixture(scope="module")
 async def cache_worker(settings: Settings, schema: None, own_redis: EmbeddedRedis,
-                       tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[subprocess.Popen[bytes]]:
+                       tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[CacheWorker]:
     log = tmp_path_factory.mktemp("cache-worker") / "worker.log"
-    child = await start_worker(settings, log, APP_ID=f"mse-cache-{uuid.uuid4().hex[:8]}",
-                               WEB_PORT=str(free_port()), REDIS_URL=own_redis.url)
-    yield child
-    stop(child)
+    port = free_port()
+    worker = CacheWorker(settings, log, dict(APP_ID=f"mse-cache-{uuid.uuid4().hex[:8]}", WEB_PORT=str(port),
+                                             REDIS_URL=own_redis.url, STUCK_AFTER_S=str(STUCK_AFTER)),
+                         f"http://127.0.0.1:{port}")
+    await worker.start()
+    yield worker
+    if worker.child is not None:
+        stop(worker.child)
 
 
 @pytest.fixture
@@ -89,7 +123,7 @@ async def test_events_refresh_and_tombstone_cache_entries(cache_worker: object, 
 
 
 async def test_writers_and_readers_converge_through_a_redis_restart(
-        cache_worker: subprocess.Popen[bytes], db: Database, own_redis: EmbeddedRedis,
+        cache_worker: CacheWorker, db: Database, own_redis: EmbeddedRedis,
         settings: Settings) -> None:
     async with db.session() as s:
         orders = [Order(customer_id=32, amount_cents=i, currency="EUR") for i in range(100)]
@@ -158,3 +192,134 @@ async def test_writers_and_readers_converge_through_a_redis_restart(
     await repo.db.close()
     await redis.aclose()
 
+
+
+async def load_from_database(db: Database, ids: list[int]) -> dict[str, tuple[int, dict | None]]:  # type: ignore[type-arg]
+    """key -> (sequence, state) as the database holds it (the query cache readers fill from)."""
+    repo = CacheRepository(Redis.from_url("redis://unused"), db)
+    try:
+        return await repo._load(Order, [str(i) for i in ids])
+    finally:
+        await repo.redis.aclose()
+
+
+async def cached(redis: Redis, ids: list[int]) -> dict[str, tuple[int, dict | None] | None]:  # type: ignore[type-arg]
+    """key -> the cached (sequence, state), None where Redis has no entry."""
+    raw = await redis.mget([f"entity:orders:{i}" for i in ids])
+    return {str(i): None if r is None else decode_entry(r) for i, r in zip(ids, raw, strict=True)}
+
+
+async def random_history(db: Database, rng: random.Random, orders: int, writes: int,
+                         per_transaction: int = 10) -> tuple[list[int], list[Refresh]]:
+    """Create `orders`, then `writes` random updates, deletes and re-creates; returns the ids and
+    the refresh every committed change asks of the cache (its state as of the commit)."""
+    async with db.session() as s:
+        created = [Order(customer_id=40, amount_cents=i, currency="EUR") for i in range(orders)]
+        s.add_all(created)
+    ids = [o.id for o in created]
+    alive = set(ids)
+    history = [Refresh("orders", str(k), seq, state) for k, (seq, state) in (await load_from_database(db, ids)).items()]
+    done = 0
+    while done < writes:
+        touched = rng.sample(ids, per_transaction)
+        async with db.session() as s:
+            for oid in touched:
+                if oid in alive and rng.random() < 0.15:
+                    await s.delete(await s.get_one(Order, oid))
+                    alive.discard(oid)
+                elif oid in alive:
+                    (await s.get_one(Order, oid)).amount_cents = rng.randrange(10**6)
+                else:  # re-created under the same key: its sequence keeps counting up
+                    s.add(Order(id=oid, customer_id=40, amount_cents=rng.randrange(10**6), currency="EUR"))
+                    alive.add(oid)
+        history += [Refresh("orders", k, seq, state)
+                    for k, (seq, state) in (await load_from_database(db, touched)).items()]
+        done += per_transaction
+    return ids, history
+
+
+async def test_a_batch_of_1000_refreshes_in_one_call_leaves_redis_equal_to_the_database(
+        db: Database, settings: Settings, tmp_path: Path) -> None:
+    ids, history = await random_history(db, random.Random(12), orders=150, writes=850)
+    batch = history[:]
+    random.Random(13).shuffle(batch)  # order within a batch must not matter
+    assert len(batch) >= 1000 and len({r.key for r in batch}) < len(batch)
+    assert any(r.state is None for r in batch)  # tombstones among them
+    # A Redis of its own: nothing else writes to it or calls scripts on it.
+    server = EmbeddedRedis.start(tmp_path / "redis")
+    # A client with redis-py's default pool (capped at 100 connections since redis-py 8): one
+    # write per event, all at once, fails on it with "Too many connections".
+    client = Redis.from_url(server.url)
+    repo = CacheRepository(client, Database(settings.database_url, record_reads=False))
+    try:
+        calls = (await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+        await apply_all(repo, batch)
+        after = (await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
+        # One script call for the batch (a second one if Redis had to load the script first).
+        assert after - calls <= 2, f"{after - calls} script calls for one batch"
+        truth = await load_from_database(db, ids)
+        assert await cached(client, ids) == truth
+        assert repo.stats.refreshes_applied == len(ids)  # one write per key: its newest state
+    finally:
+        await client.aclose()
+        await repo.db.close()
+        server.stop()
+
+
+async def ready(worker: CacheWorker) -> tuple[int, dict]:  # type: ignore[type-arg]
+    return await get_json(worker.url + "/health/ready")
+
+
+async def test_a_stage_retrying_one_batch_is_reported_stuck_and_recovers(
+        cache_worker: CacheWorker, db: Database, own_redis: EmbeddedRedis) -> None:
+    async with db.session() as s:
+        orders = [Order(customer_id=41, amount_cents=i, currency="EUR") for i in range(20)]
+        s.add_all(orders)
+    ids = [o.id for o in orders]
+    redis = Redis.from_url(own_redis.url)
+    try:
+        await until(lambda: cached(redis, ids), lambda c: all(e is not None for e in c.values()),
+                    what="orders cached")
+        await until(lambda: ready(cache_worker), lambda r: r[0] == 200, what="ready before the outage")
+        start = cache_worker.log.stat().st_size
+        own_redis.pause()  # SIGSTOP: every command times out
+        try:
+            async with db.session() as s:
+                for o in await s.scalars(select(Order).where(Order.id.in_(ids))):
+                    o.status = "paid"
+            status, body = await until(lambda: ready(cache_worker), lambda r: r[0] == 503, timeout=30,
+                                       what="not ready while the cache agent retries")
+            [reason] = [r for r in body["reasons"] if "refresh_cache_orders" in r]
+            assert "stuck" in reason and "retrying the same batch" in reason and "Timeout" in reason, reason
+            _, status_doc = await get_json(cache_worker.url + "/status.json")
+            assert status_doc["agents"]["refresh_cache_orders"]["state"] == "stuck"
+            _, metrics = await get_text(cache_worker.url + "/metrics")
+            assert 'mse_agent_stuck{agent="refresh_cache_orders"} 1.0' in metrics
+            # Reported once per STUCK_AFTER, not at every retry.
+            await until(lambda: cache_worker.log.read_text()[start:].count("retrying the same batch") >= 2,
+                        timeout=STUCK_AFTER * 3, what="a second report")
+        finally:
+            own_redis.resume()
+        await until(lambda: ready(cache_worker), lambda r: r[0] == 200, timeout=30, what="ready again")
+        truth = await load_from_database(db, ids)
+        await until(lambda: cached(redis, ids), lambda c: c == truth, what="cache equal to the database")
+        log = cache_worker.log.read_text()[start:]
+        assert log.count("retrying the same batch") <= log.count("is stuck") + 3, log[-3000:]
+    finally:
+        await redis.aclose()
+
+
+async def test_a_worker_restarted_onto_a_backlog_converges_the_cache(
+        cache_worker: CacheWorker, db: Database, own_redis: EmbeddedRedis) -> None:
+    cache_worker.kill()  # SIGKILL: no goodbye to the group, nothing flushed
+    ids, _ = await random_history(db, random.Random(14), orders=300, writes=3000, per_transaction=30)
+    await cache_worker.start()
+    redis = Redis.from_url(own_redis.url)
+    try:
+        truth = await load_from_database(db, ids)
+        assert sum(seq for seq, _ in truth.values()) >= 3000  # the backlog: thousands of events
+        await until(lambda: cached(redis, ids), lambda c: c == truth, timeout=60,
+                    what="cache equal to the database after the backlog")
+        assert "Too many connections" not in cache_worker.log.read_text()
+    finally:
+        await redis.aclose()

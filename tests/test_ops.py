@@ -44,6 +44,7 @@ FAMILIES = {
     "mse_outbox_lag_rows", "mse_outbox_lag_seconds",
     "mse_agent_events", "mse_agent_events_received", "mse_agent_errors", "mse_agent_restarts",
     "mse_agent_in_flight", "mse_agent_lag_messages", "mse_agent_idle_seconds", "mse_agent_up", "mse_agent_failing",
+    "mse_agent_stuck",
     "mse_dead_letters", "mse_downconverted",
     "mse_cache_hits", "mse_cache_misses", "mse_cache_fills", "mse_cache_refreshes", "mse_cache_stale_rejections",
     "mse_cache_redis_errors", "mse_cache_db_loads", "mse_cache_redis_bypassed",
@@ -61,6 +62,7 @@ class OpsWorker:
     log: Path
     stall_topic: str
     stuck_topic: str
+    app_id: str
     readiness: list[tuple[int, Any]] = field(default_factory=list)
 
 
@@ -86,7 +88,7 @@ async def worker(settings: Settings, schema: None, redis_url: str,
     with open(log, "ab") as out:
         child = subprocess.Popen([sys.executable, "-m", "faust", "-A", "tests.stall_app", "worker", "-l", "info"],
                                  cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    w = OpsWorker(child, f"http://127.0.0.1:{port}", log, stall_topic, stuck_topic)
+    w = OpsWorker(child, f"http://127.0.0.1:{port}", log, stall_topic, stuck_topic, f"mse-ops-{run}")
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -203,6 +205,33 @@ def test_restarts_back_off_once_an_agent_is_failing() -> None:
     assert WatchdogPolicy().stall_seconds(dog.app) == dog.app.conf.producer_request_timeout + 60
 
 
+def test_an_agent_idle_with_lag_or_retrying_one_batch_is_stuck_after_the_setting() -> None:
+    app = create_app(Settings(app_id="unit-stuck", stuck_after=30))
+    dog = Watchdog(app, ProgressSensor(app), WatchdogPolicy(stuck_after=30))
+    watch, progress = AgentWatch(since=0.0), AgentProgress(last_processed=5.0)
+    dog.watches["a"] = watch
+    dog._check_stuck("a", watch, progress, lag=0, now=1000.0)  # idle for long, but nothing waits
+    assert watch.stuck == "" and watch.state == "running"
+    dog._check_stuck("a", watch, progress, lag=3, now=1001.0)  # lag appears: the clock starts now
+    dog._check_stuck("a", watch, progress, lag=3, now=1030.0)
+    assert watch.stuck == ""
+    dog._check_stuck("a", watch, progress, lag=3, now=1031.0)
+    assert watch.stuck == "no event finished for 30 s while 3 message(s) wait" and watch.state == "stuck"
+    progress.last_processed = 1031.5  # it moved: no longer stuck
+    dog._check_stuck("a", watch, progress, lag=3, now=1032.0)
+    assert watch.stuck == "" and dog.stuck() == {}
+    # Retrying one batch counts from the first failure, lag or not, and names the error.
+    retrying = dog.retries.failed("a", ConnectionError("Too many connections"))
+    retrying.since = 2000.0
+    dog._check_stuck("a", watch, progress, lag=0, now=2029.0)
+    assert watch.stuck == ""
+    dog._check_stuck("a", watch, progress, lag=0, now=2030.0)
+    assert dog.stuck() == {"a": "retrying the same batch for 30 s (1 attempts): ConnectionError: Too many connections"}
+    dog.retries.succeeded("a")
+    dog._check_stuck("a", watch, progress, lag=0, now=2031.0)
+    assert dog.stuck() == {}
+
+
 async def test_readiness_flips_from_503_to_200_while_the_worker_starts(worker: OpsWorker) -> None:
     statuses = [status for status, _ in worker.readiness]
     assert statuses[-1] == 200
@@ -217,6 +246,17 @@ async def test_readiness_flips_from_503_to_200_while_the_worker_starts(worker: O
 async def test_liveness_answers_while_the_event_loop_runs(worker: OpsWorker) -> None:
     status, body = await get(worker.url + "/health/live")
     assert status == 200 and json.loads(body)["status"] == "live"
+
+
+async def test_the_worker_serves_the_asyncapi_document_the_cli_prints(worker: OpsWorker, settings: Settings,
+                                                                      redis_url: str) -> None:
+    status, body = await get(worker.url + "/asyncapi.json")
+    assert status == 200
+    # The same configuration as the worker's (its group id; with Redis, the cache agent reads).
+    cli = subprocess.run([sys.executable, "-m", "app", "asyncapi"], cwd=ROOT,
+                         env=app_env(settings, REDIS_URL=redis_url, APP_ID=worker.app_id),
+                         capture_output=True, check=True)
+    assert json.loads(body) == json.loads(cli.stdout)
 
 
 async def test_metrics_export_every_stage_and_counters_move_under_load(
