@@ -13,13 +13,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY pyproject.toml ./
+COPY pyproject.toml requirements.lock ./
 # Dependencies first, from pyproject.toml alone, so a code change does not reinstall them.
 # Runtime dependencies only: the `embedded` (servers from pip) and `test` extras stay out.
+# Their versions are the lock's: the ones the test suite passed with.
 RUN python -c "import tomllib; \
         deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
         print(*deps, sep=chr(10))" > requirements.txt \
- && /opt/venv/bin/pip install -r requirements.txt
+ && /opt/venv/bin/pip install -c requirements.lock -r requirements.txt
 COPY app/ app/
 COPY agents/ agents/
 COPY models/ models/

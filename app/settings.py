@@ -55,6 +55,11 @@ class Settings:
     # ORM reads are buffered and written as one access event per entity per flush.
     access_flush_interval: float = 0.25
     access_max_keys: int = 5000
+    # Static group membership (Kafka's `group.instance.id`, KIP-345): a stable id per worker
+    # process, unique in the group (e.g. the pod name of a StatefulSet). A worker restarted with
+    # the same id takes its partitions back without waiting for its dead self's session to time
+    # out. "" = dynamic membership. See the README (Restart) for what Tansu does with it.
+    group_instance_id: str = ""
     # Seconds an agent may retry one batch, or finish nothing while its input has lag, before
     # `/health/ready` reports it stuck (it is not restarted for that: see app/health.py).
     stuck_after: float = 30.0
@@ -81,6 +86,7 @@ class Settings:
             consumer_auto_offset_reset=env.get("CONSUMER_AUTO_OFFSET_RESET", "earliest"),
             producer_linger_ms=float(env.get("PRODUCER_LINGER_MS", "2")),
             stuck_after=float(env.get("STUCK_AFTER_S", "30")),
+            group_instance_id=env.get("GROUP_INSTANCE_ID", ""),
         )
 
     def service_token_map(self) -> dict[str, str]:
