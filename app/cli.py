@@ -151,12 +151,18 @@ async def check_broker(settings: Settings) -> None:
     from aiokafka.errors import KafkaError
 
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=5000)
+    # aiokafka logs its own ERROR for each failed connection attempt; the StartupError below
+    # says the same in one line, so its logger is quiet for the check.
+    quiet = logging.getLogger("aiokafka")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         await producer.start()
     except KafkaError as exc:
         raise StartupError(f"cannot reach the Kafka broker at {settings.kafka_broker}: {exc}") from None
     finally:
         await producer.stop()
+        quiet.setLevel(level)
 
 
 async def create_topics(settings: Settings) -> None:

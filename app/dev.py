@@ -52,8 +52,19 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
         if demo:
             spawn("demo", "-m", "app", "demo", "--rate", str(rate))
         print(banner(full, run, demo, children), flush=True)
-        asyncio.run(watch(full, children, for_seconds))
-        return 0
+        names = ["worker", "demo"][:len(children)]
+        ended = asyncio.run(watch(full, children, for_seconds))
+        if ended is None:
+            return 0
+        index, code = ended
+        name, log = names[index], run / f"{names[index]}.log"
+        if code == 0 or code < 0:
+            # Stopped, not crashed: e.g. a signal to the process group, or `kill <pid>`.
+            how = "exited with 0" if code == 0 else f"was stopped by signal {-code}"
+            print(f"\nthe {name} (pid {children[index].pid}) {how}; stopping the dev stack", flush=True)
+            return 0
+        print(f"\nthe {name} (pid {children[index].pid}) exited with {code}; see {log}", file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         return 0
     finally:
@@ -81,8 +92,10 @@ def banner(settings: Settings, run: Path, demo: bool, children: list[subprocess.
     return "\n".join(lines)
 
 
-async def watch(settings: Settings, children: list[subprocess.Popen[bytes]], for_seconds: float) -> None:
-    """Print events written / published / outbox lag once a second; stop if a child dies."""
+async def watch(settings: Settings, children: list[subprocess.Popen[bytes]],
+                for_seconds: float) -> tuple[int, int] | None:
+    """Print events written / published / outbox lag once a second until `for_seconds` pass
+    (None) or a child exits: then (its index, its return code)."""
     import asyncpg
 
     conn = await asyncpg.connect(settings.asyncpg_dsn)
@@ -97,12 +110,16 @@ async def watch(settings: Settings, children: list[subprocess.Popen[bytes]], for
             line = (f"events written {written:>8}  published {written - pending:>8}  "
                     f"outbox lag {pending:>6} rows / {float(oldest or 0):6.2f} s")
             print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
-            for child in children:
-                if child.poll() is not None:
-                    raise RuntimeError(f"{child.args!r} exited with {child.returncode}; see its log")
-            await asyncio.sleep(1.0 if tty else 5.0)
+            # Children are looked at more often than the line is printed.
+            until = time.monotonic() + (1.0 if tty else 5.0)
+            while time.monotonic() < until:
+                for index, child in enumerate(children):
+                    if child.poll() is not None:
+                        return index, child.returncode
+                await asyncio.sleep(0.25)
     finally:
         await conn.close()
+    return None
 
 
 def stop_process(child: subprocess.Popen[bytes], timeout: float = 15.0) -> None:

@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from app.health import Watchdog, WatchdogPolicy, not_ready
 from app.metrics import DownconvertCounts, ProgressSensor, Sources, new_registry
 from app.settings import Settings
-from app.status_page import PAGE, StatusHistory, status_body
+from app.status_page import StatusHistory, page, status_body
 
 if TYPE_CHECKING:
     from app.cache import CacheStats
@@ -133,7 +133,10 @@ def _pages(app: faust.App, ops: Ops, settings: Settings) -> None:
         """The operator's first look: a live chart of the pipeline."""
 
         async def get(self, request: Request, **_: Any) -> Response:
-            return self.html(PAGE, headers={"Cache-Control": "no-store"})
+            async def answer() -> Response:
+                body = status_body(ops.sources, ops.history, ops.watchdog.states)
+                return self.html(page(body), headers={"Cache-Control": "no-store"})
+            return await guarded(self, request, answer)
 
     @app.page("/status.json", name="mse-status-json")
     class StatusJson(FaustView):

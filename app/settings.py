@@ -60,6 +60,11 @@ class Settings:
     # the same id takes its partitions back without waiting for its dead self's session to time
     # out. "" = dynamic membership. See the README (Restart) for what Tansu does with it.
     group_instance_id: str = ""
+    # The web server: seconds a request may take to send its headers / its body, and the most
+    # connections open at once (app/http_guard.py); past them the client gets 408 / 503.
+    http_header_timeout: float = 5.0
+    http_body_timeout: float = 10.0
+    http_max_connections: int = 256
     # Seconds an agent may retry one batch, or finish nothing while its input has lag, before
     # `/health/ready` reports it stuck (it is not restarted for that: see app/health.py).
     stuck_after: float = 30.0
@@ -87,6 +92,9 @@ class Settings:
             producer_linger_ms=float(env.get("PRODUCER_LINGER_MS", "2")),
             stuck_after=float(env.get("STUCK_AFTER_S", "30")),
             group_instance_id=env.get("GROUP_INSTANCE_ID", ""),
+            http_header_timeout=float(env.get("HTTP_HEADER_TIMEOUT_S", "5")),
+            http_body_timeout=float(env.get("HTTP_BODY_TIMEOUT_S", "10")),
+            http_max_connections=int(env.get("HTTP_MAX_CONNECTIONS", "256")),
         )
 
     def service_token_map(self) -> dict[str, str]:

@@ -1,11 +1,13 @@
 """`/status`: one page with a live chart of events/s per stage and the outbox lag, and its JSON.
 
-The worker samples its counters every second (`StatusHistory`), so the chart is full as soon
-as the page opens; the page then re-reads `/status.json` every second. Everything is inline:
-the page loads nothing but `/status.json`.
+The worker samples its counters every second (`StatusHistory`), and `/status` carries the
+current figures and that history in its first response (`page`: the `/status.json` body inline),
+so the chart is full as soon as the page paints; the page then re-reads `/status.json` every
+second. Everything is inline: the page loads nothing but `/status.json`.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from collections.abc import Callable
@@ -118,6 +120,7 @@ td.num, th.num { text-align: right; font-family: ui-monospace, SFMono-Regular, M
 </style></head><body>
 <header><h1>worker status</h1><span id="badge">…</span>
 <a href="/metrics">metrics</a><a href="/tables/">tables</a><span id="updated">waiting for data</span></header>
+<script id="initial" type="application/json">__INITIAL__</script>
 <main>
 <ul id="reasons"></ul>
 <div class="cards" id="cards"></div>
@@ -240,7 +243,14 @@ async function refresh() {
     document.getElementById("updated").textContent = "worker unreachable";
   }
 }
-refresh();
+// The first response carries the figures: paint them now, then keep them fresh.
+render(JSON.parse(document.getElementById("initial").textContent));
 setInterval(refresh, 1000);
 </script></body></html>
 """
+
+
+def page(body: dict[str, Any]) -> str:
+    """The status page with `body` (what `/status.json` answers now) inline, painted as it loads."""
+    # In a <script> element only "</" (and "<!--") could end it early: no "<" survives as such.
+    return PAGE.replace("__INITIAL__", json.dumps(body, separators=(",", ":")).replace("<", "\\u003c"))

@@ -19,6 +19,7 @@ from faust.transport.drivers import aiokafka as driver
 from faust.types import TP, Message
 from faust.types.tuples import ack_lock
 
+from app.http_guard import Limits, guard
 from app.retries import Retries
 from app.settings import Settings
 from app.topics import fetched_end_offsets
@@ -91,3 +92,11 @@ class App(faust.App):
 
     def _new_transport(self) -> Any:
         return FetchWaitTransport(self.conf.broker_consumer, self)
+
+    def _new_web(self) -> Any:
+        # Faust's aiohttp driver, with one error format and bounded read times and connections.
+        web = super()._new_web()
+        s = self.settings
+        guard(web, Limits(header_timeout=s.http_header_timeout, body_timeout=s.http_body_timeout,
+                          max_connections=s.http_max_connections))
+        return web

@@ -55,6 +55,7 @@ from sqlalchemy.exc import DataError, SQLAlchemyError
 from yarl import URL
 
 from agents.views import View
+from app.http_guard import prefers_html
 from app.settings import Settings
 from app.views import MINUTE
 
@@ -178,44 +179,6 @@ def path_segments(raw_path: str, prefix: str, names: tuple[str, ...]) -> list[st
     if len(parts) > len(names):
         raise HttpError(404, "not found")
     return [decode_component(part, name) for part, name in zip(parts, names[:len(parts)], strict=True)]
-
-
-def prefers_html(accept: str) -> bool:
-    """Whether an `Accept` header ranks text/html above application/json (ties: JSON)."""
-    ranges: list[tuple[str, str, float]] = []
-    for part in accept.split(","):
-        media, *params = part.strip().split(";")
-        if "/" not in media:
-            continue
-        kind, _, sub = media.strip().lower().partition("/")
-        q = 1.0
-        for param in params:
-            name, _, value = param.strip().partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
-        ranges.append((kind, sub, q))
-
-    def quality(kind: str, sub: str) -> float:
-        """The q-value the header gives `kind/sub`."""
-        # The most specific matching range decides (RFC 9110 12.5.1).
-        best, specificity = 0.0, -1
-        for rk, rs, q in ranges:
-            if rk == kind and rs == sub:
-                level = 2
-            elif rk == kind and rs == "*":
-                level = 1
-            elif rk == "*" and rs == "*":
-                level = 0
-            else:
-                continue
-            if level > specificity:
-                best, specificity = q, level
-        return best
-
-    return quality("text", "html") > quality("application", "json")
 
 
 def order_key(key: str) -> tuple[int, int, str]:
