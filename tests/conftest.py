@@ -35,7 +35,7 @@ def pg_server_url(run_dir: Path) -> Iterator[str]:
     try:
         yield server.url
     finally:
-        server.stop()
+        server.remove()  # the cluster too: tests leave nothing behind
 
 
 @pytest.fixture(scope="session")

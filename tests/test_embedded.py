@@ -48,9 +48,12 @@ def asyncpg_dsn(pg: EmbeddedPostgres) -> str:
 
 @pytest.fixture
 def embedded_pg(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
-    """A fresh PostgreSQL cluster, stopped at teardown whatever the test did."""
-    with EmbeddedPostgres.start(tmp_path / "pg") as pg:
+    """A fresh PostgreSQL cluster, stopped and deleted at teardown whatever the test did."""
+    pg = EmbeddedPostgres.start(tmp_path / "pg")
+    try:
         yield pg
+    finally:
+        pg.remove()
 
 
 @pytest.fixture
@@ -229,3 +232,14 @@ async def test_broker_pause_resume(embedded_broker: EmbeddedBroker) -> None:
     embedded_broker.stop()
     assert time.monotonic() - started < 5
     assert pid_gone(pid)
+
+
+async def test_a_removed_cluster_leaves_nothing_behind(tmp_path: Path) -> None:
+    """remove() deletes the cluster wherever it lives (as root: the shared store), not only its link."""
+    pg = EmbeddedPostgres.start(tmp_path / "pg")
+    cluster = pg.pgdata.resolve()
+    assert (cluster / "PG_VERSION").exists()
+    pg.remove()
+    assert not cluster.exists() and not (tmp_path / "pg" / "pgdata").exists()
+    assert not pg.running
+    assert (tmp_path / "pg" / "postgres.log").exists()  # the log is kept for whoever reads it

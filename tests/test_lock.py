@@ -52,6 +52,8 @@ def test_make_and_the_dockerfile_install_with_the_lock() -> None:
     installs = [line for line in makefile.splitlines() if re.search(r"pip install .*-e '", line)
                 and "LOCK_VENV" not in line]
     assert installs and all("-c $(LOCK)" in line for line in installs), installs
+    # A cold install takes minutes: it shows progress instead of nothing (`-q`).
+    assert all(" -q " not in line and "--progress-bar on" in line for line in installs), installs
     assert re.search(r"^\$\(VENV\)/\.installed: .*\$\(LOCK\)", makefile, re.M)  # a new lock reinstalls
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "COPY pyproject.toml requirements.lock" in dockerfile
