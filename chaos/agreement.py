@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import asyncpg
 
-from app.views import present_count, present_customer, present_order
+from app.views import WINDOW_KEEP, micros, minute_of, present_count, present_customer, present_order
 from chaos.topiclog import Seen
 
 STATUSES = ("pending", "paid", "shipped", "cancelled")
@@ -22,6 +24,7 @@ class Snapshot:
     sequences: dict[str, dict[str, int]]  # entity -> key -> committed writes
     orders: dict[str, dict[str, Any]]     # order id -> expected state
     customers: dict[str, str]             # customer id -> name
+    created: dict[str, int] = field(default_factory=dict)  # live order id -> created_at (epoch µs)
 
     @property
     def committed_writes(self) -> int:
@@ -35,18 +38,37 @@ async def snapshot(dsn: str) -> Snapshot:
             sequences: dict[str, dict[str, int]] = defaultdict(dict)
             for row in await conn.fetch("SELECT entity, key, seq FROM event_sequences"):
                 sequences[row["entity"]][row["key"]] = row["seq"]
+            rows = await conn.fetch(
+                "SELECT o.id, o.customer_id, o.amount_cents, o.currency, o.status, s.address, s.carrier, "
+                "s.tracking_number, o.created_at FROM orders o LEFT JOIN order_shipping s ON s.order_id = o.id")
             orders = {str(r["id"]): {
                 "customer_id": r["customer_id"], "amount_cents": r["amount_cents"], "currency": r["currency"],
                 "status": r["status"],
                 "shipping": None if r["address"] is None else {
                     "address": r["address"], "carrier": r["carrier"], "tracking_number": r["tracking_number"]},
-            } for r in await conn.fetch(
-                "SELECT o.id, o.customer_id, o.amount_cents, o.currency, o.status, s.address, s.carrier, "
-                "s.tracking_number FROM orders o LEFT JOIN order_shipping s ON s.order_id = o.id")}
+            } for r in rows}
+            created = {str(r["id"]): micros(r["created_at"]) for r in rows}
             customers = {str(r["id"]): r["name"] for r in await conn.fetch("SELECT id, name FROM customers")}
     finally:
         await conn.close()
-    return Snapshot(dict(sequences), orders, customers)
+    return Snapshot(dict(sequences), orders, customers, created)
+
+
+def orders_per_minute(events: Iterable[Seen], now: float | None = None) -> dict[int, int]:
+    """What `orders_per_minute` must hold, from the `orders-v2` events: each key counted once,
+    in the minute of its first creation (a delete does not undo it, a re-create does not
+    count again); windows older than the view keeps are left out."""
+    first: dict[str, Seen] = {}
+    for seen in events:
+        if seen.data is not None and (seen.key not in first or seen.sequence < first[seen.key].sequence):
+            first[seen.key] = seen
+    horizon = (time.time() if now is None else now) - WINDOW_KEEP + 60  # a minute of slack at the edge
+    counts: dict[int, int] = defaultdict(int)
+    for seen in first.values():
+        minute = minute_of(micros(seen.data["created_at"]))  # type: ignore[index]
+        if minute >= horizon:
+            counts[minute] += 1
+    return dict(counts)
 
 
 def order_matches(state: dict[str, Any] | None, want: dict[str, Any] | None) -> bool:
@@ -70,8 +92,11 @@ def v1_matches(last: Seen | None, row: dict[str, Any] | None) -> bool:
             and last.data["customer_id"] == row["customer_id"])
 
 
-async def view_mismatches(base: str, db: Snapshot) -> tuple[int, list[str]]:
-    """Keys of the views that differ from the database (asked over the worker's HTTP API), and examples."""
+async def view_mismatches(base: str, db: Snapshot, minutes: dict[int, int] | None = None) -> tuple[int, list[str]]:
+    """Keys of the views that differ from the database (asked over the worker's HTTP API), and examples.
+
+    `minutes`: what `orders_per_minute` must hold (`orders_per_minute()` of the topic); None skips it.
+    """
     examples: list[str] = []
 
     def differs(what: str) -> int:
@@ -107,18 +132,22 @@ async def view_mismatches(base: str, db: Snapshot) -> tuple[int, list[str]]:
                 wrong += differs(f"orders[{key}] at sequence {entry['seq']} != {db.sequences['orders'][key]}")
 
         want_customers: dict[str, dict[str, Any]] = {}
-        for row in db.orders.values():
-            c = want_customers.setdefault(str(row["customer_id"]), {"count": 0, "total_cents": {}})
+        for oid, row in db.orders.items():
+            c = want_customers.setdefault(str(row["customer_id"]),
+                                          {"count": 0, "total_cents": {}, "last_order_at": None})
             c["count"] += 1
             c["total_cents"][row["currency"]] = c["total_cents"].get(row["currency"], 0) + row["amount_cents"]
+            if oid in db.created:
+                c["last_order_at"] = max(c["last_order_at"] or 0, db.created[oid])
         customer_keys = sorted({str(r["customer_id"]) for r in db.orders.values()} | set(db.customers))
         stored = await asyncio.gather(*(lookup("customer_orders", k) for k in customer_keys))
         for key, entry in zip(customer_keys, stored, strict=True):
             got = None if entry in (None, MISSING) else present_customer(entry)
             want = want_customers.get(key)
+            fields = ("count", "total_cents", "last_order_at") if db.created else ("count", "total_cents")
             if entry is MISSING or (got is None) != (want is None) or (
                     got is not None and want is not None
-                    and (got["count"], got["total_cents"]) != (want["count"], want["total_cents"])):
+                    and any(got[f] != want[f] for f in fields)):
                 wrong += differs(f"customer_orders[{key}] = {got!r:.80} != {want!r:.80}")
 
         counts = await asyncio.gather(*(lookup("orders_by_status", s) for s in STATUSES))
@@ -127,6 +156,14 @@ async def view_mismatches(base: str, db: Snapshot) -> tuple[int, list[str]]:
             want_count = sum(1 for r in db.orders.values() if r["status"] == status)
             if got_count != want_count:
                 wrong += differs(f"orders_by_status[{status}] = {got_count} != {want_count}")
+
+        if minutes is not None:
+            windows = sorted(minutes)
+            found = await asyncio.gather(*(lookup("orders_per_minute", str(m)) for m in windows))
+            for minute, entry in zip(windows, found, strict=True):
+                got_count = -1 if entry is MISSING else (0 if entry is None else present_count(entry))
+                if got_count != minutes[minute]:
+                    wrong += differs(f"orders_per_minute[{minute}] = {got_count} != {minutes[minute]}")
     return wrong, examples
 
 

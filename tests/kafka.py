@@ -117,6 +117,22 @@ class TopicReader:
                 pass
         return self.messages
 
+    async def read_to_end(self, timeout: float = 30.0) -> list[Received]:
+        """Every message up to the topic's end offsets as of now (corrected for Tansu's short ones)."""
+        from app.topics import fetched_end_offsets
+
+        assert self._consumer is not None
+        tps = list(self._consumer.assignment())
+        ends = await fetched_end_offsets(self.bootstrap, await self._consumer.end_offsets(tps))
+
+        def done(messages: list[Received]) -> bool:
+            last: dict[int, int] = {}
+            for m in messages:
+                last[m.partition] = max(last.get(m.partition, -1), m.offset)
+            return all(last.get(tp.partition, -1) >= end - 1 for tp, end in ends.items())
+
+        return await self.wait_for(done, timeout)
+
     def for_keys(self, keys: set[str]) -> list[Received]:
         """The messages whose Kafka key is in `keys`."""
         return [m for m in self.messages if m.key in keys]

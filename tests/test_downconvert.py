@@ -94,8 +94,12 @@ async def test_downconverted_bytes_equal_what_dual_publish_sends(
     keys = {str(o.id) for o in orders}
     async with TopicReader(settings.bootstrap_servers, "orders-v2") as v2_reader, \
             TopicReader(settings.bootstrap_servers, "orders-v1") as v1_reader:
+        # Both readers hold every key's event before anything is compared: a comparison loop
+        # over an empty list would pass without proving anything.
         await v1_reader.wait_for(lambda ms: keys <= {m.key for m in ms})
+        await v2_reader.wait_for(lambda ms: keys <= {m.key for m in ms})
         v1s = {m.record["event_id"]: m for m in v1_reader.for_keys(keys)}
+        compared = 0
         for v2 in v2_reader.for_keys(keys):
             record = v2.record
             micros = {k: to_micros(record["data"][k]) for k in ("created_at", "updated_at")}
@@ -103,6 +107,8 @@ async def test_downconverted_bytes_equal_what_dual_publish_sends(
             [_, dual] = to_messages(row, (1,))
             agent = v1s[record["event_id"]]
             assert (dual.value, dual.headers) == (agent.value, list(agent.headers.items()))
+            compared += 1
+    assert compared == len(keys)  # one create event per order, each compared byte for byte
 
 
 def to_micros(ts: datetime) -> int:

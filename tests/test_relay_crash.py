@@ -1,15 +1,19 @@
 """The relay as its own process: killed in the middle of a backlog, it loses nothing."""
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import insert, text
 
 from app.embedded import EmbeddedBroker
 from app.orm import Database
+from app.relay import Relay
 from app.settings import Settings
+from app.views import apply_order, plain_state
 from models import Order
 from tests.kafka import TopicReader
 from tests.processes import spawn_app, stop
@@ -66,3 +70,46 @@ async def _relay_killed_mid_batch_loses_nothing(db: Database, settings: Settings
     assert set(by_key) == keys
     # Re-published duplicates carry the event id of the original: one logical event per row.
     assert all(len(ids) == 1 for ids in by_key.values())
+
+
+async def test_a_crash_between_ack_and_delete_republishes_with_the_same_event_id(
+        db: Database, settings: Settings) -> None:
+    async with db.session() as s:
+        orders = [Order(customer_id=18_003, amount_cents=100 + i, currency="EUR") for i in range(20)]
+        s.add_all(orders)
+    keys = {str(o.id) for o in orders}
+    relay = Relay(settings, standby_poll=0.1)
+    publish, crashes = relay._publish, []
+
+    async def publish_then_crash(producer: Any, rows: list[Any]) -> None:
+        await publish(producer, rows)  # every message acked (acks=all) ...
+        if not crashes:
+            crashes.append(len(rows))
+            # ... and the relay dies before it deletes the rows: they are published again.
+            raise ConnectionResetError("injected: crash between ack and delete")
+
+    relay._publish = publish_then_crash  # type: ignore[method-assign]
+    task = asyncio.get_running_loop().create_task(relay.run())
+    try:
+        await wait_pending(db, lambda n: n == 0)
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 20)
+    assert crashes and relay.stats.errors >= 1
+    async with TopicReader(settings.bootstrap_servers, "orders-v2") as reader:
+        mine = [m for m in await reader.read_to_end() if m.key in keys]
+    ids: dict[str, set[str]] = {}
+    for m in mine:
+        ids.setdefault(m.key, set()).add(m.record["event_id"])
+    assert set(ids) == keys and all(len(v) == 1 for v in ids.values())  # one logical event per write
+    assert len(mine) >= 2 * len(keys), "the crash did not republish: nothing was proven"
+    # Consumers deduplicate: the views' apply step takes each event once, whatever the copies.
+    stored: dict[str, Any] = {}
+    applied = 0
+    for m in sorted(mine, key=lambda m: (m.partition, m.offset)):
+        result = apply_order(m.key, stored.get(m.key), m.record["sequence"], plain_state(m.record["data"]),
+                             m.partition)
+        if result is not None:
+            stored[m.key] = result[0]
+            applied += 1
+    assert applied == len(keys)

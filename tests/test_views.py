@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
@@ -20,6 +20,8 @@ from sqlalchemy.orm.exc import StaleDataError
 from app.embedded import free_port
 from app.orm import Database
 from app.settings import Settings
+from app.topics import fetched_end_offsets, group_offsets, topic_partitions
+from app.views import micros as view_micros
 from app.views import minute_of, present_count, present_customer, present_order
 from models import Order, OrderShipping
 from tests.kafka import TopicReader
@@ -98,6 +100,41 @@ async def random_writes(db: Database, customers: list[int], n: int, seed: int) -
     return ids
 
 
+async def caught_up(settings: Settings, group: str, topics: list[str]) -> bool:
+    """Whether `group` has committed every partition of `topics` up to its true end offset."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
+    await consumer.start()
+    try:
+        tps = [tp for topic in topics for tp in await topic_partitions(consumer, topic)]
+        reported = await consumer.end_offsets(tps)
+    finally:
+        await consumer.stop()
+    ends = await fetched_end_offsets(settings.bootstrap_servers, reported)
+    committed: dict[TopicPartition, int] = {}
+    for topic in topics:
+        for row in await group_offsets(settings, topic):
+            if row.group == group:
+                committed[TopicPartition(topic, row.partition)] = row.committed
+    return all(committed.get(tp, 0) >= end for tp, end in ends.items())
+
+
+def expected_per_minute(messages: list[Any]) -> dict[int, int]:
+    """What `orders_per_minute` must hold for these orders-v2 messages: each key once, in the
+    minute of its first creation (the lowest sequence carrying data)."""
+    first: dict[str, tuple[int, int]] = {}
+    for m in messages:
+        data = m.record.get("data") if m.record else None
+        if data is None:
+            continue
+        seq, created = m.record["sequence"], view_micros(data["created_at"])
+        if m.key not in first or seq < first[m.key][0]:
+            first[m.key] = (seq, created)
+    counts: dict[int, int] = {}
+    for _, created in first.values():
+        counts[minute_of(created)] = counts.get(minute_of(created), 0) + 1
+    return counts
+
+
 async def replay_duplicates(settings: Settings, customers: list[int], at_least: int) -> int:
     """Send a sample of this test's orders-v2 events again, out of order."""
     def mine(ms: list[Any]) -> list[Any]:
@@ -128,6 +165,13 @@ async def test_views_equal_the_database_after_random_writes_and_duplicates(
         shipping = {sh.order_id: sh for sh in (await s.execute(
             select(OrderShipping).where(OrderShipping.order_id.in_(list(states))))).scalars().all()}
     assert await replay_duplicates(settings, customers, len(states)) > 0
+    # Compare only once the worker has consumed past the duplicates, in both stages: a view
+    # that looks right before they arrive proves nothing about idempotence.
+    await until(lambda: caught_up(settings, view_app_id, ["orders-v2"]), timeout=60,
+                what="the views' group committed past the duplicates on orders-v2")
+    stage2 = [f"{view_app_id}-{name}-updates" for name in ("customer_orders", "orders_by_status", "orders_per_minute")]
+    await until(lambda: caught_up(settings, view_app_id, stage2), timeout=60,
+                what="the views' group committed past every aggregate update")
 
     # orders: every live order equals its row; deleted ones are gone.
     async def orders_match() -> bool:
@@ -141,7 +185,7 @@ async def test_views_equal_the_database_after_random_writes_and_duplicates(
                 return False
         return True
 
-    await until(orders_match, timeout=60, what="orders view equal to the database")
+    assert await orders_match(), "orders view differs from the database"
     deleted = [oid for oid in created if oid not in states]
     assert deleted
     for oid in deleted[:50]:
@@ -162,11 +206,8 @@ async def test_views_equal_the_database_after_random_writes_and_duplicates(
             totals[o.currency] = totals.get(o.currency, 0) + o.amount_cents
         want = {"count": len(mine), "total_cents": totals,
                 "last_order_at": max(int(o.created_at.timestamp() * 1_000_000) for o in mine)}
-        # Stage 2 trails the orders view by a hop: wait for the whole value (a count can be
-        # right while an amount update of the same customer is still on its way).
-        await until(lambda: table_value(base, "customer_orders", str(customer)),  # noqa: B023
-                    lambda v: present_customer(v or {}) == want,  # noqa: B023
-                    timeout=30, what=f"customer {customer} aggregate equal to {want}")
+        got = present_customer(await table_value(base, "customer_orders", str(customer)) or {})
+        assert got == want, (customer, got, want)
 
     # orders_by_status equals the statuses of every order in the `orders` view (checked
     # against the database above; other tests' orders are on the topics only in part).
@@ -180,16 +221,19 @@ async def test_views_equal_the_database_after_random_writes_and_duplicates(
             break
         after = f"&after={page['next']}"
     for status in ("pending", "paid", "shipped", "cancelled"):
-        await until(lambda: table_value(base, "orders_by_status", status),  # noqa: B023
-                    lambda v: present_count(v or {}) == counts.get(status, 0),  # noqa: B023
-                    timeout=30, what=f"orders_by_status[{status}]")
+        got_count = present_count(await table_value(base, "orders_by_status", status) or {})
+        assert got_count == counts.get(status, 0), (status, got_count, counts)
 
-    # orders_per_minute: creations per window (deletes do not uncount them).
+    # orders_per_minute: creations per window (deletes do not uncount them), every window equal
+    # to what the topic's events say, this test's creations included.
+    async with TopicReader(settings.bootstrap_servers, "orders-v2") as reader:
+        expected = expected_per_minute(await reader.read_to_end())
     async with db.engine.connect() as conn:
-        micros = (await conn.execute(text(
-            "SELECT (extract(epoch FROM created_at) * 1000000)::bigint FROM orders"))).scalars().all()
-    assert micros
-    minute = minute_of(max(micros))
-    stored = await table_value(base, "orders_per_minute", str(minute))
-    assert stored is not None and present_count(stored) >= sum(1 for m in micros if minute_of(m) == minute)
+        mine = (await conn.execute(text(
+            "SELECT (extract(epoch FROM created_at) * 1000000)::bigint FROM orders WHERE id = ANY(:ids)"),
+            {"ids": created})).scalars().all()
+    assert {minute_of(m) for m in mine} <= set(expected)
+    for minute, count in expected.items():
+        stored = await table_value(base, "orders_per_minute", str(minute))
+        assert present_count(stored or {}) == count, (minute, stored, count)
 

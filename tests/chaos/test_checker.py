@@ -1,0 +1,212 @@
+"""The chaos checker, fed histories known to be broken: it must report each, on the right row.
+
+Every figure of the reliability table rests on these functions; a checker that cannot see a
+lost event would report zero lost whatever happened.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from aiohttp import web
+from redis.asyncio import Redis
+
+from app.cache import encode_entry
+from app.views import micros, minute_of
+from chaos.agreement import Snapshot, order_matches, orders_per_minute, v1_matches, view_mismatches
+from chaos.checker import Checker, Report
+from chaos.promises import check_topic
+from chaos.topiclog import Seen
+
+NOW = datetime.now(timezone.utc).replace(second=10, microsecond=0)
+
+
+def event(key: str, sequence: int, *, offset: int, event_id: str | None = None, partition: int = 0,
+          amount: int = 100, created: datetime = NOW, deleted: bool = False) -> Seen:
+    """One decoded orders-v2 message."""
+    data = None if deleted else {"amount_cents": amount, "created_at": created, "customer_id": 1,
+                                 "currency": "EUR", "status": "pending"}
+    return Seen(partition, offset, key, event_id or f"{key}-{sequence}", sequence, data)
+
+
+def history(key: str, n: int, start: int = 0) -> list[Seen]:
+    """Events 1..n of one key, in order, one per offset."""
+    return [event(key, s, offset=start + s) for s in range(1, n + 1)]
+
+
+def test_a_clean_history_with_duplicates_keeps_every_promise() -> None:
+    events = history("1", 3) + [event("1", 2, offset=9)]  # a redelivered copy: same id
+    check = check_topic("orders-v2", events, {"1": 3})
+    assert check.ok and (check.events, check.duplicates, check.lost, check.reordered, check.phantom) == (3, 1, 0, 0, 0)
+
+
+def test_a_lost_sequence_is_reported_with_its_key_and_partition() -> None:
+    events = [e for e in history("7", 4) if e.sequence != 3] + history("8", 2, start=10)
+    check = check_topic("orders-v2", events, {"7": 4, "8": 2, "9": 2})
+    assert not check.ok and check.lost == 1 + 2  # key 7's sequence 3; key 9 has no event at all
+    assert check.examples == ["orders-v2 key 7 lost sequences [3] (partition 0)"]
+
+
+def test_a_reordered_pair_is_reported() -> None:
+    events = [event("5", 1, offset=1), event("5", 3, offset=2), event("5", 2, offset=3)]
+    check = check_topic("orders-v2", events, {"5": 3})
+    assert not check.ok and check.reordered == 1 and check.lost == 0
+    assert check.last["5"].sequence == 3
+
+
+def test_one_sequence_under_two_event_ids_is_a_phantom() -> None:
+    events = history("4", 2) + [event("4", 2, offset=5, event_id="another-id")]
+    check = check_topic("orders-v2", events, {"4": 2})
+    assert not check.ok and check.split == 1 and check.duplicates == 0
+
+
+def test_an_event_beyond_the_committed_sequence_is_a_phantom() -> None:
+    check = check_topic("orders-v2", history("3", 3), {"3": 2})
+    assert not check.ok and check.phantom == 1
+
+
+def test_a_rolled_back_writes_marker_is_a_phantom() -> None:
+    events = history("6", 1) + [event("6", 2, offset=2, amount=-1)]
+    check = check_topic("orders-v2", events, {"6": 2})
+    assert not check.ok and check.phantom == 1 and check.lost == 0
+
+
+def test_a_missing_or_wrong_v1_event_is_a_mismatch() -> None:
+    row = {"customer_id": 1, "amount_cents": 250, "currency": "EUR", "status": "paid", "shipping": None}
+    good = Seen(0, 1, "1", "e", 2, {"amount": 2.5, "status": "paid", "customer_id": 1})
+    assert v1_matches(good, row)
+    assert not v1_matches(None, row)  # the key has no orders-v1 event
+    assert not v1_matches(Seen(0, 1, "1", "e", 2, {"amount": 2.49, "status": "paid", "customer_id": 1}), row)
+    assert not v1_matches(Seen(0, 1, "1", "e", 2, None), row)  # deleted on v1, alive in the database
+    assert v1_matches(Seen(0, 1, "1", "e", 3, None), None)
+
+
+def test_order_states_are_compared_field_by_field() -> None:
+    row = {"customer_id": 1, "amount_cents": 250, "currency": "EUR", "status": "paid",
+           "shipping": {"address": "a", "carrier": "c", "tracking_number": None}}
+    state = {**row, "id": 1, "created_at": 5, "status": "PAID",
+             "shipping": {"address": "a", "carrier": "c", "tracking_number": None}}
+    assert order_matches(state, row)  # v2's status enum is upper case
+    assert not order_matches({**state, "amount_cents": 249}, row)
+    assert not order_matches(state, None) and not order_matches(None, row) and order_matches(None, None)
+
+
+def test_orders_per_minute_counts_each_key_once_at_its_first_creation() -> None:
+    later = NOW + timedelta(minutes=3)
+    events = [event("1", 1, offset=1), event("1", 2, offset=2, deleted=True),
+              event("1", 3, offset=3, created=later),  # re-created: not counted again
+              event("2", 1, offset=4, created=later), event("2", 1, offset=5, created=later),  # a duplicate
+              event("3", 1, offset=6, created=NOW - timedelta(hours=2))]  # older than the view keeps
+    counts = orders_per_minute(events, now=NOW.timestamp())
+    assert counts == {minute_of(micros(NOW)): 1, minute_of(micros(later)): 1}
+
+
+# -- the views, over HTTP, as the checker reads them from a worker ------------------------------
+
+def parts(value: Any) -> dict[str, Any]:
+    """A stage-2 view entry holding `value` in one part (what `/table/<name>/<key>/` answers)."""
+    return {"parts": {"0": {"epoch": 1, "version": 1, "value": value}}}
+
+
+@pytest.fixture
+async def views() -> AsyncIterator[tuple[str, dict[tuple[str, str], Any]]]:
+    """A web server answering `/table/<name>/<key>/` from a dict the test fills: the views under test."""
+    tables: dict[tuple[str, str], Any] = {}
+
+    async def lookup(request: web.Request) -> web.Response:
+        found = tables.get((request.match_info["name"], request.match_info["key"]))
+        if found is None:
+            return web.json_response({"error": "not found"}, status=404)
+        return web.Response(text=json.dumps(found), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/table/{name}/{key}/", lookup)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}", tables
+    finally:
+        await runner.cleanup()
+
+
+def agreeing(tables: dict[tuple[str, str], Any], db: Snapshot, minute: int) -> None:
+    """Fill `tables` with views that agree with `db` (two orders of customer 1, both pending)."""
+    for key, row in db.orders.items():
+        tables[("orders", key)] = {"seq": db.sequences["orders"][key], "state": {**row, "status": "PENDING"}}
+    tables[("customer_orders", "1")] = parts({"count": 2, "total_cents": {"EUR": 300},
+                                               "last_order_at": max(db.created.values())})
+    tables[("orders_by_status", "pending")] = parts(2)
+    tables[("orders_per_minute", str(minute))] = parts(2)
+
+
+def two_orders() -> Snapshot:
+    row = {"customer_id": 1, "amount_cents": 150, "currency": "EUR", "status": "pending", "shipping": None}
+    return Snapshot({"orders": {"1": 1, "2": 1}}, {"1": dict(row), "2": dict(row)}, {},
+                    {"1": micros(NOW), "2": micros(NOW) + 5})
+
+
+async def test_views_that_agree_have_no_mismatch(views: tuple[str, dict[tuple[str, str], Any]]) -> None:
+    base, tables = views
+    db, minute = two_orders(), minute_of(micros(NOW))
+    agreeing(tables, db, minute)
+    assert await view_mismatches(base, db, {minute: 2}) == (0, [])
+
+
+@pytest.mark.parametrize("table, key, wrong, example", [
+    ("orders_by_status", "pending", parts(1), "orders_by_status[pending] = 1 != 2"),
+    ("orders_per_minute", "MINUTE", parts(3), "orders_per_minute[MINUTE] = 3 != 2"),
+    ("customer_orders", "1", parts({"count": 2, "total_cents": {"EUR": 300}, "last_order_at": 1}),
+     "customer_orders[1]"),
+    ("customer_orders", "1", parts({"count": 2, "total_cents": {"EUR": 299}, "last_order_at": None}),
+     "customer_orders[1]"),
+    ("orders", "2", None, "orders[2] = None"),
+    ("orders", "1", {"seq": 0, "state": {"customer_id": 1, "amount_cents": 150, "currency": "EUR",
+                                         "status": "PENDING", "shipping": None}}, "orders[1] at sequence 0 != 1"),
+])
+async def test_a_view_off_by_one_is_reported_on_its_row(views: tuple[str, dict[tuple[str, str], Any]], table: str,
+                                                        key: str, wrong: Any, example: str) -> None:
+    base, tables = views
+    db, minute = two_orders(), minute_of(micros(NOW))
+    agreeing(tables, db, minute)
+    key, example = key.replace("MINUTE", str(minute)), example.replace("MINUTE", str(minute))
+    if wrong is None:
+        del tables[(table, key)]
+    else:
+        tables[(table, key)] = wrong
+    count, examples = await view_mismatches(base, db, {minute: 2})
+    assert count == 1 and examples[0].startswith(example), examples
+
+
+async def test_a_stale_cache_entry_is_a_mismatch_and_a_missing_one_is_not(redis_url: str) -> None:
+    keys = [f"chk-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    row = {"customer_id": 1, "amount_cents": 150, "currency": "EUR", "status": "pending", "shipping": None}
+    db = Snapshot({"orders": {k: 2 for k in keys}}, {k: dict(row) for k in keys}, {})
+    redis = Redis.from_url(redis_url)
+    try:
+        await redis.set(f"entity:orders:{keys[0]}", encode_entry(2, {**row, "status": "PENDING"}))  # fresh
+        await redis.set(f"entity:orders:{keys[1]}", encode_entry(1, {**row, "amount_cents": 1}))  # stale
+        checker = Checker("unused", "unused", redis_url)  # keys[2]: no entry, a miss
+        assert await checker.cache_mismatches(db) == 1
+        await redis.set(f"entity:orders:{keys[1]}", encode_entry(2, {**row, "amount_cents": 1}))  # wrong state
+        assert await checker.cache_mismatches(db) == 1
+        await redis.set(f"entity:orders:{keys[1]}", encode_entry(2, dict(row)))
+        assert await checker.cache_mismatches(db) == 0
+    finally:
+        await redis.delete(*(f"entity:orders:{k}" for k in keys))
+        await redis.aclose()
+
+
+def test_a_report_is_consistent_only_when_every_count_is_zero_and_commits_add_up() -> None:
+    good = Report("f", writes=10, ambiguous=1, committed=11)
+    assert good.consistent
+    for broken in ({"lost": 1}, {"reordered": 1}, {"phantom": 1}, {"view_mismatches": 1},
+                   {"cache_mismatches": 1}, {"v1_mismatches": 1}, {"committed": 9}, {"committed": 12}):
+        fields: dict[str, Any] = {"writes": 10, "ambiguous": 1, "committed": 11, **broken}
+        assert not Report("f", **fields).consistent, broken
