@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
@@ -159,6 +160,15 @@ def error_middleware(limits: Limits) -> Callable[..., Awaitable[web.StreamRespon
             error, extra = _router_error(exc)
             headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             return error_response(exc.status, error_body(exc.status, error, extra), accept, headers)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            # Faust's own table views forward a key's lookup to the worker owning its partition;
+            # that worker is gone (killed, mid-rebalance). A 503 the client can retry, in one log
+            # line: a traceback per request cost the survivor of a takeover whole seconds.
+            log.warning("web: %s %s: the owner of the key's partition cannot be reached (%s)",
+                        request.method, request.path, type(exc).__name__)
+            return error_response(503, error_body(503, "the owner of the key's partition cannot be reached; "
+                                                       "retry once the group has rebalanced"), accept,
+                                  headers={"Retry-After": "1"})
         if (response.status >= 400 and isinstance(response, web.Response) and prefers_html(accept)
                 and (response.content_type or "") == "application/json" and response.body is not None):
             # Our views answer errors in JSON; a browser gets the same error as a page.

@@ -22,7 +22,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 RATE = 60.0
 # Restarted workers are killed again 6 s after they start if not ready by then (start-up and
 # recovery are crashed into too); `make chaos` waits for ready every time.
-FAULTS = faults(kills=5, broker_pause=20, poison_count=1000, worker_pause=30, ready_within=6)
+FAULTS = faults(kills=5, broker_pause=20, poison_count=1000, worker_pause=20, ready_within=6)
 
 
 @pytest.fixture
@@ -84,6 +84,6 @@ async def test_poison_on_every_input_topic_is_dead_lettered_and_never_stops_the_
         assert letters >= 1000, f"{dlq_topic(topic)} holds {letters} dead letters, expected 1000"
 
 
-async def test_worker_paused_30_seconds_catches_up(session: Session) -> None:
+async def test_worker_paused_20_seconds_catches_up(session: Session) -> None:
     report = await run(session, "worker-pause")
     assert report.converge_s is not None  # the catch-up time, in the report's table
