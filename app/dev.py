@@ -71,8 +71,11 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
     children: list[subprocess.Popen[bytes]] = []
     logs: list[IO[bytes]] = []
     env = dict(os.environ)
-    # SIGTERM ends the run like Ctrl-C does, through the same cleanup.
+    # SIGTERM ends the run like Ctrl-C does, through the same cleanup. Ctrl-C itself is reset
+    # to Python's default: a shell starting us in the background (`make dev &`, CI) leaves
+    # SIGINT ignored, and then nothing would stop the stack but SIGTERM.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if not settings.database_url:
             # Durable commits: a committed write must survive a crash to become its event.

@@ -334,9 +334,9 @@ def not_ready(app: faust.App, relay: Relay | None, watchdog: Watchdog | None) ->
     if relay is not None and not relay.stats.connected:
         reasons.append(f"relay: not connected to PostgreSQL ({relay.stats.last_error or 'not started yet'})")
     if watchdog is not None:
-        for name, why in sorted(watchdog.failing().items()):
-            reasons.append(f"agent {name}: {why}")
         failing = watchdog.failing()
+        for name, why in sorted(failing.items()):
+            reasons.append(f"agent {name}: {why}")
         for name, why in sorted(watchdog.stuck().items()):
             if name not in failing:
                 reasons.append(f"agent {name}: stuck: {why}")

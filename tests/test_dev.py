@@ -88,5 +88,10 @@ async def _two_runs(env: dict[str, str], tmp_path: Path, counts: list[int]) -> N
             counts.append(await until(orders, lambda n: n > 0, timeout=30, what="demo orders") if args
                           else await orders())
         finally:
-            dev.send_signal(signal.SIGINT)
-            assert await until(dev.poll, lambda code: code is not None, timeout=60, what="dev stopped") == 0
+            dev.send_signal(signal.SIGINT)  # Ctrl-C
+            try:
+                assert await until(dev.poll, lambda code: code is not None, timeout=60, what="dev stopped") == 0
+            finally:
+                if dev.poll() is None:  # never wipe under a running stack
+                    dev.kill()
+                    dev.wait()
