@@ -119,6 +119,24 @@ def is_running(actor: ActorRefT) -> bool:
     return task is not None and not task.done()
 
 
+def await_chain(actor: ActorRefT, limit: int = 12) -> str:
+    """Where the actor's coroutine waits now, outermost first (for the stuck report)."""
+    obj: Any = actor.it
+    names: list[str] = []
+    for _ in range(200):
+        code = getattr(obj, "cr_code", None) or getattr(obj, "ag_code", None) or getattr(obj, "gi_code", None)
+        if code is not None:
+            names.append(code.co_name)
+        nxt = (getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None)
+               or getattr(obj, "gi_yieldfrom", None))
+        if nxt is None:
+            if code is None:
+                names.append(repr(obj)[:160])
+            break
+        obj = nxt
+    return " > ".join(names[-limit:])
+
+
 def await_leaf(actor: ActorRefT) -> Any:
     """The innermost awaitable the actor's coroutine (or async generator) waits on now."""
     obj: Any = actor.it  # the agent function's coroutine/async generator (what Faust formats tracebacks of)
@@ -262,7 +280,9 @@ class Watchdog(Service):
                    f"{retrying.error}" if retrying is not None else
                    f"no event finished for {stuck_for:.0f} s while {lag} message(s) wait")
         if why and (not watch.stuck or now - watch.stuck_logged >= after):
-            log.warning("watchdog: agent %s is stuck: %s", name, why)
+            agent = self.app.agents.get(name)
+            where = "; ".join(await_chain(a) for a in actors_of(agent) if is_running(a)) if agent else ""
+            log.warning("watchdog: agent %s is stuck: %s (waiting in: %s)", name, why, where or "nothing")
             watch.stuck_logged = now
         elif watch.stuck and not why:
             log.info("watchdog: agent %s is no longer stuck", name)

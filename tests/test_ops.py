@@ -26,7 +26,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.embedded import free_port
-from app.health import AgentWatch, Watchdog, WatchdogPolicy, await_leaf
+from app.health import AgentWatch, Watchdog, WatchdogPolicy, await_chain, await_leaf
 from app.main import create_app
 from app.metrics import AgentProgress, PartitionOffsets, ProgressSensor, agent_lag
 from app.orm import Database, evented_topics
@@ -187,6 +187,7 @@ async def test_await_leaf_stays_put_while_parked_and_changes_in_a_retry_loop() -
     await asyncio.sleep(0.05)
     second = [await_leaf(a) for a in actors]  # type: ignore[arg-type]
     assert first[0] is second[0]  # the same pending future (its iterator), for as long as it is parked
+    assert await_chain(actors[0]).startswith("parked > wait")  # type: ignore[arg-type]  # named in stuck reports
     assert first[1] is not second[1]
     stop.set()
     tasks[0].cancel()
