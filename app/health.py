@@ -119,34 +119,31 @@ def is_running(actor: ActorRefT) -> bool:
     return task is not None and not task.done()
 
 
-def await_chain(actor: ActorRefT, limit: int = 12) -> str:
-    """Where the actor's coroutine waits now, outermost first (for the stuck report)."""
-    obj: Any = actor.it
-    names: list[str] = []
+def await_path(actor: ActorRefT) -> list[Any]:
+    """The awaitables the actor's coroutine (or async generator) waits through now, outermost first."""
+    obj: Any = actor.it  # the agent function's coroutine/async generator (what Faust formats tracebacks of)
+    path = [obj]
     for _ in range(200):
-        code = getattr(obj, "cr_code", None) or getattr(obj, "ag_code", None) or getattr(obj, "gi_code", None)
-        if code is not None:
-            names.append(code.co_name)
-        nxt = (getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None)
+        obj = (getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None)
                or getattr(obj, "gi_yieldfrom", None))
-        if nxt is None:
-            if code is None:
-                names.append(repr(obj)[:160])
+        if obj is None:
             break
-        obj = nxt
-    return " > ".join(names[-limit:])
+        path.append(obj)
+    return path
 
 
 def await_leaf(actor: ActorRefT) -> Any:
-    """The innermost awaitable the actor's coroutine (or async generator) waits on now."""
-    obj: Any = actor.it  # the agent function's coroutine/async generator (what Faust formats tracebacks of)
-    for _ in range(200):
-        nxt = (getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None)
-               or getattr(obj, "gi_yieldfrom", None))
-        if nxt is None:
-            return obj
-        obj = nxt
-    return obj
+    """The innermost awaitable the actor waits on now."""
+    return await_path(actor)[-1]
+
+
+def await_chain(actor: ActorRefT, limit: int = 12) -> str:
+    """Where the actor waits now, as function names outermost first (for the stuck report)."""
+    names = []
+    for obj in await_path(actor):
+        code = getattr(obj, "cr_code", None) or getattr(obj, "ag_code", None) or getattr(obj, "gi_code", None)
+        names.append(code.co_name if code is not None else repr(obj)[:160])
+    return " > ".join(names[-limit:])
 
 
 class Watchdog(Service):

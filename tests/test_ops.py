@@ -33,6 +33,7 @@ from app.orm import Database, evented_topics
 from app.relay import ensure_topics
 from app.settings import Settings
 from models import Order
+from tests.http import get_text as get
 from tests.processes import ROOT, app_env, stop, wait_for_log
 from tests.waiting import until
 
@@ -64,13 +65,6 @@ class OpsWorker:
     stuck_topic: str
     app_id: str
     readiness: list[tuple[int, Any]] = field(default_factory=list)
-
-
-async def get(url: str, timeout: float = 5.0) -> tuple[int, str]:
-    """(status, body) of GET `url`."""
-    async with aiohttp.ClientSession() as session:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
-            return response.status, await response.text()
 
 
 @pytest.fixture(scope="module")

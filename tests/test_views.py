@@ -21,8 +21,9 @@ from app.embedded import free_port
 from app.orm import Database
 from app.settings import Settings
 from app.topics import fetched_end_offsets, group_offsets, topic_partitions
-from app.views import micros as view_micros
 from app.views import minute_of, present_count, present_customer, present_order
+from chaos.agreement import orders_per_minute
+from chaos.topiclog import Seen
 from models import Order, OrderShipping
 from tests.kafka import TopicReader
 from tests.processes import start_worker, stop
@@ -119,20 +120,9 @@ async def caught_up(settings: Settings, group: str, topics: list[str]) -> bool:
 
 
 def expected_per_minute(messages: list[Any]) -> dict[int, int]:
-    """What `orders_per_minute` must hold for these orders-v2 messages: each key once, in the
-    minute of its first creation (the lowest sequence carrying data)."""
-    first: dict[str, tuple[int, int]] = {}
-    for m in messages:
-        data = m.record.get("data") if m.record else None
-        if data is None:
-            continue
-        seq, created = m.record["sequence"], view_micros(data["created_at"])
-        if m.key not in first or seq < first[m.key][0]:
-            first[m.key] = (seq, created)
-    counts: dict[int, int] = {}
-    for _, created in first.values():
-        counts[minute_of(created)] = counts.get(minute_of(created), 0) + 1
-    return counts
+    """What `orders_per_minute` must hold for these orders-v2 messages (the chaos checker's rule)."""
+    return orders_per_minute(Seen(m.partition, m.offset, m.key, str(m.record["event_id"]), m.record["sequence"],
+                                  m.record["data"]) for m in messages if m.record)
 
 
 async def replay_duplicates(settings: Settings, customers: list[int], at_least: int) -> int:
