@@ -24,6 +24,7 @@ from app.deadletter import dead_letter, incoming, produce_all
 from app.events import decode
 from app.orm import Database, EventedBase
 from app.retries import Retries, retries_of
+from app.roles import WORKER
 from app.schemas import EventSchema, load
 from app.settings import Settings
 from app.views import plain_state
@@ -76,7 +77,8 @@ class CacheResource:
         if self._repo is None:
             self._repo = CacheRepository(
                 connect_redis(self.settings.redis_url),
-                Database(self.settings.database_url, service=self.settings.service_name, record_reads=False))
+                Database(self.settings.database_url_for(WORKER), service=self.settings.service_name,
+                         record_reads=False))
         return self._repo
 
     async def close(self) -> None:

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--for-seconds", type=float, default=0.0, help="stop after this long (0: until Ctrl-C)")
     sub.add_parser("worker", help="run the Faust worker (faust -A app.main worker -l info)")
     sub.add_parser("relay", help="run only the outbox relay, without Faust")
-    sub.add_parser("init-db", help="create the entity tables, the outbox and its trigger")
+    sub.add_parser("init-db", help="create the entity tables, the outbox and one PostgreSQL role per service")
     outbox = sub.add_parser("outbox", help="outbox commands")
     outbox_sub = outbox.add_subparsers(dest="outbox_command", required=True)
     outbox_sub.add_parser("status", help="pending rows and the age of the oldest")
@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             # -l info: Faust's default level sets the root logger to DEBUG and costs ~25%.
             os.execvp(sys.executable, [sys.executable, "-m", "faust", "-A", "app.main", "worker", "-l", "info"])
         if args.command == "init-db":
-            asyncio.run(init_db(settings))
+            made = asyncio.run(init_db(settings))
+            print(f"tables, outbox and roles ready; services connect as: {', '.join(made)}")
         elif args.command == "relay":
             require(settings, "kafka_broker", "KAFKA_BROKER")
             asyncio.run(run_relay(settings))
@@ -186,15 +187,30 @@ def _where(url: str) -> str:
     return url.rsplit("@", 1)[-1]
 
 
-async def init_db(settings: Settings) -> None:
-    """Create tables and the outbox."""
+async def init_db(settings: Settings) -> list[str]:
+    """Create tables and the outbox, and the services' roles with their privileges.
+
+    Runs as `DATABASE_URL`'s role, which owns the tables. A password in a service's own URL
+    (`DATABASE_URL_<SERVICE>`) becomes its role's password. Returns the roles.
+    """
     import models  # noqa: F401
-    from app.orm import Database
+    from app import roles
+    from app.orm import Database, EventedBase
 
     await check_database(settings)
-    db = Database(settings.database_url, record_reads=False)
-    await db.create_all()
-    await db.close()
+    try:
+        passwords = roles.role_passwords(dict(settings.service_database_urls), settings.db_role_prefix)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    # The tables' owner, provisioning: no service's SQL filter applies to it.
+    db = Database(settings.database_url, record_reads=False, sql_filter=False)
+    try:
+        await db.create_all()
+        async with db.engine.begin() as conn:
+            return await conn.run_sync(lambda c: roles.provision(
+                c, EventedBase, settings.db_role_prefix, passwords))
+    finally:
+        await db.close()
 
 
 async def run_relay(settings: Settings) -> None:

@@ -42,8 +42,8 @@ async def write_one(db: Database, customers_db: Database, rng: random.Random,
 
 async def run_demo(settings: Settings, *, rate: float, count: int = 0) -> None:
     """Write at `rate` per second until `count` writes (0: forever)."""
-    db = Database(settings.database_url, service="orders")
-    customers_db = Database(settings.database_url, service="customers")
+    db = Database(settings.database_url_for("orders"), service="orders")
+    customers_db = Database(settings.database_url_for("customers"), service="customers")
     await db.create_all()
     rng = random.Random()
     customer_ids: list[int] = []

@@ -91,7 +91,13 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
             env.setdefault("FAUST_DATA_DIR", str(run / "faust-data"))  # wiped with the rest
         full = Settings.from_env(env)
         asyncio.run(check_all(full))
-        asyncio.run(init_db(full))
+        made = asyncio.run(init_db(full))
+        # Each child connects as its service's role (app/roles.py), not as the admin that
+        # created the tables; URLs the user set are kept.
+        from app.roles import service_url
+        for role in made:
+            service = role.removeprefix(full.db_role_prefix)
+            env.setdefault(f"DATABASE_URL_{service.upper()}", service_url(full.database_url, role))
 
         def spawn(name: str, *args: str) -> None:
             log = open(run / f"{name}.log", "ab")

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, ClassVar
@@ -99,8 +100,22 @@ def evented_topics() -> list[str]:
     return sorted(topics)
 
 
+#: True while the capture path writes (a flush, an ORM bulk statement): entity-table writes
+#: outside it would raise no event, and `Database` refuses them. Set and read in the same
+#: greenlet (SQLAlchemy runs the sync flush, and the cursor hooks, in one).
+_CAPTURING: ContextVar[bool] = ContextVar("evented_capturing", default=False)
+
+
 class EventedSession(Session):
     """The sync session behind every `Database.session()`; the event listeners attach here."""
+
+    def flush(self, objects: Any = None) -> None:
+        """Flush, marking its statements as the capture path's own."""
+        token = _CAPTURING.set(True)
+        try:
+            super().flush(objects)
+        finally:
+            _CAPTURING.reset(token)
 
 
 @dataclass
@@ -121,7 +136,6 @@ class _Pending:
 
 _STRENGTH = {"update": 0, "create": 1, "delete": 2}
 _PENDING = "evented.pending"
-_SKIP = "evented.skip"
 
 
 def _before_flush(session: Session, flush_context: UOWTransaction, instances: Any) -> None:
@@ -199,17 +213,19 @@ def _do_orm_execute(state: ORMExecuteState) -> Result[Any] | None:
         return None
     if not (state.is_insert or state.is_update or state.is_delete):
         return None
-    if state.execution_options.get(_SKIP):
-        return None
     mapper: Mapper[Any] | None = state.bind_mapper
     if mapper is None or not issubclass(mapper.class_, EventedBase):
-        return None
+        return None  # Core statements of entity tables are refused at the cursor: no event
     ownership.check_write(service, mapper.class_)
     plan = plan_for(mapper.class_)
     statement = state.statement
     user_returning = bool(getattr(statement, "_returning", ()))
     key_col = plan.key_column
-    result = state.invoke_statement(statement=statement.returning(key_col))  # type: ignore[attr-defined]
+    token = _CAPTURING.set(True)
+    try:
+        result = state.invoke_statement(statement=statement.returning(key_col))  # type: ignore[attr-defined]
+    finally:
+        _CAPTURING.reset(token)
     if user_returning:
         frozen = result.freeze()
         keys = [row[-1] for row in frozen.data]
@@ -232,6 +248,10 @@ def _do_orm_execute(state: ORMExecuteState) -> Result[Any] | None:
 
 def _on_load(target: EventedBase, context: Any) -> None:
     """Every entity loaded from a row is a read: note who loaded it and buffer it for the access log."""
+    if context is None:
+        # `session.merge(obj, load=False)` builds the instance from `obj`, not from a row:
+        # nothing was read from the database.
+        return
     target.__dict__[ownership.LOADED_BY] = context.session.info["service"]
     access: AccessLog | None = context.session.info.get("access")
     if access is not None:
@@ -330,26 +350,46 @@ class _AccessBatch:
         }
 
 
+def _sql_filter(service: str) -> Any:
+    """A `before_cursor_execute` hook: early, named errors for SQL the roles would refuse or
+    that would write an entity table without its event."""
+    foreign = ownership.foreign_sensitive(EventedBase, service)
+    tables = frozenset(m.local_table.name for m in EventedBase.registry.mappers)
+    owners = {m.local_table.name: ownership.owner_of(m.class_) for m in EventedBase.registry.mappers}
+
+    def check(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
+              executemany: bool) -> None:
+        if _CAPTURING.get():
+            return  # the flush or an ORM bulk statement: its events are being raised
+        written = ownership.written_table(tables, statement)
+        if written is not None:
+            if owners[written] != service:
+                model = next(m.class_ for m in EventedBase.registry.mappers if m.local_table.name == written)
+                ownership.check_write(service, model)
+            raise ownership.UneventedWrite(written, service)
+        if foreign and (context is None or not context.isddl):  # creating tables reads no data
+            ownership.check_sql(service, foreign, statement)
+
+    return check
+
+
 class Database:
     """An async engine whose sessions raise events for every write and read."""
 
     def __init__(self, url: str, *, service: str = "orders", pool_size: int = 10,
                  access_interval: float = 0.25, access_max_keys: int = 5000,
-                 record_reads: bool = True) -> None:
+                 record_reads: bool = True, sql_filter: bool = True) -> None:
+        """`url` carries the credentials: connect as the service's own role (app/roles.py),
+        whose privileges PostgreSQL enforces. `sql_filter=False` turns off the library's early
+        checks of raw SQL (the tests prove the roles hold without them)."""
         install_listeners()
         self.service = service
         self.engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
         configure_mappers()
         ownership.guard_attributes(EventedBase)
-        foreign = ownership.foreign_sensitive(EventedBase, service)
-        if foreign:
-            # Every statement of this engine, however it was written, passes this check.
-            def refuse_foreign_sensitive(conn: Any, cursor: Any, statement: str, parameters: Any,
-                                         context: Any, executemany: bool) -> None:
-                if context is None or not context.isddl:  # creating tables reads no data
-                    ownership.check_sql(service, foreign, statement)
-
-            event.listen(self.engine.sync_engine, "before_cursor_execute", refuse_foreign_sensitive)
+        if sql_filter:
+            # Every statement of this engine, however it was written, passes these checks.
+            event.listen(self.engine.sync_engine, "before_cursor_execute", _sql_filter(service))
         self.access: AccessLog | None = (
             AccessLog(self, access_interval, access_max_keys) if record_reads else None
         )

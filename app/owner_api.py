@@ -67,7 +67,7 @@ class OwnerApi:
         """The owner's Database, opened on first use."""
         if self._db is None:
             from app.orm import Database
-            self._db = Database(self.settings.database_url, service=OWNER)
+            self._db = Database(self.settings.database_url_for(OWNER), service=OWNER)
         return self._db
 
     async def contact(self, request: Request, customer_id: str) -> tuple[int, dict[str, Any]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import inspect
@@ -55,9 +55,28 @@ class Sensitive:
 
     @property
     def pattern(self) -> re.Pattern[str]:
-        """Matches SQL that names this column of this table (quoted or not, any order)."""
-        return re.compile(rf'(?is)\b{re.escape(self.table)}\b.*\b{re.escape(self.column)}\b'
-                          rf'|\b{re.escape(self.column)}\b.*\b{re.escape(self.table)}\b')
+        """Matches normalized SQL naming this column of this table, or all of its columns at once."""
+        table, column = re.escape(self.table.lower()), re.escape(self.column.lower())
+        return re.compile(rf'(?s)\b{table}\b.*(?:\b{column}\b|{_WHOLE_ROW})'
+                          rf'|(?:\b{column}\b|{_WHOLE_ROW}).*\b{table}\b')
+
+
+#: SQL forms that read every column of a row without naming one: `SELECT *`, `t.*`, a row
+#: turned into JSON, XML or text. (The database's column privileges refuse them anyway; this
+#: is the early, named error. `count(*)` is not one of them.)
+_WHOLE_ROW = (r"(?:\bselect\s+(?:distinct\s+)?\*|,\s*\*|\.\*|\brow_to_json\b|\bto_jsonb?\b"
+              r"|\bjsonb?_agg\b|\bjsonb?_populate|\b(?:query|table|cursor)_to_xml|\brow\s*\()")
+_UNICODE_IDENT = re.compile(r'(?i)u&"((?:[^"]|"")*)"')
+_UNICODE_ESCAPE = re.compile(r"\\(?:\+([0-9a-fA-F]{6})|([0-9a-fA-F]{4}))")
+
+
+def normalize_sql(sql: str) -> str:
+    """SQL with identifiers compared as PostgreSQL does: `U&"\\0065mail"` decoded, quotes
+    dropped, case folded. (Folding quoted upper-case names too only errs towards refusing.)"""
+    def decode(match: re.Match[str]) -> str:
+        return _UNICODE_ESCAPE.sub(lambda m: chr(int(m.group(1) or m.group(2), 16)), match.group(1))
+
+    return _UNICODE_IDENT.sub(decode, sql).replace('"', "").lower()
 
 
 def owner_of(model: type["EventedBase"]) -> str:
@@ -126,10 +145,49 @@ def owned_undefers(base: type["EventedBase"], service: str) -> dict[type, list[A
 
 
 def check_sql(service: str, foreign: tuple[Sensitive, ...], sql: str) -> None:
-    """Refuse SQL naming a sensitive column `service` does not own."""
+    """Refuse SQL naming a sensitive column `service` does not own, or reading its whole row."""
+    found = _foreign_in_sql(service, foreign, sql)
+    if found is not None:
+        raise OwnershipError(found.entity, found.column, found.owner, service, "read or write")
+
+
+@lru_cache(maxsize=4096)  # statements repeat: the ORM renders the same text each time
+def _foreign_in_sql(service: str, foreign: tuple[Sensitive, ...], sql: str) -> Sensitive | None:
+    normalized = normalize_sql(sql)
     for item in foreign:
-        if item.column in sql and item.pattern.search(sql):
-            raise OwnershipError(item.entity, item.column, item.owner, service, "read or write")
+        if item.table.lower() in normalized and item.pattern.search(normalized):
+            return item
+    return None
+
+
+class UneventedWrite(PermissionError):
+    """A write to an entity table that would raise no event (raw SQL, Core, DDL)."""
+
+    def __init__(self, table: str, service: str) -> None:
+        super().__init__(
+            f"service {service!r} may not write table {table!r} with raw SQL, Core statements or "
+            "DDL: that write would raise no event, and views and caches would drift from the "
+            "database. Write it through the ORM (session.add / delete, or ORM-enabled "
+            f"insert()/update()/delete() of the mapped class) so the event is raised")
+        self.table, self.service = table, service
+
+
+@lru_cache(maxsize=64)
+def _write_pattern(tables: frozenset[str]) -> re.Pattern[str]:
+    names = "|".join(re.escape(t.lower()) for t in sorted(tables))
+    target = rf"(?:only\s+)?(?:public\s*\.\s*)?({names})\b"
+    return re.compile(rf"\b(?:insert\s+into|update|delete\s+from|merge\s+into|truncate(?:\s+table)?)"
+                      rf"\s+{target}|\bcopy\s+{target}(?:\s*\([^)]*\))?\s+from\b")
+
+
+@lru_cache(maxsize=4096)
+def written_table(tables: frozenset[str], sql: str) -> str | None:
+    """The entity table `sql` writes (INSERT/UPDATE/DELETE/MERGE/TRUNCATE/COPY FROM), if any."""
+    normalized = normalize_sql(sql)
+    if not any(t.lower() in normalized for t in tables):
+        return None
+    match = _write_pattern(tables).search(normalized)
+    return match.group(1) or match.group(2) if match else None
 
 
 def check_write(service: str, model: type["EventedBase"]) -> None:

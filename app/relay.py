@@ -25,6 +25,7 @@ from app.events import encode_message, schema_for_topic
 from app.schemas import load, topic_name
 from app.orm import current_version, evented_topics, legacy_modes
 from app.outbox import CHANNEL
+from app.roles import WORKER
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class Relay:
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _run_once(self) -> None:
-        conn = await asyncpg.connect(self.settings.asyncpg_dsn)
+        conn = await asyncpg.connect(self.settings.asyncpg_dsn_for(WORKER))
         self.stats.connected = True
         try:
             while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK):

@@ -68,6 +68,11 @@ class Settings:
     # Seconds an agent may retry one batch, or finish nothing while its input has lag, before
     # `/health/ready` reports it stuck (it is not restarted for that: see app/health.py).
     stuck_after: float = 30.0
+    # PostgreSQL roles (app/roles.py): service `orders` is role `<prefix>orders`.
+    db_role_prefix: str = "mse_"
+    # service -> its own URL (env `DATABASE_URL_<SERVICE>`), connecting as its role; a service
+    # without one uses `database_url` (and so that URL's role and its rights).
+    service_database_urls: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -95,6 +100,10 @@ class Settings:
             http_header_timeout=float(env.get("HTTP_HEADER_TIMEOUT_S", "5")),
             http_body_timeout=float(env.get("HTTP_BODY_TIMEOUT_S", "10")),
             http_max_connections=int(env.get("HTTP_MAX_CONNECTIONS", "256")),
+            db_role_prefix=env.get("DB_ROLE_PREFIX", "mse_"),
+            service_database_urls=tuple(sorted(
+                (name.removeprefix("DATABASE_URL_").lower(), url) for name, url in env.items()
+                if name.startswith("DATABASE_URL_") and url)),
         )
 
     def service_token_map(self) -> dict[str, str]:
@@ -135,3 +144,11 @@ class Settings:
     def asyncpg_dsn(self) -> str:
         """The database URL in the form asyncpg accepts (no `+asyncpg` driver suffix)."""
         return self.database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+    def database_url_for(self, service: str) -> str:
+        """The URL `service` connects with: its own (`DATABASE_URL_<SERVICE>`), else the shared one."""
+        return dict(self.service_database_urls).get(service, self.database_url)
+
+    def asyncpg_dsn_for(self, service: str) -> str:
+        """`database_url_for(service)` in the form asyncpg accepts."""
+        return self.database_url_for(service).replace("postgresql+asyncpg://", "postgresql://", 1)

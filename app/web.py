@@ -56,6 +56,7 @@ from yarl import URL
 
 from agents.views import View
 from app.http_guard import prefers_html
+from app.roles import WORKER as WORKER_ROLE
 from app.settings import Settings
 from app.views import MINUTE
 
@@ -620,8 +621,8 @@ class WebViews:
                 from app.orm import Database
 
                 # Repository reads are plain SQL, not ORM reads: no access log to run.
-                self._db = Database(self.settings.database_url, service=self.settings.service_name,
-                                    pool_size=5, record_reads=False)
+                self._db = Database(self.settings.database_url_for(WORKER_ROLE),
+                                    service=self.settings.service_name, pool_size=5, record_reads=False)
                 self._repository = CacheRepository(connect_redis(self.settings.redis_url), self._db)
         return self._repository
 

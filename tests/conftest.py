@@ -10,10 +10,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 import models  # noqa: F401  # registers the demo models on EventedBase
 from app.embedded import EmbeddedBroker, EmbeddedPostgres
-from app.orm import Database
+from app import roles
+from app.cli import init_db
+from app.orm import Database, EventedBase
 from app.relay import Relay
 from app.settings import Settings
 
@@ -39,7 +42,19 @@ def pg_server_url(run_dir: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-async def database_url(pg_server_url: str) -> AsyncIterator[str]:
+async def role_prefix(pg_server_url: str) -> AsyncIterator[str]:
+    """Service roles of this session's own (roles are cluster-wide), dropped at the very end."""
+    prefix = f"mse_t{uuid.uuid4().hex[:8]}_"
+    yield prefix
+    # Set up before the database, so torn down after it: then no grant holds the roles.
+    engine = create_async_engine(pg_server_url)
+    async with engine.begin() as conn:
+        await conn.run_sync(lambda c: roles.drop_roles(c, EventedBase, prefix))
+    await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+async def database_url(pg_server_url: str, role_prefix: str) -> AsyncIterator[str]:
     """A database of its own for this test session, dropped at the end."""
     base = pg_server_url.replace("postgresql+asyncpg://", "postgresql://", 1)
     name = f"mse_test_{uuid.uuid4().hex[:10]}"
@@ -64,18 +79,16 @@ def broker(run_dir: Path) -> Iterator[EmbeddedBroker]:
 
 
 @pytest.fixture(scope="session")
-def settings(database_url: str, broker: EmbeddedBroker) -> Settings:
-    """Settings pointing at this session's servers."""
+def settings(database_url: str, broker: EmbeddedBroker, role_prefix: str) -> Settings:
+    """Settings pointing at this session's servers (connecting as the tables' owner)."""
     return Settings(database_url=database_url, kafka_broker=broker.url, service_name="orders",
-                    relay_poll_interval=0.5)
+                    relay_poll_interval=0.5, db_role_prefix=role_prefix)
 
 
 @pytest.fixture(scope="session")
 async def schema(settings: Settings) -> None:
-    """Entity tables and the outbox, created once per session."""
-    db = Database(settings.database_url)
-    await db.create_all()
-    await db.close()
+    """Entity tables, the outbox and the services' roles, created once per session."""
+    await init_db(settings)
 
 
 @pytest.fixture

@@ -5,10 +5,13 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import DDL, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
-from app.orm import Database, OwnershipError
+from app import ownership
+from app.orm import Database, EventedBase, OwnershipError
+from app.ownership import UneventedWrite
 from app.settings import Settings
 from models import Customer
 
@@ -89,3 +92,74 @@ async def test_owner_is_unaffected(owner: Database, customer_id: int) -> None:
         await s.execute(update(Customer).where(Customer.id == customer_id).values(name="Grace H."))
     async with owner.session() as s:
         assert (await s.get_one(Customer, customer_id)).name == "Grace H."
+
+
+async def _driver_delete(s: AsyncSession, cid: int) -> object:
+    conn = await s.connection()
+    return await conn.exec_driver_sql(f"DELETE FROM customers WHERE id = {cid}")
+
+
+async def _ddl_update(s: AsyncSession, cid: int) -> object:
+    conn = await s.connection()
+    return await conn.execute(DDL(f"UPDATE customers SET name = 'DDL' WHERE id = {cid}"))
+
+
+UNEVENTED_WRITES = {
+    "text_update": lambda s, cid: s.execute(text("UPDATE customers SET name = 'x' WHERE id = :id"), {"id": cid}),
+    "text_quoted_upper": lambda s, cid: s.execute(text(f'update PUBLIC."customers" SET name = \'x\' WHERE id = {cid}')),
+    "cte_delete": lambda s, cid: s.execute(text(
+        "WITH gone AS (DELETE FROM customers WHERE id = :id RETURNING id) SELECT count(*) FROM gone"), {"id": cid}),
+    "core_update": lambda s, cid: s.execute(
+        update(Customer.__table__).where(Customer.__table__.c.id == cid).values(name="x")),
+    "exec_driver_sql": _driver_delete,
+    "ddl": _ddl_update,
+}
+
+
+@pytest.mark.parametrize("how", UNEVENTED_WRITES)
+async def test_owner_write_that_would_raise_no_event_is_refused_naming_the_orm(
+        owner: Database, customer_id: int, how: str) -> None:
+    async with owner.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM outbox"))
+    with pytest.raises(UneventedWrite) as err:
+        async with owner.session() as s:
+            await UNEVENTED_WRITES[how](s, customer_id)
+    assert "'customers'" in str(err.value) and "through the ORM" in str(err.value)
+    async with owner.session() as s:
+        assert (await s.get_one(Customer, customer_id)).name == "Grace"
+    async with owner.engine.connect() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM outbox"))).scalar_one() == 0
+
+
+async def test_merge_without_load_writes_and_raises_the_event(owner: Database, customer_id: int) -> None:
+    async with owner.session() as s:
+        detached = await s.get_one(Customer, customer_id)  # e.g. an object kept from a cache
+    async with owner.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM outbox"))
+    async with owner.session() as s:
+        merged = await s.merge(detached, load=False)  # no SELECT: `load` fires without a row
+        merged.name = "Grace M."
+    async with owner.session() as s:
+        assert (await s.get_one(Customer, customer_id)).name == "Grace M."
+    async with owner.engine.connect() as conn:
+        ops = (await conn.execute(text("SELECT op FROM outbox WHERE entity = 'customers' AND key = :k"),
+                                  {"k": str(customer_id)})).scalars().all()
+    assert ops == ["update"]
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT EMAIL FROM customers", 'SELECT U&"\\0065mail" FROM customers', 'SELECT "email" FROM "CUSTOMERS"',
+    "SELECT * FROM customers", "SELECT c.* FROM customers c", "SELECT id, * FROM customers",
+    "SELECT row_to_json(c) FROM customers c", "SELECT to_jsonb(customers) FROM customers",
+])
+def test_sql_filter_folds_identifiers_and_sees_whole_row_reads(sql: str) -> None:
+    foreign = ownership.foreign_sensitive(EventedBase, "orders")
+    with pytest.raises(OwnershipError):
+        ownership.check_sql("orders", foreign, sql)
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT count(*) FROM customers", "SELECT id, name FROM customers", "SELECT * FROM orders",
+])
+def test_sql_filter_lets_public_reads_pass(sql: str) -> None:
+    ownership.check_sql("orders", ownership.foreign_sensitive(EventedBase, "orders"), sql)
