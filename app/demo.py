@@ -42,9 +42,17 @@ async def write_one(db: Database, customers_db: Database, rng: random.Random,
 
 async def run_demo(settings: Settings, *, rate: float, count: int = 0) -> None:
     """Write at `rate` per second until `count` writes (0: forever)."""
+    if not settings.service_database_urls:
+        # Everything runs as DATABASE_URL's role: it may create what is missing itself.
+        # With roles, the tables belong to the admin that ran `init-db` (services may not
+        # create tables, by design).
+        admin = Database(settings.database_url, record_reads=False, sql_filter=False)
+        try:
+            await admin.create_all()
+        finally:
+            await admin.close()
     db = Database(settings.database_url_for("orders"), service="orders")
     customers_db = Database(settings.database_url_for("customers"), service="customers")
-    await db.create_all()
     rng = random.Random()
     customer_ids: list[int] = []
     written = 0

@@ -110,14 +110,15 @@ def grant_sql(base: type["EventedBase"], prefix: str, extra: tuple[str, ...] = (
         "ALTER TABLE outbox ENABLE ROW LEVEL SECURITY",
         "ALTER TABLE event_sequences ENABLE ROW LEVEL SECURITY",
         f"GRANT SELECT, DELETE ON outbox TO {worker}",
-        "DROP POLICY IF EXISTS relay ON outbox",
-        f"CREATE POLICY relay ON outbox FOR ALL TO {worker} USING (true)",
+        f"DROP POLICY IF EXISTS {_q('relay_' + roles[WORKER])} ON outbox",
+        f"CREATE POLICY {_q('relay_' + roles[WORKER])} ON outbox FOR ALL TO {worker} USING (true)",
     ]
     for service in writers:
         role = _q(roles[service])
         owned = [e.entity for e in entities if e.owner == service]
         owned_sql = "ARRAY[" + ", ".join(_lit(e) for e in owned) + "]::text[]"
-        policy = _q(f"writes_of_{service}")
+        # Named after the role: roles of another prefix may hold policies in this database too.
+        policy = _q(f"writes_of_{roles[service]}")
         out += [
             f"GRANT INSERT ON outbox TO {role}",
             f"GRANT USAGE ON SEQUENCE outbox_id_seq TO {role}",

@@ -72,12 +72,16 @@ class Worker:
             await asyncio.sleep(0.1)
         return True
 
-    def kill(self) -> None:
-        """SIGKILL: a crash, with no chance to commit offsets or release the relay lock."""
-        if self.alive:
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait()
+    def kill(self) -> bool:
+        """SIGKILL: a crash, with no chance to commit offsets or release the relay lock.
+
+        True if a live process was killed by it (its exit status says SIGKILL), else False.
+        """
+        if not self.alive:
+            return False
+        assert self.proc is not None
+        self.proc.kill()
+        return self.proc.wait() == -signal.SIGKILL
 
     def pause(self) -> None:
         if self.alive:

@@ -17,9 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def app_env(settings: Settings, **extra: str) -> dict[str, str]:
     """The environment of a child `python -m app ...` pointed at the test's servers."""
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "KAFKA_BROKER")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "REDIS_URL", "KAFKA_BROKER") and not k.startswith("DATABASE_URL_")}
     env.update(DATABASE_URL=settings.database_url, KAFKA_BROKER=settings.kafka_broker,
-               SERVICE_NAME=settings.service_name, PYTHONPATH=str(ROOT))
+               SERVICE_NAME=settings.service_name, PYTHONPATH=str(ROOT),
+               DB_ROLE_PREFIX=settings.db_role_prefix)  # the session's own roles (tests/conftest.py)
     env.update(extra)
     return env
 

@@ -176,9 +176,10 @@ async def test_await_leaf_stays_put_while_parked_and_changes_in_a_retry_loop() -
 
     actors = [SimpleNamespace(it=parked()), SimpleNamespace(it=retrying())]
     tasks = [asyncio.create_task(a.it) for a in actors]  # type: ignore[arg-type]
-    await asyncio.sleep(0.05)
-    first = [await_leaf(a) for a in actors]  # type: ignore[arg-type]
-    await asyncio.sleep(0.05)
+    first = await until(lambda: [await_leaf(a) for a in actors], all,  # type: ignore[arg-type]
+                        what="both coroutines started and waiting")
+    # The retry loop's leaf changes with every sleep; by then the parked one had every chance to.
+    await until(lambda: await_leaf(actors[1]) is not first[1], what="the retry loop moved on")  # type: ignore[arg-type]
     second = [await_leaf(a) for a in actors]  # type: ignore[arg-type]
     assert first[0] is second[0]  # the same pending future (its iterator), for as long as it is parked
     assert await_chain(actors[0]).startswith("parked > wait")  # type: ignore[arg-type]  # named in stuck reports

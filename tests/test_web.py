@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
 import faust
 import pytest
+from faust.types import TP
 from sqlalchemy import delete
 from yarl import URL
 
@@ -23,7 +25,7 @@ from app.embedded import free_port
 from app.orm import Database, evented_topics
 from app.relay import ensure_topics
 from app.settings import Settings
-from app.web import WebViews, bad, order_key, prefers_html
+from app.web import HttpError, WebViews, bad, order_key, prefers_html
 from models import Customer, Order, OrderShipping
 from tests.processes import start_worker, stop
 from tests.waiting import until
@@ -362,7 +364,16 @@ async def test_two_workers_route_lookups_and_a_standby_answers_while_the_owner_i
                 assert reply.json() == expected[key]
                 served_by.append(reply.headers["X-Served-By"])
                 if reply.headers["X-Served-By"] == "standby":
-                    assert 0 <= int(reply.headers["X-Standby-Lag"]) <= 100000
+                    lag = int(reply.headers["X-Standby-Lag"])
+                    assert 0 <= lag <= 100000
+                    if lag > 0:
+                        # One message tighter than the copy's real lag: refused, unless the
+                        # copy caught up in between (then it says so in its own header).
+                        tight = await get(worker.url, f"/tables/orders/{key}/?max_lag={lag - 1}")
+                        if tight.status == 503:
+                            assert tight.json()["lag"] > lag - 1 and tight.json()["max_lag"] == lag - 1
+                        else:
+                            assert int(tight.headers.get("X-Standby-Lag", "0")) <= lag - 1, tight.headers
                 else:
                     assert "X-Standby-Lag" not in reply.headers
             if served_by[-len(theirs):] == ["active"] * len(theirs):
@@ -419,6 +430,40 @@ async def test_an_unexpected_error_is_a_bare_500_json_and_an_http_error_its_own_
     assert "secret" not in reply.text and "Traceback" not in reply.text
     reply = await handlers.dispatch(FakeView(), FakeRequest(), refusing)  # type: ignore[arg-type]
     assert (reply.status, reply.json()) == (400, {"error": "limit: too large", "parameter": "limit"})
+
+
+class HeldBehind:
+    """A `Staleness` whose copy is held `lag` changelog messages behind, on purpose."""
+
+    def __init__(self, lag: int | None) -> None:
+        self.value = lag
+
+    def apply_received(self, table: Any) -> None:
+        """Nothing buffered to apply: the copy stays exactly as far behind as set."""
+
+    def lag(self, table: Any, tp: Any) -> int | None:
+        return self.value
+
+
+@pytest.mark.parametrize("lag", [0, 7])
+def test_a_local_copy_answers_up_to_max_lag_and_is_refused_one_message_past_it(lag: int) -> None:
+    handlers = WebViews(faust.App(f"probe-{uuid.uuid4().hex[:8]}"), Settings(), {})
+    handlers.staleness = HeldBehind(lag)  # type: ignore[assignment]
+    view = SimpleNamespace(table=SimpleNamespace(data={"7": {"status": "paid"}}), present=lambda stored: stored)
+    tp = TP("orders-changelog", 0)
+    reply = handlers.from_copy(FakeView(), "orders", view, "7", tp, lag, "the owner cannot be reached")  # type: ignore[arg-type]
+    assert reply.status == 200 and reply.json()["value"] == {"status": "paid"}
+    assert reply.headers["X-Served-By"] == "standby" and reply.headers["X-Standby-Lag"] == str(lag)
+    if lag > 0:
+        with pytest.raises(HttpError) as refused:
+            handlers.from_copy(FakeView(), "orders", view, "7", tp, lag - 1, "the owner cannot be reached")  # type: ignore[arg-type]
+        assert refused.value.status == 503 and refused.value.headers["Retry-After"] == "1"
+        assert refused.value.body()["lag"] == lag and refused.value.body()["max_lag"] == lag - 1
+        assert f"{lag} changelog messages behind" in refused.value.error
+    handlers.staleness = HeldBehind(None)  # type: ignore[assignment]  # no copy of the partition
+    with pytest.raises(HttpError) as unknown:
+        handlers.from_copy(FakeView(), "orders", view, "7", tp, 10**6, "the owner cannot be reached")  # type: ignore[arg-type]
+    assert unknown.value.status == 503 and "keeps no copy of partition 0" in unknown.value.error
 
 
 def test_accept_header_negotiation_and_key_order() -> None:

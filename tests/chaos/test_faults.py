@@ -54,7 +54,10 @@ async def run(session: Session, name: str) -> Report:
 
 async def test_worker_killed_five_times_under_load_loses_nothing(session: Session) -> None:
     report = await run(session, "worker-kill")
-    assert report.notes["kills"] == 5
+    assert report.notes["kills"] == 5  # live workers that died of SIGKILL (chaos/faults.py)
+    # A worker takes longer than the 6 s `ready_within` to join Tansu's group and recover, so
+    # restarts are crashed into during start-up and recovery too: the hardest kills.
+    assert report.notes["killed before ready"] >= 1, report.notes
 
 
 async def test_broker_paused_for_20_seconds_loses_nothing(session: Session) -> None:
@@ -67,7 +70,9 @@ async def test_postgres_restart_under_load_loses_no_committed_write(session: Ses
 
 
 async def test_redis_restarted_and_flushed_under_load_leaves_no_stale_entry(session: Session) -> None:
-    await run(session, "redis-restart")
+    report = await run(session, "redis-restart")
+    # The flush emptied a cache the agent had refilled since the restart: both losses happened.
+    assert report.notes["_flushed keys"] > 0, report.notes
 
 
 async def test_surviving_worker_takes_over_partitions_and_relay(session: Session) -> None:
