@@ -176,7 +176,8 @@ async def test_await_leaf_stays_put_while_parked_and_changes_in_a_retry_loop() -
 
     actors = [SimpleNamespace(it=parked()), SimpleNamespace(it=retrying())]
     tasks = [asyncio.create_task(a.it) for a in actors]  # type: ignore[arg-type]
-    first = await until(lambda: [await_leaf(a) for a in actors], all,  # type: ignore[arg-type]
+    first = await until(lambda: [await_leaf(a) for a in actors],  # type: ignore[arg-type]
+                        lambda leaves: all(leaf is not None and leaf is not a.it for leaf, a in zip(leaves, actors)),
                         what="both coroutines started and waiting")
     # The retry loop's leaf changes with every sleep; by then the parked one had every chance to.
     await until(lambda: await_leaf(actors[1]) is not first[1], what="the retry loop moved on")  # type: ignore[arg-type]
