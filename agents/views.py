@@ -3,15 +3,25 @@
 Stage 1 (`apply_order_events`, partitioned like `orders-v2`) keeps `orders` and derives the
 per-partition aggregates; stage 2 (`apply_<view>_updates`) merges them into the views keyed
 by customer, status and minute. See `app.views` for why this makes every view idempotent.
+
+Both stages work in small batches (`take_events`, at most `BATCH` events or `WITHIN` s) and
+write each changed key once per batch, as Kafka Streams' record cache does at commit (KIP-63):
+one changelog message per distinct table key and one repartition message per aggregate key
+and source partition, instead of one per event. Last-wins coalescing is exact here: stage 1
+sends absolute per-partition values with the offset of the batch's last event as version, and
+stage 2 keeps the value of the highest (epoch, version) per part. A batch has no await between
+its events, so a rebalance cannot clear the aggregates in the middle of one.
 """
 from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import faust
+from faust.streams import _current_event
 
 from app.deadletter import dead_letter, dlq_topic, incoming, produce_all
 from app.events import decode
@@ -44,6 +54,35 @@ class View:
 
 
 AGGREGATES = ("customer_orders", "orders_by_status", "orders_per_minute")
+#: Events per batch, and how long a batch waits to fill (bounds the latency it adds).
+BATCH = 1000
+WITHIN = 0.005
+
+
+def write_as(event: Any, table: faust.Table, key: str, value: Any) -> None:
+    """`table[key] = value` as if while processing `event`.
+
+    Faust puts a table write in the changelog partition (and RocksDB partition store) of the
+    *current* event. Writing a batch's keys after the batch, each must go where the event
+    that changed it came from, as it did when written per event; Faust's stream sets the
+    same context variable for each event it yields.
+    """
+    token = _current_event.set(weakref.ref(event))
+    try:
+        table[key] = value
+    finally:
+        _current_event.reset(token)
+
+
+@dataclass
+class _Changed:
+    """What a stage-1 batch changed in one source partition's aggregates."""
+
+    agg: PartitionAggregates
+    version: int
+    customers: set[str]
+    statuses: set[str]
+    minutes: set[int]
 
 
 def dead_letter_topics(app_id: str) -> list[str]:
@@ -104,48 +143,84 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
             await minute_updates.send(key=str(minute), timestamp=float(minute), value={
                 "p": p, "epoch": agg.epoch, "version": version, "value": agg.minutes.get(minute, 0)})
 
-    async def apply_order_events(stream: faust.StreamT[Any]) -> None:
-        async for event in stream.events():
+    def apply_batch(events: list[Any]) -> tuple[dict[str, tuple[Any, Any]], dict[int, _Changed]]:
+        """Apply a batch to the aggregates (no I/O); the `orders` entries (with the event that
+        wrote each) and the aggregate keys it changed."""
+        written: dict[str, tuple[Any, Any]] = {}
+        changed: dict[int, _Changed] = {}
+        for event in events:
             msg = event.message
             p = msg.partition
             agg = aggregates.get(p)
             if agg is None:
                 # A new epoch: these values replace whatever an earlier owner sent (app.views).
+                # The table holds every earlier batch's writes; none of this batch's is of `p`.
                 agg = aggregates[p] = rebuild([v for v in orders.values() if v and v.get("p") == p],
                                               epoch=time.time_ns())
-                await emit(p, msg.offset, agg, set(agg.customers), set(agg.statuses), set(agg.minutes))
+                changed[p] = _Changed(agg, msg.offset, set(agg.customers), set(agg.statuses), set(agg.minutes))
             try:
                 record = decode(source, msg.value)
             except Exception as exc:  # poison is dead-lettered by the down-converter; skip it here
                 log.warning("views: undecodable message at %s/%s: %s", p, msg.offset, exc)
                 continue
             key = record["key"]
-            applied = apply_order(key, orders.get(key), record["sequence"], plain_state(record["data"]), p)
+            current = written[key][1] if key in written else orders.get(key)
+            applied = apply_order(key, current, record["sequence"], plain_state(record["data"]), p)
             if applied is None:
                 continue  # a duplicate or an older event: changes nothing
             entry, change = applied
-            orders[key] = entry
-            await emit(p, msg.offset, agg, *agg.apply(change))
+            written[key] = (event, entry)
+            customers, statuses, minutes = agg.apply(change)
+            part = changed.get(p)
+            if part is None:
+                changed[p] = _Changed(agg, msg.offset, customers, statuses, minutes)
+            else:
+                part.version = msg.offset
+                part.customers |= customers
+                part.statuses |= statuses
+                part.minutes |= minutes
+        return written, changed
+
+    async def apply_order_events(stream: faust.StreamT[Any]) -> None:
+        async for events in stream.take_events(BATCH, within=WITHIN):
+            written, changed = apply_batch(events)
+            for key, (event, entry) in written.items():
+                write_as(event, orders, key, entry)  # one changelog message per order per batch
+            for p, part in changed.items():
+                # One message per aggregate key and partition, with its value after the batch.
+                await emit(p, part.version, part.agg, part.customers, part.statuses, part.minutes)
 
     async def merge_into(target: faust.Table, stream: faust.StreamT[Any], kind: str) -> None:
-        async for event in stream.events():
-            msg = event.message
-            try:
-                key, update = parse_update(msg.key, msg.value, kind, status_symbols)
-            except BadUpdate as exc:
-                log.warning("views: dead-lettering %s/%s/%s: %s", msg.topic, msg.partition, msg.offset, exc)
-                await produce_all(app, [dead_letter(msg.topic, incoming(msg), exc)], stage=stream.prefix)
-                continue
-            if kind == "minute":
+        async for events in stream.take_events(BATCH, within=WITHIN):
+            merged: dict[str, tuple[Any, Any]] = {}
+            poison = []
+            horizon = time.time() - WINDOW_KEEP
+            if kind == "minute" and events:
                 # Windows are kept one hour (wall clock); older ones are dropped, not updated.
-                horizon = time.time() - WINDOW_KEEP
-                for old in [k for k in list(target.keys()) if int(k) < horizon]:
-                    del target[old]
-                if int(key) < horizon:
+                token = _current_event.set(weakref.ref(events[0]))
+                try:
+                    for old in [k for k in list(target.keys()) if int(k) < horizon]:
+                        del target[old]
+                finally:
+                    _current_event.reset(token)
+            for event in events:
+                msg = event.message
+                try:
+                    key, update = parse_update(msg.key, msg.value, kind, status_symbols)
+                except BadUpdate as exc:
+                    log.warning("views: dead-lettering %s/%s/%s: %s", msg.topic, msg.partition, msg.offset, exc)
+                    poison.append(dead_letter(msg.topic, incoming(msg), exc))
                     continue
-            merged = merge_part(target.get(key), update["p"], update["epoch"], update["version"], update["value"])
-            if merged is not None:
-                target[key] = merged
+                if kind == "minute" and int(key) < horizon:
+                    continue
+                stored = merged[key][1] if key in merged else target.get(key)
+                value = merge_part(stored, update["p"], update["epoch"], update["version"], update["value"])
+                if value is not None:
+                    merged[key] = (event, value)
+            if poison:
+                await produce_all(app, poison, stage=stream.prefix)
+            for key, (event, value) in merged.items():
+                write_as(event, target, key, value)  # one changelog message per key per batch
 
     async def apply_customer_orders_updates(stream: faust.StreamT[Any]) -> None:
         await merge_into(customer_orders, stream, "customer")

@@ -92,3 +92,11 @@ async def test_poison_on_every_input_topic_is_dead_lettered_and_never_stops_the_
 async def test_worker_paused_20_seconds_catches_up(session: Session) -> None:
     report = await run(session, "worker-pause")
     assert report.converge_s is not None  # the catch-up time, in the report's table
+
+
+async def test_storm_of_every_fault_at_once_loses_nothing(session: Session) -> None:
+    # Crashes while the broker is frozen and the database and cache restart, with poison: the
+    # faults interact (a restarted worker meets a paused broker, retries meet a dead database).
+    report = await run(session, "storm")
+    assert report.notes["kills"] == 2, report.notes
+    assert report.notes["poison per topic"] == 200 and report.notes["workers alive"] == 1
