@@ -30,15 +30,14 @@ from app.settings import Settings
 from app.views import (
     WINDOW_KEEP,
     BadUpdate,
+    BatchItem,
     PartitionAggregates,
-    apply_order,
+    apply_batch,
     merge_part,
     parse_update,
-    plain_state,
     present_count,
     present_customer,
     present_order,
-    rebuild,
 )
 
 log = logging.getLogger(__name__)
@@ -72,17 +71,6 @@ def write_as(event: Any, table: faust.Table, key: str, value: Any) -> None:
         table[key] = value
     finally:
         _current_event.reset(token)
-
-
-@dataclass
-class _Changed:
-    """What a stage-1 batch changed in one source partition's aggregates."""
-
-    agg: PartitionAggregates
-    version: int
-    customers: set[str]
-    statuses: set[str]
-    minutes: set[int]
 
 
 def dead_letter_topics(app_id: str) -> list[str]:
@@ -143,47 +131,20 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
             await minute_updates.send(key=str(minute), timestamp=float(minute), value={
                 "p": p, "epoch": agg.epoch, "version": version, "value": agg.minutes.get(minute, 0)})
 
-    def apply_batch(events: list[Any]) -> tuple[dict[str, tuple[Any, Any]], dict[int, _Changed]]:
-        """Apply a batch to the aggregates (no I/O); the `orders` entries (with the event that
-        wrote each) and the aggregate keys it changed."""
-        written: dict[str, tuple[Any, Any]] = {}
-        changed: dict[int, _Changed] = {}
-        for event in events:
-            msg = event.message
-            p = msg.partition
-            agg = aggregates.get(p)
-            if agg is None:
-                # A new epoch: these values replace whatever an earlier owner sent (app.views).
-                # The table holds every earlier batch's writes; none of this batch's is of `p`.
-                agg = aggregates[p] = rebuild([v for v in orders.values() if v and v.get("p") == p],
-                                              epoch=time.time_ns())
-                changed[p] = _Changed(agg, msg.offset, set(agg.customers), set(agg.statuses), set(agg.minutes))
-            try:
-                record = decode(source, msg.value)
-            except Exception as exc:  # poison is dead-lettered by the down-converter; skip it here
-                log.warning("views: undecodable message at %s/%s: %s", p, msg.offset, exc)
-                continue
-            key = record["key"]
-            current = written[key][1] if key in written else orders.get(key)
-            applied = apply_order(key, current, record["sequence"], plain_state(record["data"]), p)
-            if applied is None:
-                continue  # a duplicate or an older event: changes nothing
-            entry, change = applied
-            written[key] = (event, entry)
-            customers, statuses, minutes = agg.apply(change)
-            part = changed.get(p)
-            if part is None:
-                changed[p] = _Changed(agg, msg.offset, customers, statuses, minutes)
-            else:
-                part.version = msg.offset
-                part.customers |= customers
-                part.statuses |= statuses
-                part.minutes |= minutes
-        return written, changed
-
     async def apply_order_events(stream: faust.StreamT[Any]) -> None:
         async for events in stream.take_events(BATCH, within=WITHIN):
-            written, changed = apply_batch(events)
+            items: list[BatchItem] = []
+            for event in events:
+                msg = event.message
+                try:
+                    record = decode(source, msg.value)
+                except Exception as exc:  # poison is dead-lettered by the down-converter; skip it here
+                    log.warning("views: undecodable message at %s/%s: %s", msg.partition, msg.offset, exc)
+                    record = None
+                items.append((msg.partition, msg.offset, record, event))
+            written, changed = apply_batch(
+                aggregates, orders.get, lambda p: [v for v in orders.values() if v and v.get("p") == p],
+                items, time.time_ns)
             for key, (event, entry) in written.items():
                 write_as(event, orders, key, entry)  # one changelog message per order per batch
             for p, part in changed.items():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -144,6 +144,61 @@ class PartitionAggregates:
             return None
         return {"count": agg["count"], "total_cents": dict(agg["totals"]),
                 "last_order_at": max(agg["created"]) if agg["created"] else None}
+
+
+@dataclass
+class BatchChange:
+    """What a stage-1 batch changed in one source partition's aggregates: the keys to re-state
+    downstream, with the offset of the batch's last event of the partition as version."""
+
+    agg: PartitionAggregates
+    version: int
+    customers: set[str]
+    statuses: set[str]
+    minutes: set[int]
+
+
+#: One stage-1 input: (partition, offset, decoded record or None for poison, the caller's tag).
+BatchItem = tuple[int, int, "State | None", Any]
+
+
+def apply_batch(aggregates: dict[int, PartitionAggregates], lookup: Callable[[str], dict[str, Any] | None],
+                entries_of: Callable[[int], list[dict[str, Any]]], items: list[BatchItem],
+                epoch: Callable[[], int]) -> tuple[dict[str, tuple[Any, dict[str, Any]]], dict[int, BatchChange]]:
+    """Stage 1 for a batch, without I/O: the `orders` entries to write once each (with the tag
+    of the item that last changed each) and, per partition, the aggregate keys to re-state.
+
+    Equal to applying the items one at a time and keeping the last write of each key: later
+    items read the batch's own writes, and the aggregates are absolute values.
+    """
+    written: dict[str, tuple[Any, dict[str, Any]]] = {}
+    changed: dict[int, BatchChange] = {}
+    for p, offset, record, tag in items:
+        agg = aggregates.get(p)
+        if agg is None:
+            # A new epoch: these values replace whatever an earlier owner sent (see above).
+            # The table holds every earlier batch's writes; none of this batch's is of `p`.
+            agg = aggregates[p] = rebuild(entries_of(p), epoch=epoch())
+            changed[p] = BatchChange(agg, offset, set(agg.customers), set(agg.statuses), set(agg.minutes))
+        if record is None:
+            continue  # poison: dead-lettered by the down-converter
+        key = record["key"]
+        current = written[key][1] if key in written else lookup(key)
+        applied = apply_order(key, current, record["sequence"], plain_state(record["data"]), p)
+        if applied is None:
+            continue  # a duplicate or an older event: changes nothing
+        entry, change = applied
+        written[key] = (tag, entry)
+        customers, statuses, minutes = agg.apply(change)
+        part = changed.get(p)
+        if part is None:
+            changed[p] = BatchChange(agg, offset, customers, statuses, minutes)
+        else:
+            part.version = offset
+            part.customers |= customers
+            part.statuses |= statuses
+            part.minutes |= minutes
+    return written, changed
 
 
 def rebuild(entries: list[dict[str, Any]], epoch: int = 0) -> PartitionAggregates:

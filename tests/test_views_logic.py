@@ -9,7 +9,10 @@ import pytest
 
 from app.views import (
     BadUpdate,
+    BatchChange,
+    BatchItem,
     PartitionAggregates,
+    apply_batch,
     apply_order,
     merge_part,
     minute_of,
@@ -139,3 +142,73 @@ def test_parse_update_names_what_is_wrong_with_poison() -> None:
     for key, value, kind, message in cases:
         with pytest.raises(BadUpdate, match=message):
             parse_update(key, value, kind)
+
+
+def _stage2(changed: dict[int, BatchChange], views: dict[str, dict[str, Any]]) -> None:
+    """Send what stage 1 would, and merge it as stage 2 does (epoch fixed: one owner)."""
+    for p, part in changed.items():
+        sends = [("customer", c, part.agg.customer_value(c)) for c in part.customers]
+        sends += [("status", s, part.agg.statuses.get(s, 0)) for s in part.statuses]
+        sends += [("minute", str(m), part.agg.minutes.get(m, 0)) for m in part.minutes]
+        for kind, key, value in sends:
+            merged = merge_part(views[kind].get(key), p, part.agg.epoch, part.version, value)
+            if merged is not None:
+                views[kind][key] = merged
+
+
+def _feed(items: list[BatchItem], batch_size: int) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Stage 1 and 2 over `items` in batches of `batch_size`: the orders table and the views."""
+    orders: dict[str, Any] = {}
+    aggregates: dict[int, PartitionAggregates] = {}
+    views: dict[str, dict[str, Any]] = {"customer": {}, "status": {}, "minute": {}}
+    for i in range(0, len(items), batch_size):
+        written, changed = apply_batch(
+            aggregates, orders.get, lambda p: [v for v in orders.values() if v["p"] == p],
+            items[i:i + batch_size], lambda: 1)
+        for key, (_, entry) in written.items():
+            orders[key] = entry
+        _stage2(changed, views)
+    presented = {
+        "customer": {k: present_customer(v) for k, v in views["customer"].items()},
+        "status": {k: present_count(v) for k, v in views["status"].items()},
+        "minute": {k: present_count(v) for k, v in views["minute"].items()},
+    }
+    return orders, presented
+
+
+def test_one_batch_of_a_keys_whole_life_equals_applying_its_events_one_by_one() -> None:
+    # One key's life, and two neighbours of the same customer, in one partition and one batch:
+    # create, updates, status changes, a duplicate, an old event, delete, re-create; poison too.
+    events: list[tuple[str, int, dict[str, Any] | None]] = [
+        ("1", 1, order(1, customer=5)), ("2", 1, order(2, customer=5, cents=40)),
+        ("1", 2, order(1, customer=5, status="paid")), ("1", 2, order(1, customer=5, status="paid")),
+        ("1", 3, order(1, customer=5, status="shipped", cents=120)), ("1", 1, order(1, customer=5)),
+        ("2", 2, order(2, customer=5, cents=40, status="cancelled")), ("1", 4, None),
+        ("1", 5, order(1, customer=5, cents=7, currency="USD", created=T + 61_000_000)),
+        ("3", 1, order(3, customer=6, created=T + 61_000_000)),
+        ("3", 2, order(3, customer=6, status="paid", created=T + 61_000_000)),
+    ]
+    items: list[BatchItem] = []
+    for offset, (key, seq, state) in enumerate(events):
+        items.append((0, offset, {"key": key, "sequence": seq, "data": state}, offset))
+        if offset == 4:
+            items.append((0, 100 + offset, None, "poison"))  # undecodable: skipped, never applied
+    one_by_one = _feed(items, 1)
+    batched = _feed(items, len(items))
+    assert batched == one_by_one
+    orders, views = batched
+    assert orders["1"]["seq"] == 5 and orders["1"]["state"]["currency"] == "USD"
+    assert views["status"] == {"pending": 1, "paid": 1, "shipped": 0, "cancelled": 1}
+    assert views["customer"]["5"] == {"count": 2, "total_cents": {"EUR": 40, "USD": 7}, "last_order_at": T + 61_000_000}
+    # Each key once, in the minute of its first creation (the re-created order 1 is not again).
+    assert views["minute"] == {str(minute_of(T)): 2, str(minute_of(T + 61_000_000)): 1}
+
+
+def test_a_batch_writes_each_key_once_with_the_tag_of_its_last_change() -> None:
+    items: list[BatchItem] = [(p, o, {"key": k, "sequence": s, "data": order(int(k))}, f"e{o}")
+                              for p, o, k, s in [(0, 0, "1", 1), (1, 0, "2", 1), (0, 1, "1", 2), (0, 2, "1", 1)]]
+    written, changed = apply_batch({}, lambda key: None, lambda p: [], items, lambda: 7)
+    assert {k: (tag, entry["seq"], entry["p"]) for k, (tag, entry) in written.items()} == {
+        "1": ("e1", 2, 0), "2": ("e0", 1, 1)}
+    # The version of a partition's re-stated keys: its last event of the batch that changed one.
+    assert {p: (c.version, c.agg.epoch) for p, c in changed.items()} == {0: (1, 7), 1: (0, 7)}
