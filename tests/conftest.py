@@ -79,6 +79,12 @@ def broker(run_dir: Path) -> Iterator[EmbeddedBroker]:
 
 
 @pytest.fixture(scope="session")
+def kafka(broker: EmbeddedBroker) -> Settings:
+    """Settings with only the broker: these commands need no database."""
+    return Settings(kafka_broker=broker.url)
+
+
+@pytest.fixture(scope="session")
 def settings(database_url: str, broker: EmbeddedBroker, role_prefix: str) -> Settings:
     """Settings pointing at this session's servers (connecting as the tables' owner)."""
     return Settings(database_url=database_url, kafka_broker=broker.url, service_name="orders",

@@ -69,3 +69,13 @@ async def start_worker(settings: Settings, log: Path, **extra: str) -> subproces
     child = spawn_app(settings, "worker", log=log, **extra)
     await wait_for_log(log, "[^Worker]: Ready", child, start=start)
     return child
+
+
+async def run_app(kafka: Settings, *args: str) -> tuple[int, str, str]:
+    """`python -m app <args>` as a child process pointed at the session's broker."""
+    env = {**os.environ, "KAFKA_BROKER": kafka.kafka_broker, "PYTHONPATH": str(ROOT)}
+    child = await asyncio.create_subprocess_exec(sys.executable, "-m", "app", *args, cwd=ROOT, env=env,
+                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(child.communicate(), 60)
+    assert child.returncode is not None
+    return child.returncode, out.decode(), err.decode()

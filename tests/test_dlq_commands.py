@@ -1,9 +1,6 @@
 """`dlq list` / `dlq redrive` against the session's embedded Tansu broker (fresh topics per test)."""
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 import uuid
 from collections.abc import AsyncIterator
 
@@ -12,17 +9,10 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from app.dlq import REDRIVEN_FROM, list_dead_letters, redrive, redrive_group
-from app.embedded import EmbeddedBroker
 from app.settings import Settings
 from app.topics import TopicError
 from tests.kafka import TopicReader
-from tests.processes import ROOT
-
-
-@pytest.fixture(scope="module")
-def kafka(broker: EmbeddedBroker) -> Settings:
-    """Settings with only the broker: these commands need no database."""
-    return Settings(kafka_broker=broker.url)
+from tests.processes import run_app
 
 
 @pytest.fixture
@@ -74,16 +64,6 @@ async def test_list_shows_every_letter_with_error_and_source(kafka: Settings, to
     assert cells == [str(letter.partition), str(letter.offset), "k3", "ConversionError",
                      "bad amount 3 line two", f"{source}:1:103"]
     assert len(await list_dead_letters(kafka, dlq, limit=2)) == 2
-
-
-async def run_app(kafka: Settings, *args: str) -> tuple[int, str, str]:
-    """`python -m app <args>` as a child process pointed at the session's broker."""
-    env = {**os.environ, "KAFKA_BROKER": kafka.kafka_broker, "PYTHONPATH": str(ROOT)}
-    child = await asyncio.create_subprocess_exec(sys.executable, "-m", "app", *args, cwd=ROOT, env=env,
-                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(child.communicate(), 60)
-    assert child.returncode is not None
-    return child.returncode, out.decode(), err.decode()
 
 
 async def test_list_command_prints_one_line_per_letter(kafka: Settings, topics: tuple[str, str]) -> None:

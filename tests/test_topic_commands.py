@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,7 +13,6 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.embedded import EmbeddedBroker
 from app.events import encode_message
 from app.schemas import load
 from app.settings import Settings
@@ -27,13 +24,7 @@ from app.topics import (
     group_offsets,
     read_to_end,
 )
-from tests.processes import ROOT
-
-
-@pytest.fixture(scope="module")
-def kafka(broker: EmbeddedBroker) -> Settings:
-    """Settings with only the broker: these commands need no database."""
-    return Settings(kafka_broker=broker.url)
+from tests.processes import run_app
 
 
 async def fresh_topic(kafka: Settings, partitions: int = 2) -> str:
@@ -95,16 +86,6 @@ def read_container(path: Path) -> list[dict[str, Any]]:
     """The records of an Avro container file, read by the Apache `avro` package."""
     with avro.datafile.DataFileReader(open(path, "rb"), avro.io.DatumReader()) as reader:
         return [dict(record) for record in reader]  # type: ignore[call-overload]
-
-
-async def run_app(kafka: Settings, *args: str) -> tuple[int, str, str]:
-    """`python -m app <args>` as a child process pointed at the session's broker."""
-    env = {**os.environ, "KAFKA_BROKER": kafka.kafka_broker, "PYTHONPATH": str(ROOT)}
-    child = await asyncio.create_subprocess_exec(sys.executable, "-m", "app", *args, cwd=ROOT, env=env,
-                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(child.communicate(), 60)
-    assert child.returncode is not None
-    return child.returncode, out.decode(), err.decode()
 
 
 async def test_consumers_shows_groups_with_committed_offsets_and_their_lag(kafka: Settings) -> None:
