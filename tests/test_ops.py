@@ -389,3 +389,42 @@ async def test_an_agent_that_stays_stuck_after_restarts_makes_the_worker_not_rea
     assert value(samples, "mse_ready") == 0
     # Liveness is unaffected: the process is fine, one agent is not.
     assert (await get(worker.url + "/health/live"))[0] == 200
+
+
+class FakeActor:
+    """Just enough of Faust's ActorRef for the watchdog: its coroutine and its task."""
+
+    crashed = False
+
+    def __init__(self, it: Any, task: asyncio.Task[None]) -> None:
+        self.it, self.actor_task = it, task
+
+    async def maybe_start(self) -> None:
+        """Faust starts the actor's service here; this one runs already."""
+
+
+async def test_a_parked_agent_is_restarted_only_while_its_input_has_lag() -> None:
+    # An actor parked on one await with an event in flight: a deadlock if messages wait for
+    # it, but an idle agent with nothing to do must be left alone (it parks like that too).
+    app = create_app(Settings(app_id="unit-lag"))
+    dog = Watchdog(app, ProgressSensor(app), WatchdogPolicy(stall_after=10))
+    stall = dog.policy.stall_seconds(app)
+    parked = asyncio.Event()
+
+    async def agent_body() -> None:
+        await parked.wait()
+
+    it = agent_body()
+    actor = FakeActor(it, asyncio.create_task(it))
+    agent = SimpleNamespace(supervisor=SimpleNamespace(_services=[actor]))
+    await until(lambda: await_leaf(actor) is not it, what="the actor parked")  # type: ignore[arg-type]
+    progress = dog.progress.progress("a")
+    progress.received, progress.processed = 5, 4  # one event in flight
+    watch = AgentWatch(since=0.0)
+    for now, lag in ((1.0, 0), (2.0 + stall, 0), (3.0 + 3 * stall, 0)):
+        await dog.check_agent("a", agent, watch, lag, now)  # type: ignore[arg-type]
+        assert watch.state == "running" and watch.attempts == 0 and not actor.actor_task.done()
+    await dog.check_agent("a", agent, watch, 3, 4.0 + 3 * stall)  # type: ignore[arg-type]
+    assert watch.state == "stalled" and watch.attempts == 1 and progress.restarts["stalled"] == 1
+    await asyncio.gather(actor.actor_task, return_exceptions=True)
+    assert actor.actor_task.cancelled()  # what Faust's supervisor turns into a restart
