@@ -403,7 +403,7 @@ async def commit_to_visible(db: Database, tail: TailReader, visible: Visible, ra
     return {"n": n, "rate": n / took, "sampled": len(commit_at), "missing": len(commit_at) - len(lat),
             "p50": percentile(lat, 50), "p99": percentile(lat, 99), "max": max(lat, default=float("nan")),
             "delivery_p50": percentile(delivery, 50), "delivery_p99": percentile(delivery, 99),
-            "polls_per_s": polls / polled_for, "committed": committed}
+            "polls_per_s": polls / polled_for, "committed": committed, "sampled_keys": list(commit_at)}
 
 
 def fmt_visible(r: dict[str, Any]) -> str:
