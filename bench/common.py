@@ -147,7 +147,8 @@ def _asyncpg_url(url: str) -> str:
 def servers() -> Iterator[tuple[str, EmbeddedBroker, bool]]:
     """(server URL, broker, external?) — PostgreSQL from DATABASE_URL or embedded; Tansu embedded.
 
-    Every server started here is stopped (by its PID, through `stop()`) on the way out.
+    Every server started here is stopped (by its PID, through `stop()`) on the way out, and
+    the embedded PostgreSQL's cluster deleted (as root it lives outside `run_dir`).
     """
     run_dir = Path(tempfile.mkdtemp(prefix="mse-bench-"))
     started: list[Any] = []
@@ -172,7 +173,7 @@ def servers() -> Iterator[tuple[str, EmbeddedBroker, bool]]:
         for server in reversed(started):
             SERVER_PIDS.clear()
             try:
-                server.stop()
+                server.remove() if isinstance(server, EmbeddedPostgres) else server.stop()
                 note(f"stopped {type(server).__name__} pid={server.pid}")
             except Exception as exc:  # keep stopping the others
                 note(f"could not stop {server!r}: {exc}")
