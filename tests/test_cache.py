@@ -435,6 +435,8 @@ async def test_cache_converges_under_concurrent_writers_readers_and_events(
         wanted[oid] = {"sequence": sequence, "deleted": True} if state is None else {"sequence": sequence, "state": state}
     assert len(cached) > 50 and cached == wanted
     assert await cache.get_many(Order, ids) == expected
-    # Whether a fill actually lost a race (a stale rejection) depends on timing; the rule
-    # itself is proven deterministically above (test_slow_fill_of_old_state_loses_to_newer_event). Here: many fills raced.
-    assert cache.stats.fills > 100, cache.stats
+    # How many fills ran, and whether one lost a race (a stale rejection), depends on timing
+    # (CI saw exactly 100 fills once against an old "> 100"); the rule itself is proven
+    # deterministically above (test_slow_fill_of_old_state_loses_to_newer_event). Here: the
+    # readers did go through the fill path while writers and events ran.
+    assert cache.stats.fills > 0 and cache.stats.misses > 0, cache.stats
