@@ -14,9 +14,11 @@ its events, so a rebalance cannot clear the aggregates in the middle of one.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,8 +60,9 @@ BATCH = 1000
 WITHIN = 0.005
 
 
-def write_as(event: Any, table: faust.Table, key: str, value: Any) -> None:
-    """`table[key] = value` as if while processing `event`.
+@contextlib.contextmanager
+def processing(event: Any) -> Iterator[None]:
+    """Table writes in this block go where they would while Faust processed `event`.
 
     Faust puts a table write in the changelog partition (and RocksDB partition store) of the
     *current* event. Writing a batch's keys after the batch, each must go where the event
@@ -68,9 +71,15 @@ def write_as(event: Any, table: faust.Table, key: str, value: Any) -> None:
     """
     token = _current_event.set(weakref.ref(event))
     try:
-        table[key] = value
+        yield
     finally:
         _current_event.reset(token)
+
+
+def write_as(event: Any, table: faust.Table, key: str, value: Any) -> None:
+    """`table[key] = value` as if while processing `event`."""
+    with processing(event):
+        table[key] = value
 
 
 def dead_letter_topics(app_id: str) -> list[str]:
@@ -158,12 +167,9 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
             horizon = time.time() - WINDOW_KEEP
             if kind == "minute" and events:
                 # Windows are kept one hour (wall clock); older ones are dropped, not updated.
-                token = _current_event.set(weakref.ref(events[0]))
-                try:
+                with processing(events[0]):
                     for old in [k for k in list(target.keys()) if int(k) < horizon]:
                         del target[old]
-                finally:
-                    _current_event.reset(token)
             for event in events:
                 msg = event.message
                 try:

@@ -354,8 +354,8 @@ def _sql_filter(service: str) -> Any:
     """A `before_cursor_execute` hook: early, named errors for SQL the roles would refuse or
     that would write an entity table without its event."""
     foreign = ownership.foreign_sensitive(EventedBase, service)
-    tables = frozenset(m.local_table.name for m in EventedBase.registry.mappers)
-    owners = {m.local_table.name: ownership.owner_of(m.class_) for m in EventedBase.registry.mappers}
+    models = {m.local_table.name: m.class_ for m in EventedBase.registry.mappers}
+    tables = frozenset(models)
 
     def check(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,
               executemany: bool) -> None:
@@ -363,9 +363,7 @@ def _sql_filter(service: str) -> Any:
             return  # the flush or an ORM bulk statement: its events are being raised
         written = ownership.written_table(tables, statement)
         if written is not None:
-            if owners[written] != service:
-                model = next(m.class_ for m in EventedBase.registry.mappers if m.local_table.name == written)
-                ownership.check_write(service, model)
+            ownership.check_write(service, models[written])  # a non-owner's error names the owner
             raise ownership.UneventedWrite(written, service)
         if foreign and (context is None or not context.isddl):  # creating tables reads no data
             ownership.check_sql(service, foreign, statement)
