@@ -12,6 +12,7 @@ from typing import Any
 
 import faust
 
+from agents.batching import take_ready
 from app.deadletter import Incoming, Outgoing, dead_letter, dlq_topic, incoming, produce_all
 from app.events import downconvert
 from app.orm import current_version, legacy_modes
@@ -63,9 +64,9 @@ def _declare(app: faust.App, source: EventSchema, targets: list[int], counted: C
     dlq = dlq_topic(source.topic)
 
     async def downconvert_entity(stream: faust.StreamT[Any]) -> None:
-        # take_events acks a batch only after this loop body finished with it, so the
+        # take_ready acks a batch only after this loop body finished with it, so the
         # offsets Faust commits never run ahead of what was produced (at-least-once).
-        async for events in stream.take_events(1000, within=0.005):
+        async for events in take_ready(stream, 1000, (0.005, 0.2)):
             batch = [incoming(e.message) for e in events]
             out = convert_batch(source, targets, batch)
             await produce_all(app, out, stage=f"downconvert_{source.entity}")

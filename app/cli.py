@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--data-dir", default=".run", help="where embedded servers keep data and logs")
     dev.add_argument("--for-seconds", type=float, default=0.0, help="stop after this long (0: until Ctrl-C)")
     sub.add_parser("worker", help="run the Faust worker (faust -A app.main worker -l info)")
-    sub.add_parser("relay", help="run only the outbox relay, without Faust")
+    sub.add_parser("relay", help="run only the outbox relay, without Faust (workers with RELAY_IN_WORKER=0); "
+                                 "/metrics and /health on RELAY_WEB_PORT")
     sub.add_parser("init-db", help="create the entity tables, the outbox and one PostgreSQL role per service")
     outbox = sub.add_parser("outbox", help="outbox commands")
     outbox_sub = outbox.add_subparsers(dest="outbox_command", required=True)
@@ -216,10 +217,10 @@ async def init_db(settings: Settings) -> list[str]:
 async def run_relay(settings: Settings) -> None:
     """Run the relay until interrupted."""
     import models  # noqa: F401
-    from app.relay import Relay
+    from app.relay_process import serve
 
     await check_all(settings)
-    await Relay(settings).run()
+    await serve(settings)
 
 
 async def outbox_status(settings: Settings) -> None:

@@ -39,6 +39,7 @@ class Outgoing:
     value: bytes | None
     partition: int | None
     headers: Headers
+    timestamp: float | None = None  # seconds; None: now
 
 
 def dlq_topic(source_topic: str) -> str:
@@ -67,7 +68,7 @@ async def produce_all(app: faust.App, messages: list[Outgoing], *, stage: str = 
     """Send `messages` in order and wait for every ack, retrying until the broker takes them."""
     async def attempt() -> None:
         # Sent one after the other (each send only queues), then every ack awaited together.
-        futures = [await app.producer.send(m.topic, m.key, m.value, m.partition, None, m.headers)
+        futures = [await app.producer.send(m.topic, m.key, m.value, m.partition, m.timestamp, m.headers)
                    for m in messages]
         await asyncio.gather(*futures)
 

@@ -99,17 +99,21 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
             service = role.removeprefix(full.db_role_prefix)
             env.setdefault(f"DATABASE_URL_{service.upper()}", service_url(full.database_url, role))
 
+        names: list[str] = []
+
         def spawn(name: str, *args: str) -> None:
             log = open(run / f"{name}.log", "ab")
             logs.append(log)
+            names.append(name)
             children.append(subprocess.Popen([sys.executable, *args], env=env, stdout=log,
                                              stderr=subprocess.STDOUT))
 
         spawn("worker", "-m", "faust", "-A", "app.main", "worker", "-l", "info")
+        if not full.relay_in_worker:  # RELAY_IN_WORKER=0: the relay gets a process (a core) of its own
+            spawn("relay", "-m", "app", "relay")
         if demo:
             spawn("demo", "-m", "app", "demo", "--rate", str(rate))
-        print(banner(full, run, demo, children, fresh=not settings.kafka_broker), flush=True)
-        names = ["worker", "demo"][:len(children)]
+        print(banner(full, run, children, names, fresh=not settings.kafka_broker), flush=True)
         ended = asyncio.run(watch(full, children, for_seconds))
         if ended is None:
             return 0
@@ -134,7 +138,7 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
             log.close()
 
 
-def banner(settings: Settings, run: Path, demo: bool, children: list[subprocess.Popen[bytes]],
+def banner(settings: Settings, run: Path, children: list[subprocess.Popen[bytes]], names: list[str],
            fresh: bool = False) -> str:
     """Where to look, printed once at start."""
     lines = [
@@ -142,10 +146,11 @@ def banner(settings: Settings, run: Path, demo: bool, children: list[subprocess.
         f"  PostgreSQL  {settings.database_url}",
         f"  Redis       {settings.redis_url}",
         f"  Kafka       {settings.kafka_broker}",
-        f"  worker      pid {children[0].pid}, web http://127.0.0.1:{settings.web_port}/, log {run / 'worker.log'}",
     ]
-    if demo:
-        lines.append(f"  demo        pid {children[1].pid}, log {run / 'demo.log'}")
+    for name, child in zip(names, children):
+        web = {"worker": f"web http://127.0.0.1:{settings.web_port}/, ",
+               "relay": f"metrics http://127.0.0.1:{settings.relay_web_port}/metrics, "}.get(name, "")
+        lines.append(f"  {name:<11} pid {child.pid}, {web}log {run / f'{name}.log'}")
     if fresh:
         lines.append("  state       empty at every start: the embedded broker keeps nothing (see README)")
     lines.append("  Ctrl-C stops everything.")

@@ -26,8 +26,8 @@ rebalance is under way):
 
 Trap: a restart skips what the actor was holding. Faust acks the event an actor was handling
 when that actor's stream iteration is closed (as it does for an event that raised), and a
-`take_events` agent also strands the events its background drainer had already moved into
-the old batch buffer: never acked, they stop the partition's committed offset there (visible
+batching agent (`agents/batching.take_ready`) also strands the events its background drainer
+had already moved into the old batch: never acked, they stop the partition's committed offset there (visible
 in `mse_consumer_lag`) until a rebalance or restart delivers them again. Hence the default
 `stall_after`: longer than any broker wait, so only a true deadlock is ever restarted.
 """

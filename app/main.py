@@ -10,7 +10,7 @@ from app import ops, owner_api, web
 from app.metrics import DownconvertCounts
 from app.relay import Relay
 from app.settings import Settings
-from app.transport import App
+from app.transport import App, DirectTopic
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -33,7 +33,10 @@ def create_app(settings: Settings) -> faust.App:
         # Each event fans out to changelog and repartition sends; a few ms of linger turns
         # them into batches instead of one tiny produce request each.
         producer_linger=settings.producer_linger_ms / 1000,
+        producer_max_batch_size=settings.producer_max_batch_bytes,
+        producer_max_request_size=max(settings.producer_max_batch_bytes * 2, 1_048_576),
         autodiscover=False,
+        Topic=DirectTopic,
         **({"datadir": settings.data_dir} if settings.data_dir else {}),
         # Table storage for every table (a table-level `store="rocksdb://"` parses to a falsy
         # URL and silently falls back to memory).
@@ -51,19 +54,21 @@ def create_app(settings: Settings) -> faust.App:
     web_views = web.install(app, settings)
     # The demo mounts the customers service's public methods (the owner's HTTP interface).
     owner = owner_api.install(app, settings)
-    relay = Relay(settings)
-    app.relay = relay  # type: ignore[attr-defined]  # read by web views and metrics
+    # The relay runs here unless operators run it as its own process (`python -m app relay`).
+    relay = Relay(settings) if settings.relay_in_worker else None
 
     @app.service
-    class OutboxRelay(Service):
-        """Runs the outbox relay inside the worker, stopping it with the worker."""
+    class Lifecycle(Service):
+        """Runs the outbox relay (when it is in the worker) and closes clients with the worker."""
 
         @Service.task
         async def _relay(self) -> None:
-            await relay.run()
+            if relay is not None:
+                await relay.run()
 
         async def on_stop(self) -> None:
-            relay.stop()
+            if relay is not None:
+                relay.stop()
             await owner.close()
             if app.entity_cache is not None:  # type: ignore[attr-defined]
                 await app.entity_cache.close()  # type: ignore[attr-defined]

@@ -46,7 +46,7 @@ from app.orm import evented_topics
 if TYPE_CHECKING:
     from agents.views import View
     from app.cache import CacheStats
-    from app.relay import Relay
+    from app.relay import Relay, RelayStats
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +285,43 @@ class Sources:
         return {name: len(view.table.data) for name, view in self.views.items()}
 
 
+def relay_families(stats: RelayStats | None) -> Iterator[Metric]:
+    """The relay's metric families (zeros when this process runs no relay)."""
+
+    def value(name: str) -> float:
+        return float(getattr(stats, name)) if stats is not None else 0.0
+
+    yield CounterMetricFamily("mse_relay_published", "Outbox events the relay published to Kafka.",
+                              value=value("published"))
+    yield CounterMetricFamily("mse_relay_batches", "Outbox batches the relay published.",
+                              value=value("batches"))
+    yield CounterMetricFamily("mse_relay_errors", "Relay failures (database or broker); it retries.",
+                              value=value("errors"))
+    yield GaugeMetricFamily("mse_relay_active", "1 while this process's relay holds the relay lock.",
+                            value=value("active"))
+    yield GaugeMetricFamily("mse_relay_connected", "1 while the relay holds a PostgreSQL connection.",
+                            value=value("connected"))
+    yield GaugeMetricFamily("mse_outbox_lag_rows", "Outbox rows not published yet (measured by the "
+                            "active relay about every second).", value=value("pending_rows"))
+    yield GaugeMetricFamily("mse_outbox_lag_seconds", "Age of the oldest unpublished outbox row.",
+                            value=value("oldest_seconds"))
+
+
+class RelayCollector(Collector):
+    """The relay's families for a process that runs only the relay (`python -m app relay`)."""
+
+    def __init__(self, stats: RelayStats) -> None:
+        self.stats = stats
+
+    def describe(self) -> list[Metric]:
+        """Nothing up front: registering must not read the live stats."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """The current value of every relay metric."""
+        yield from relay_families(self.stats)
+
+
 class OpsCollector(Collector):
     """Builds every `mse_` metric family from `Sources` when the registry is collected."""
 
@@ -313,25 +350,7 @@ class OpsCollector(Collector):
 
     def _relay(self) -> Iterator[Metric]:
         relay = self.sources.relay
-        stats = relay.stats if relay is not None else None
-
-        def value(name: str) -> float:
-            return float(getattr(stats, name)) if stats is not None else 0.0
-
-        yield CounterMetricFamily("mse_relay_published", "Outbox events the relay published to Kafka.",
-                                  value=value("published"))
-        yield CounterMetricFamily("mse_relay_batches", "Outbox batches the relay published.",
-                                  value=value("batches"))
-        yield CounterMetricFamily("mse_relay_errors", "Relay failures (database or broker); it retries.",
-                                  value=value("errors"))
-        yield GaugeMetricFamily("mse_relay_active", "1 while this worker's relay holds the relay lock.",
-                                value=value("active"))
-        yield GaugeMetricFamily("mse_relay_connected", "1 while the relay holds a PostgreSQL connection.",
-                                value=value("connected"))
-        yield GaugeMetricFamily("mse_outbox_lag_rows", "Outbox rows not published yet (measured by the "
-                                "active relay about every second).", value=value("pending_rows"))
-        yield GaugeMetricFamily("mse_outbox_lag_seconds", "Age of the oldest unpublished outbox row.",
-                                value=value("oldest_seconds"))
+        yield from relay_families(relay.stats if relay is not None else None)
 
     def _agents(self) -> Iterator[Metric]:
         s = self.sources

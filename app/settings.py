@@ -37,6 +37,10 @@ class Settings:
     consumer_auto_offset_reset: str = "earliest"
     # How long the worker's producer waits to batch sends (changelogs, repartition, v1).
     producer_linger_ms: float = 2.0
+    # The largest record batch the worker's producer builds per partition. aiokafka sends one
+    # batch per partition per request and waits for its ack before the next, so with Faust's
+    # 16 KB default a changelog partition moves ~40 entries per broker round trip.
+    producer_max_batch_bytes: int = 512 * 1024
     # Faust table storage: "" (memory) or e.g. "rocksdb://" for tables that outgrow memory.
     table_store: str = ""
     # Faust's data directory (table stores); "" is Faust's default, `<app id>-data` in the cwd.
@@ -52,6 +56,12 @@ class Settings:
     # Relay tuning: rows per fetch, and the poll interval used when NOTIFY is missed.
     relay_batch: int = 2000
     relay_poll_interval: float = 1.0
+    # Run the outbox relay inside the worker (one process for everything), or leave it to
+    # `python -m app relay` processes, so its Avro encoding does not share the stream
+    # agents' event loop (README: Performance).
+    relay_in_worker: bool = True
+    # The port a standalone relay (`python -m app relay`) serves /metrics and /health on; 0 = none.
+    relay_web_port: int = 6067
     # ORM reads are buffered and written as one access event per entity per flush.
     access_flush_interval: float = 0.25
     access_max_keys: int = 5000
@@ -95,6 +105,9 @@ class Settings:
             consumer_fetch_max_wait_ms=int(env.get("CONSUMER_FETCH_MAX_WAIT_MS", "10")),
             consumer_auto_offset_reset=env.get("CONSUMER_AUTO_OFFSET_RESET", "earliest"),
             producer_linger_ms=float(env.get("PRODUCER_LINGER_MS", "2")),
+            producer_max_batch_bytes=int(env.get("PRODUCER_MAX_BATCH_BYTES", str(512 * 1024))),
+            relay_in_worker=env.get("RELAY_IN_WORKER", "1") not in ("0", "false", "no"),
+            relay_web_port=int(env.get("RELAY_WEB_PORT", "6067")),
             stuck_after=float(env.get("STUCK_AFTER_S", "30")),
             group_instance_id=env.get("GROUP_INSTANCE_ID", ""),
             http_header_timeout=float(env.get("HTTP_HEADER_TIMEOUT_S", "5")),

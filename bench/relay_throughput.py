@@ -27,7 +27,8 @@ from bench.common import (Config, Env, Line, LoopMonitor, create_topic, execute,
 from models import Order
 
 
-async def _backlog(db: Database, total: int, chunk: int) -> float:
+async def write_backlog(db: Database, total: int, chunk: int) -> float:
+    """Commit `total` orders through the evented ORM in bulk inserts of `chunk` (one outbox row each)."""
     t0 = time.monotonic()
     row = {"customer_id": 7, "amount_cents": 1999, "currency": "EUR"}
     for start in range(0, total, chunk):
@@ -38,7 +39,7 @@ async def _backlog(db: Database, total: int, chunk: int) -> float:
 
 async def _relay_round(env: Env, db: Database, cfg: Config) -> dict[str, Any]:
     await execute(env, "DELETE FROM outbox")
-    took_backlog = await _backlog(db, cfg.relay_backlog, cfg.relay_chunk)
+    took_backlog = await write_backlog(db, cfg.relay_backlog, cfg.relay_chunk)
     conn = await asyncpg.connect(env.dsn)
     try:
         pending = await conn.fetchval("SELECT count(*) FROM outbox")

@@ -160,6 +160,8 @@ async def faust_worker(name: str, argv: list[str], run_dir: Path, **env: str) ->
     """A Faust worker child, yielded once it logged `[^Worker]: Ready`; stopped by PID on exit."""
     port = free_port()
     app_id = env.pop("APP_ID", f"mse-bench-{name}-{uuid.uuid4().hex[:8]}")
+    # Faust's data dir (table stores) in the round's directory, not `<app id>-data` in the cwd.
+    env.setdefault("FAUST_DATA_DIR", str(run_dir / f"{app_id}-data"))
     child = spawn(name, argv, run_dir / f"{app_id}.log",
                   child_env(APP_ID=app_id, WEB_PORT=str(port), WEB_HOST="127.0.0.1", **env), port)
     t0 = time.monotonic()

@@ -9,12 +9,13 @@ from typing import Any
 
 from sqlalchemy import insert, text
 
-from app.embedded import EmbeddedBroker
+from app.embedded import EmbeddedBroker, free_port
 from app.orm import Database
 from app.relay import Relay
 from app.settings import Settings
 from app.views import apply_order, plain_state
 from models import Order
+from tests.http import get_json, get_text
 from tests.kafka import TopicReader
 from tests.processes import spawn_app, stop
 from tests.waiting import until
@@ -113,3 +114,38 @@ async def test_a_crash_between_ack_and_delete_republishes_with_the_same_event_id
             stored[m.key] = result[0]
             applied += 1
     assert applied == len(keys)
+
+
+async def test_relay_process_serves_metrics_and_health_while_it_publishes(
+        db: Database, settings: Settings, tmp_path: Path) -> None:
+    port = free_port()
+    relay = spawn_app(settings, "relay", log=tmp_path / "relay.log", RELAY_WEB_PORT=str(port))
+    base = f"http://127.0.0.1:{port}"
+
+    async def ready() -> int:
+        try:
+            return (await get_json(f"{base}/health/ready"))[0]
+        except OSError:
+            return 0  # not listening yet
+
+    try:
+        await until(ready, lambda status: status == 200, timeout=30, what="the relay process ready")
+        async with db.session() as s:
+            order = Order(customer_id=18_004, amount_cents=321, currency="EUR")
+            s.add(order)
+        await wait_pending(db, lambda n: n == 0)
+
+        async def published() -> float:
+            status, body = await get_text(f"{base}/metrics")
+            assert status == 200
+            samples = {line.split()[0]: float(line.split()[1]) for line in body.splitlines()
+                       if line.startswith("mse_") and " " in line}
+            assert samples["mse_relay_connected"] == 1.0
+            return samples["mse_relay_published_total"]
+
+        assert await until(published, lambda n: n >= 1, timeout=10, what="a published event in /metrics") >= 1
+        status, live = await get_json(f"{base}/health/live")
+        assert status == 200 and live == {"live": True}
+    finally:
+        stop(relay)
+    assert relay.returncode == 0, (tmp_path / "relay.log").read_text()

@@ -1,0 +1,70 @@
+"""`python -m app relay`: the outbox relay as its own process, with /metrics and /health.
+
+Run it next to workers started with `RELAY_IN_WORKER=0`, so the relay's Avro encoding does
+not share the stream agents' event loop (README: Performance). Several may run: one holds the
+relay lock and publishes, the others wait on standby and take over when it dies.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from app.metrics import RelayCollector
+from app.relay import Relay
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def relay_web(relay: Relay) -> web.Application:
+    """`/metrics` (the relay's families), `/health/live` and `/health/ready` (connected)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RelayCollector(relay.stats))
+
+    async def metrics(_: web.Request) -> web.Response:
+        # prometheus_client's Content-Type carries a charset parameter, which aiohttp's
+        # content_type argument refuses: set the header itself.
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def live(_: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def ready(_: web.Request) -> web.Response:
+        stats = relay.stats
+        body = {"ready": stats.connected, "active": stats.active, "published": stats.published,
+                "pending_rows": stats.pending_rows, "last_error": stats.last_error}
+        return web.Response(status=200 if stats.connected else 503, text=json.dumps(body),
+                            content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health/live", live)
+    app.router.add_get("/health/ready", ready)
+    return app
+
+
+async def serve(settings: Settings) -> None:
+    """Relay until SIGTERM or SIGINT; the web server runs when `relay_web_port` is not 0."""
+    relay = Relay(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, relay.stop)
+    runner: web.AppRunner | None = None
+    if settings.relay_web_port:
+        runner = web.AppRunner(relay_web(relay), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, settings.web_host, settings.relay_web_port).start()
+        log.info("relay web server on http://%s:%d", settings.web_host, settings.relay_web_port)
+    try:
+        await relay.run()
+    finally:
+        if runner is not None:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        log.info("relay stopped after publishing %d events", relay.stats.published)

@@ -1,0 +1,88 @@
+"""take_ready (agents/batching.py): batch sizes, the adaptive window, and acks only after the body."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+
+from agents.batching import behind, take_ready
+from tests.waiting import until
+
+
+def make_app(name: str) -> faust.App:
+    # No broker is contacted: agents run in their test context.
+    return faust.App(f"test-batching-{name}", store="memory://")
+
+
+async def test_batches_hold_at_most_max_and_every_event_once_in_order() -> None:
+    app = make_app("max")
+    seen: list[list[bytes]] = []
+
+    @app.agent(app.topic("in", value_serializer="raw"))
+    async def agent(stream: Any) -> None:
+        async for batch in take_ready(stream, 3, (0.001, 0.01)):
+            seen.append([event.value for event in batch])
+
+    async with agent.test_context() as ctx:
+        for i in range(10):
+            await ctx.put(b"%d" % i)
+        await until(lambda: sum(map(len, seen)), lambda n: n == 10, timeout=5, what="10 events in batches")
+    assert all(1 <= len(batch) <= 3 for batch in seen), seen
+    assert [v for batch in seen for v in batch] == [b"%d" % i for i in range(10)]
+
+
+async def test_a_batch_whose_body_raised_is_not_acked() -> None:
+    app = make_app("acks")
+    batches: list[list[Any]] = []
+
+    @app.agent(app.topic("in", value_serializer="raw"))
+    async def agent(stream: Any) -> None:
+        async for batch in take_ready(stream, 100, (0.001, 0.01)):
+            batches.append(batch)
+            if any(event.value == b"boom" for event in batch):
+                raise RuntimeError("the body failed on this batch")
+
+    async with agent.test_context() as ctx:
+        await ctx.put(b"ok")
+        await until(lambda: len(batches), lambda n: n >= 1, timeout=5, what="the first batch")
+        await ctx.put(b"boom")
+        await until(lambda: any(e.value == b"boom" for b in batches for e in b), bool, timeout=5,
+                    what="the failing batch")
+        await asyncio.sleep(0.05)  # the generator is closed after the body raised
+    first, failed = batches[0], [e for b in batches for e in b if e.value == b"boom"]
+    assert all(event.message.acked for event in first), "a finished batch is acked"
+    assert not any(event.message.acked for event in failed), "a batch whose body raised was acked"
+
+
+@dataclass
+class FakeMessage:
+    tp: str
+    offset: int
+
+
+@dataclass
+class FakeEvent:
+    message: FakeMessage
+
+
+class FakeConsumer:
+    def __init__(self, highwaters: dict[str, int]) -> None:
+        self.highwaters = highwaters
+
+    def highwater(self, tp: str) -> int:
+        return self.highwaters[tp]
+
+
+class FakeStream:
+    def __init__(self, highwaters: dict[str, int]) -> None:
+        self.app = type("FakeApp", (), {"consumer": FakeConsumer(highwaters)})()
+
+
+def test_behind_means_more_than_a_batch_waits_in_some_partition() -> None:
+    batch = [FakeEvent(FakeMessage("a", o)) for o in (10, 11)] + [FakeEvent(FakeMessage("b", 5))]
+    # The highwater is the next offset to be written: 12 on `a` means nothing waits behind 11.
+    assert not behind(FakeStream({"a": 12, "b": 6}), batch)  # type: ignore[arg-type]
+    assert not behind(FakeStream({"a": 15, "b": 6}), batch)  # type: ignore[arg-type]  # 3 wait: not more than the batch
+    assert behind(FakeStream({"a": 12, "b": 10}), batch)  # type: ignore[arg-type]  # 4 wait behind offset 5
