@@ -176,6 +176,20 @@ def pause_worker(seconds: float = 30.0) -> FaultFn:
     return act
 
 
+def add_worker_during_backlog(backlog: float = 8.0) -> FaultFn:
+    """Let a backlog build (the worker SIGSTOPped `backlog` s while writes go on), then resume it
+    and start a second worker at once: the group rebalances while both catch up, and stage 1
+    rebuilds the moved partitions' aggregates mid-backlog (the second worker once left a
+    stage-2 count short of the truth for minutes)."""
+    paused = pause_worker(backlog)
+
+    async def act(stack: Stack) -> Notes:
+        await paused(stack)
+        added = await stack.add_worker()
+        return {"backlog built for": f"{backlog:.0f} s", "added": added.name}
+    return act
+
+
 def storm(parts: list[FaultFn]) -> FaultFn:
     """Several faults at once (each on a different part of the stack)."""
     async def act(stack: Stack) -> Notes:
@@ -197,6 +211,7 @@ def faults(*, kills: int = 5, broker_pause: float = 20.0, poison_count: int = 10
         "worker-takeover": Fault("2 workers, one SIGKILLed", kill_one_of_two(), workers=2),
         "poison": Fault(f"{poison_count} poison messages per input topic", poison(poison_count)),
         "worker-pause": Fault(f"worker SIGSTOP {worker_pause:.0f} s (slow consumer)", pause_worker(worker_pause)),
+        "worker-added": Fault("a second worker added during a backlog", add_worker_during_backlog()),
         # All at once: crashes, a frozen broker, a database and a cache restart, and poison.
         "storm": Fault("all at once: worker kills, broker pause, PostgreSQL + Redis restarts, poison",
                        storm([kill_worker(2, ready_within=ready_within), pause_broker(broker_pause / 2),

@@ -328,6 +328,9 @@ async def test_two_workers_route_lookups_and_a_standby_answers_while_the_owner_i
     other = await spawn(settings, tmp_path / "second.log", worker.app_id, redis_url)
     try:
         await until(lambda: split(worker, other), bool, timeout=30, what="both workers holding partitions")
+        # A stable group: both ready (recovered, not rebalancing). Until then a worker may say
+        # "rebalancing" for its own partitions, as it should.
+        await until(lambda: both_ready(worker, other), bool, timeout=60, what="both workers ready")
         # Nothing was written since it joined, so its producer has never sent to a changelog:
         # it must still know every key's owner from the assignment (it once answered "owner
         # unknown (rebalancing)" for minutes).
@@ -390,6 +393,11 @@ async def test_two_workers_route_lookups_and_a_standby_answers_while_the_owner_i
         assert strict.status == 200 and strict.headers["X-Served-By"] == "active"
     finally:
         stop(other.child, signal.SIGKILL)
+
+
+async def both_ready(*workers: Worker) -> bool:
+    """Whether every worker answers /health/ready with 200."""
+    return all([(await get(w.url, "/health/ready")).status == 200 for w in workers])
 
 
 async def split(a: Worker, b: Worker) -> bool:

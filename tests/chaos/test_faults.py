@@ -94,6 +94,17 @@ async def test_worker_paused_20_seconds_catches_up(session: Session) -> None:
     assert report.converge_s is not None  # the catch-up time, in the report's table
 
 
+async def test_worker_added_during_a_backlog_leaves_every_view_equal_to_the_database(session: Session) -> None:
+    report = await run(session, "worker-added")
+    assert report.notes["workers alive"] == 2, report.notes
+    # The views were checked through the first worker; the second must give the same answers
+    # (it forwards lookups to each key's owner, so it must know every owner: no "rebalancing").
+    second = session.stack.alive_workers[1]
+    asked = Report(f"views asked of {second.name}", writes=report.writes, ambiguous=report.ambiguous)
+    again = await session.checker.converge(asked, second.url, timeout=30)
+    assert again.consistent and again.converge_s is not None, (again.row(), again.examples)
+
+
 async def test_storm_of_every_fault_at_once_loses_nothing(session: Session) -> None:
     # Crashes while the broker is frozen and the database and cache restart, with poison: the
     # faults interact (a restarted worker meets a paused broker, retries meet a dead database).
