@@ -285,11 +285,11 @@ class Sources:
         return {name: len(view.table.data) for name, view in self.views.items()}
 
 
-def relay_families(stats: RelayStats | None) -> Iterator[Metric]:
-    """The relay's metric families (zeros when this process runs no relay)."""
+def relay_families(stats: RelayStats) -> Iterator[Metric]:
+    """The relay's metric families, from its live stats."""
 
     def value(name: str) -> float:
-        return float(getattr(stats, name)) if stats is not None else 0.0
+        return float(getattr(stats, name))
 
     yield CounterMetricFamily("mse_relay_published", "Outbox events the relay published to Kafka.",
                               value=value("published"))
@@ -350,7 +350,9 @@ class OpsCollector(Collector):
 
     def _relay(self) -> Iterator[Metric]:
         relay = self.sources.relay
-        yield from relay_families(relay.stats if relay is not None else None)
+        if relay is None:
+            return  # RELAY_IN_WORKER=0: the relay process exports these (zeros here would read as "no lag")
+        yield from relay_families(relay.stats)
 
     def _agents(self) -> Iterator[Metric]:
         s = self.sources

@@ -150,6 +150,19 @@ def test_each_app_exports_every_family_from_a_registry_of_its_own() -> None:
     assert not ready and any("recovery" in r for r in reasons) and any("relay" in r for r in reasons)
 
 
+def test_a_worker_without_the_relay_leaves_its_families_and_readiness_to_the_relay_process() -> None:
+    app = create_app(Settings(app_id="unit-no-relay", redis_url="redis://127.0.0.1:1/0",
+                              relay_in_worker=False))
+    assert app.ops.sources.relay is None  # type: ignore[attr-defined]
+    text = generate_latest(app.ops.registry).decode()  # type: ignore[attr-defined]
+    names = {family.name for family in text_string_to_metric_families(text)}
+    relay_families = {n for n in FAMILIES if n.startswith(("mse_relay_", "mse_outbox_lag_"))}
+    assert relay_families and not names & relay_families, "no zeros that would read as 'no outbox lag'"
+    assert FAMILIES - relay_families <= names
+    ready, reasons = app.ops.ready()  # type: ignore[attr-defined]
+    assert not ready and not any(r.startswith("relay") for r in reasons)
+
+
 def test_agent_lag_counts_messages_past_the_agents_own_position() -> None:
     a, b = TP("t", 0), TP("t", 1)
     offsets = [PartitionOffsets(a, highwater=10, committed=4, read=9),
