@@ -29,6 +29,12 @@ def create_app(settings: Settings) -> faust.App:
         # Tansu has no idempotent/transactional producer: exactly-once comes from event ids
         # and per-key sequences, so keep Faust at-least-once.
         processing_guarantee="at_least_once",
+        # On a rebalance Faust waits for every event its streams took in to be acked. A batching
+        # agent's drainer can hold one it cannot hand over while flow control is suspended, and
+        # the rebalance then never completes: a worker added during a backlog kept re-joining
+        # (tests/chaos: "a second worker added during a backlog"). Every stage is idempotent, so
+        # an event in flight is simply processed again by the partition's next owner.
+        stream_wait_empty=False,
         producer_acks=-1,
         # Each event fans out to changelog and repartition sends; a few ms of linger turns
         # them into batches instead of one tiny produce request each.

@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from sqlalchemy import insert
 
 from app.cache import connect_redis
 from app.embedded import EmbeddedPostgres
+from app.orm import Database
 from chaos.stack import Stack, StackError, Worker
+from models import Order
 
 Notes = dict[str, Any]
 FaultFn = Callable[[Stack], Awaitable[Notes]]
@@ -190,6 +193,29 @@ def add_worker_during_backlog(backlog: float = 8.0) -> FaultFn:
     return act
 
 
+def two_workers_onto_a_backlog(orders: int = 3000) -> FaultFn:
+    """SIGKILL both workers, commit `orders` orders in bulk while the load goes on (the outbox
+    holds them all: the relay died with the workers), then start both at once: the group forms
+    and splits the partitions while both catch up (issue: a stage-2 count once stayed short)."""
+    async def act(stack: Stack) -> Notes:
+        workers = stack.alive_workers
+        killed = sum(worker.kill() for worker in workers)
+        db = Database(stack.settings.database_url, service="orders", record_reads=False)
+        try:
+            async with db.session() as s:
+                await s.execute(insert(Order), [{"customer_id": 90_000 + i % 50, "amount_cents": 100 + i,
+                                                 "currency": "EUR"} for i in range(orders)])
+        finally:
+            await db.close()
+        for worker in workers:
+            worker.spawn()
+        for worker in workers:
+            if not await worker.wait_ready(120):
+                raise StackError(f"worker {worker.name} not ready after starting onto the backlog; see {worker.log}")
+        return {"backlog": orders, "killed": killed, "_committed writes": orders}
+    return act
+
+
 def storm(parts: list[FaultFn]) -> FaultFn:
     """Several faults at once (each on a different part of the stack)."""
     async def act(stack: Stack) -> Notes:
@@ -212,6 +238,8 @@ def faults(*, kills: int = 5, broker_pause: float = 20.0, poison_count: int = 10
         "poison": Fault(f"{poison_count} poison messages per input topic", poison(poison_count)),
         "worker-pause": Fault(f"worker SIGSTOP {worker_pause:.0f} s (slow consumer)", pause_worker(worker_pause)),
         "worker-added": Fault("a second worker added during a backlog", add_worker_during_backlog()),
+        "two-onto-backlog": Fault("2 workers started together onto a backlog", two_workers_onto_a_backlog(),
+                                  workers=2),
         # All at once: crashes, a frozen broker, a database and a cache restart, and poison.
         "storm": Fault("all at once: worker kills, broker pause, PostgreSQL + Redis restarts, poison",
                        storm([kill_worker(2, ready_within=ready_within), pause_broker(broker_pause / 2),

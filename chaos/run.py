@@ -67,6 +67,8 @@ class Session:
         for field in ("committed", "ambiguous", "retried", "rolled_back"):
             name = "writes" if field == "committed" else field
             setattr(self.totals, name, getattr(self.totals, name) + getattr(stats, field))
+        # A fault that commits writes of its own (a backlog) counts them with the load's.
+        self.totals.writes += notes.get("_committed writes", 0)
         report = Report(fault.name, notes=notes)
         # The database holds this stack's whole history: check all of it, against all writes.
         report.writes, report.ambiguous = self.totals.writes, self.totals.ambiguous

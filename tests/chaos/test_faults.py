@@ -97,8 +97,18 @@ async def test_worker_paused_20_seconds_catches_up(session: Session) -> None:
 async def test_worker_added_during_a_backlog_leaves_every_view_equal_to_the_database(session: Session) -> None:
     report = await run(session, "worker-added")
     assert report.notes["workers alive"] == 2, report.notes
-    # The views were checked through the first worker; the second must give the same answers
-    # (it forwards lookups to each key's owner, so it must know every owner: no "rebalancing").
+    await views_agree_through_the_second_worker(session, report)
+
+
+async def test_two_workers_started_onto_a_backlog_agree_with_the_database(session: Session) -> None:
+    report = await run(session, "two-onto-backlog")
+    assert report.notes["killed"] == 2 and report.notes["workers alive"] == 2, report.notes
+    await views_agree_through_the_second_worker(session, report)
+
+
+async def views_agree_through_the_second_worker(session: Session, report: Report) -> None:
+    """The views were checked through the first worker; the second must give the same answers
+    (it forwards lookups to each key's owner, so it must know every owner: no "rebalancing")."""
     second = session.stack.alive_workers[1]
     asked = Report(f"views asked of {second.name}", writes=report.writes, ambiguous=report.ambiguous)
     again = await session.checker.converge(asked, second.url, timeout=30)
