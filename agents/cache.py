@@ -18,7 +18,7 @@ from typing import Any
 
 import faust
 
-from agents.batching import take_ready
+from agents.batching import WITHIN, take_ready
 from agents.downconvert import downconvert_targets
 from app.cache import CacheRepository, connect_redis
 from app.deadletter import dead_letter, incoming, produce_all
@@ -119,7 +119,7 @@ def _declare(app: faust.App, resource: CacheResource, schema: EventSchema, *, de
     retries = retries_of(app)
 
     async def refresh_cache(stream: faust.StreamT[Any]) -> None:
-        async for events in take_ready(stream, 500, (0.005, 0.2)):
+        async for events in take_ready(stream, 500, WITHIN):
             batch, poison = refreshes(schema, [e.message.value for e in events])
             if poison and dead_letters:
                 await produce_all(app, [dead_letter(schema.topic, incoming(events[i].message), exc)

@@ -1,6 +1,7 @@
-"""apply_order_events and the aggregate agents: the materialized views as Faust tables.
+"""The materialized views as Faust tables: stage 1's job and the aggregate agents.
 
-Stage 1 (`apply_order_events`, partitioned like `orders-v2`) keeps `orders` and derives the
+Stage 1 (`ApplyOrderEvents`, a job of the `process_orders` agent in `agents/entity_pass.py`,
+so it shares one pass over `orders-v2` with down-conversion) keeps `orders` and derives the
 per-partition aggregates; stage 2 (`apply_<view>_updates`) merges them into the views keyed
 by customer, status and minute. See `app.views` for why this makes every view idempotent.
 
@@ -20,16 +21,17 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import faust
 from faust.streams import _current_event
+from faust.types import EventT
 
-from agents.batching import take_ready
+from agents.batching import BATCH, WITHIN, take_ready
+from agents.entity_pass import Decoded, Job
 from app.deadletter import Outgoing, dead_letter, dlq_topic, incoming, produce_all
-from app.events import decode
 from app.schemas import field_type, load, non_null
 from app.settings import Settings
 from app.views import (
@@ -58,11 +60,8 @@ class View:
 
 
 AGGREGATES = ("customer_orders", "orders_by_status", "orders_per_minute")
-#: Events per batch, and the shortest and longest window a batch waits to fill: the short one
-#: bounds the latency it adds while the worker keeps up; under a backlog the window grows, so
-#: batches coalesce more (bench/catchup.py: 5 ms fixed ~300 events/s, 5-200 ms ~800 /s).
-BATCH = 1000
-WITHIN = (0.005, 0.2)
+#: The (entity, schema version) whose topic stage 1 reads.
+SOURCE = ("orders", 2)
 
 
 @contextlib.contextmanager
@@ -92,8 +91,9 @@ def dead_letter_topics(app_id: str) -> list[str]:
     return [dlq_topic(f"{app_id}-{view}-updates") for view in AGGREGATES]
 
 
-def install(app: faust.App, settings: Settings) -> dict[str, View]:
-    """Declare the view tables and their agents; returns them by name for the web layer."""
+def install(app: faust.App, settings: Settings) -> tuple[dict[str, View], Job]:
+    """Declare the view tables and the stage-2 agents; returns the tables by name (for the web
+    layer) and stage 1, the job to run on every batch of `orders-v2`."""
     partitions = settings.topic_partitions
 
     def table(name: str) -> faust.Table:
@@ -124,7 +124,7 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
     customer_updates = updates("customer_orders")
     status_updates = updates("orders_by_status")
     minute_updates = updates("orders_per_minute")
-    source = load("orders", 2)
+    source = load(*SOURCE)
     # The only keys orders_by_status can have: the status enum's symbols.
     status_symbols = frozenset(non_null(field_type({"fields": source.data_fields()}, "status"))["symbols"])
     aggregates: dict[int, PartitionAggregates] = {}
@@ -144,17 +144,20 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
                 + [update(status_updates, s, agg.statuses.get(s, 0)) for s in statuses]
                 + [update(minute_updates, str(m), agg.minutes.get(m, 0), float(m)) for m in minutes])
 
-    async def apply_order_events(stream: faust.StreamT[Any]) -> None:
-        async for events in take_ready(stream, BATCH, WITHIN):
+    class ApplyOrderEvents:
+        """Stage 1, a job of the `process_orders` agent (`agents/entity_pass.py`)."""
+
+        stage = "views"
+
+        def run(self, events: Sequence[EventT], records: Sequence[Decoded]) -> list[Outgoing]:
             items: list[BatchItem] = []
-            for event in events:
+            for event, record in zip(events, records, strict=True):
                 msg = event.message
-                try:
-                    record = decode(source, msg.value)
-                except Exception as exc:  # poison is dead-lettered by the down-converter; skip it here
-                    log.warning("views: undecodable message at %s/%s: %s", msg.partition, msg.offset, exc)
-                    record = None
-                items.append((msg.partition, msg.offset, record, event))
+                if isinstance(record, Exception):  # poison is dead-lettered by the down-converter; skip it here
+                    log.warning("views: undecodable message at %s/%s: %s", msg.partition, msg.offset, record)
+                    items.append((msg.partition, msg.offset, None, event))
+                else:
+                    items.append((msg.partition, msg.offset, record, event))
             written, changed = apply_batch(
                 aggregates, orders.get, lambda p: [v for v in orders.values() if v and v.get("p") == p],
                 items, time.time_ns)
@@ -163,8 +166,11 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
             # One message per aggregate key and partition, with its value after the batch, sent
             # straight to the producer (Faust's Topic.send costs ~150 µs a message) and acked
             # before the batch is.
-            await produce_all(app, [m for p, part in changed.items() for m in emit(
-                p, part.version, part.agg, part.customers, part.statuses, part.minutes)], stage="apply_order_events")
+            return [m for p, part in changed.items() for m in emit(
+                p, part.version, part.agg, part.customers, part.statuses, part.minutes)]
+
+        def sent(self, out: list[Outgoing]) -> None:
+            pass
 
     async def merge_into(target: faust.Table, stream: faust.StreamT[Any], kind: str) -> None:
         async for events in take_ready(stream, BATCH, WITHIN):
@@ -204,8 +210,6 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
     async def apply_orders_per_minute_updates(stream: faust.StreamT[Any]) -> None:
         await merge_into(orders_per_minute, stream, "minute")
 
-    raw_source = app.topic(source.topic, key_serializer="raw", value_serializer="raw")
-    app.agent(raw_source, name="apply_order_events")(apply_order_events)
     app.agent(updates("customer_orders", raw=True),
               name="apply_customer_orders_updates")(apply_customer_orders_updates)
     app.agent(updates("orders_by_status", raw=True),
@@ -218,4 +222,4 @@ def install(app: faust.App, settings: Settings) -> dict[str, View]:
         "orders_by_status": View(orders_by_status, "count per status", present_count),
         "orders_per_minute": View(orders_per_minute, "tumbling window 60 s, kept 1 h (key: window start, epoch s)",
                                   present_count),
-    }
+    }, ApplyOrderEvents()

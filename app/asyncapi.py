@@ -97,10 +97,14 @@ def _channels(settings: Settings) -> list[Channel]:
         current = load(entity, current_version(entity))
         dlq = f"{current.topic}.dlq"
         agents = []
+        # One pass (`process_<entity>`, agents/entity_pass.py) runs every job that reads the topic.
+        jobs = []
         if "downconvert" in modes.values():
-            agents.append(f"`downconvert_{entity}` (serves the older versions)")
+            jobs.append("down-conversion, serving the older versions")
         if entity == "orders":  # agents/views.py builds its views from the orders events
-            agents.append("`apply_order_events` (the materialized views)")
+            jobs.append("the materialized views' stage 1")
+        if jobs:
+            agents.append(f"`process_{entity}` ({'; '.join(jobs)})")
         agents.append(f"`refresh_cache_{entity}` (the Redis entity cache, when REDIS_URL is set)")
         redrive = {"dlq_redriven_from": _header(
             f"Only on a message re-sent from `{dlq}` by `python -m app dlq redrive`: "
@@ -120,10 +124,10 @@ def _channels(settings: Settings) -> list[Channel]:
                        f"and writes it here in the same batch, before deleting the outbox row.")
                 sender = "the outbox relay (dual-publish)"
             else:
-                how = (f"Down-converted by the worker's `downconvert_{entity}` agent from "
+                how = (f"Down-converted by the worker's `process_{entity}` agent from "
                        f"`{current.topic}`: same key, partition and event id; what cannot be "
                        f"converted goes to `{dlq}`.")
-                sender = f"the worker's `downconvert_{entity}` agent"
+                sender = f"the worker's `process_{entity}` agent (down-conversion)"
             out.append(Channel(
                 old.topic,
                 f"{entity} events at the older schema v{version}, for consumers not yet on "
@@ -133,7 +137,7 @@ def _channels(settings: Settings) -> list[Channel]:
         # The down-converter dead-letters what it cannot decode or convert; on a topic no
         # down-converter reads, the cache agent dead-letters what it cannot decode.
         downconverted = "downconvert" in modes.values()
-        writer = (f"the worker's `downconvert_{entity}` agent" if downconverted
+        writer = (f"the worker's `process_{entity}` agent (down-conversion)" if downconverted
                   else f"the worker's `refresh_cache_{entity}` agent")
         out.append(Channel(
             dlq,

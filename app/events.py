@@ -92,9 +92,14 @@ def downconvert(value: bytes, source: EventSchema, target: int) -> tuple[bytes, 
     The relay's dual-publish goes through `encode_message(convert_record(...))` too, so both
     ways of serving an old version give byte-identical values and identical headers.
     """
+    return downconvert_record(decode(source, value), source, target)
+
+
+def downconvert_record(record: dict[str, Any], source: EventSchema, target: int
+                       ) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """`downconvert` of an already decoded `source` record (the stream job decodes once for all jobs)."""
     from app.convert import convert_record
 
-    record = decode(source, value)
     if record["schema_version"] != source.version:
         raise ValueError(f"message says schema_version {record['schema_version']} "
                          f"on a v{source.version} topic")

@@ -5,7 +5,7 @@ import faust
 from mode import Service
 
 import models  # noqa: F401  # the entity models, so the relay and agents know their topics
-from agents import cache, downconvert, views
+from agents import cache, downconvert, entity_pass, views
 from app import ops, owner_api, web
 from app.metrics import DownconvertCounts
 from app.relay import Relay
@@ -52,8 +52,12 @@ def create_app(settings: Settings) -> faust.App:
         **({"consumer_group_instance_id": settings.group_instance_id} if settings.group_instance_id else {}),
     )
     downconverted = DownconvertCounts()  # counted by the agents, exported by app.ops
-    downconvert.install(app, settings, counted=downconverted)
-    app.views = views.install(app, settings)  # type: ignore[attr-defined]  # served by app/web.py
+    app.views, apply_order_events = views.install(app, settings)  # type: ignore[attr-defined]  # served by app/web.py
+    # One pass over each current topic runs every job that reads it (agents/entity_pass.py).
+    jobs: dict[tuple[str, int], list[entity_pass.Job]] = {
+        key: [job] for key, job in downconvert.jobs(settings, counted=downconverted).items()}
+    jobs.setdefault(views.SOURCE, []).append(apply_order_events)
+    entity_pass.install(app, jobs)
     # Without Redis there is no cache to keep fresh (reads go to the database).
     # (`entity_cache`: Faust's App already has a `cache` attribute.)
     app.entity_cache = cache.install(app, settings) if settings.redis_url else None  # type: ignore[attr-defined]

@@ -230,12 +230,13 @@ def agent_lag(progress: AgentProgress, topics: set[str], offsets: Iterable[Parti
     return total
 
 
-def stage_of(agent: AgentT, sources: set[str]) -> str | None:
-    """The pipeline stage an agent belongs to: its module in `agents/`, if it reads event topics."""
+def stages_of(agent: AgentT, sources: set[str]) -> tuple[str, ...]:
+    """The pipeline stages an agent's events count for, if it reads event topics: the jobs of
+    a `process_<entity>` agent (`agents/entity_pass.py`), else its module in `agents/`."""
     module = getattr(agent.fun, "__module__", "") or ""
     if not module.startswith("agents.") or not sources & set(agent.get_topic_names()):
-        return None  # e.g. the views' second stage, which reads internal repartition topics
-    return module.rsplit(".", 1)[1]
+        return ()  # e.g. the views' second stage, which reads internal repartition topics
+    return getattr(agent.fun, "stages", None) or (module.rsplit(".", 1)[1],)
 
 
 # -- what a scrape reads -------------------------------------------------------------------
@@ -265,9 +266,9 @@ class Sources:
             totals["relay"] = self.relay.stats.published
         sources = set(evented_topics())
         for name, agent in self.app.agents.items():
-            stage = stage_of(agent, sources)
-            if stage in totals and stage != "relay":
-                totals[stage] += self.progress.progress(name).processed
+            for stage in stages_of(agent, sources):
+                if stage in totals and stage != "relay":
+                    totals[stage] += self.progress.progress(name).processed
         return totals
 
     def dead_letters(self) -> dict[tuple[str, str], int]:

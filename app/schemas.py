@@ -44,6 +44,11 @@ class EventSchema:
 
     def data_fields(self) -> list[dict[str, Any]]:
         """The fields of the `data` record (the entity state), unwrapped from its null union."""
+        return self._data_fields
+
+    @cached_property
+    def _data_fields(self) -> list[dict[str, Any]]:
+        # Once per schema: down-conversion asks for every event.
         return record_fields(field_type(self.raw, "data"))
 
 

@@ -24,28 +24,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
-from app.embedded import EmbeddedBroker, EmbeddedRedis, free_port
+from app.embedded import EmbeddedBroker, free_port
 from app.orm import Database
 from bench.common import Config, Env, Line, execute, median, note, process_cpu, settle, spread
 from bench.downconvert import _naive
 from bench.relay_throughput import write_backlog
 from bench.workers import (Child, CountReader, StreamConfig, app_worker_argv, child_env, create_topics,
-                           round_broker, spawn, stop_child, tracked)
+                           round_broker, run_with_redis, spawn, stop_child, tracked)
 from models.order import STATUSES
 
 SOURCE = "orders-v2"
@@ -210,14 +207,11 @@ async def run(env: Env, cfg: Config) -> list[Line]:
     scfg = StreamConfig.make(cfg.quick)
     n = scfg.views_events
     rounds = scfg.views_rounds
-    run_dir = Path(tempfile.mkdtemp(prefix="mse-bench-catchup-"))
-    redis_server = EmbeddedRedis.start(run_dir / "redis")
     db = Database(env.url)
     res: dict[str, list[Outcome]] = {layout: [] for layout in LAYOUTS}
     naive: list[float] = []
-    ok = False
     try:
-        with tracked(redis=redis_server.pid):
+        async with run_with_redis(env, "catchup") as (run_dir, redis_server):
             for r in range(rounds):
                 for layout in LAYOUTS:
                     tag = f"catch-up round {r + 1}/{rounds}, {layout}"
@@ -242,16 +236,8 @@ async def run(env: Env, cfg: Config) -> list[Line]:
                             naive.append(nv["rate"])
                             note(f"{tag}: naive Faust forwarder {nv['rate']:,.0f}/s, "
                                  f"{nv['cpu_us']:.0f} µs of CPU per message")
-        ok = True
     finally:
         await db.close()
-        redis_server.stop()
-        with contextlib.suppress(Exception):
-            await execute(env, "DELETE FROM outbox")
-        if ok:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        else:
-            note(f"catch-up: logs kept in {run_dir}")
     for layout in LAYOUTS:
         for stage in STAGES:
             note(f"catch-up {layout} {stage}: {spread([o.rates[stage] for o in res[layout]])}")

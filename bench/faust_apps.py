@@ -53,10 +53,10 @@ def make_naive(settings: Settings, source: str, out: str) -> faust.App:
 def make_downconvert_only(settings: Settings) -> faust.App:
     """Our down-conversion agent alone."""
     import models  # noqa: F401  # registers the entity models (their legacy modes)
-    from agents import downconvert
+    from agents import downconvert, entity_pass
 
     app = _app(settings)
-    downconvert.install(app, settings)
+    entity_pass.install(app, {key: [job] for key, job in downconvert.jobs(settings).items()})
     return app
 
 

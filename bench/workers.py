@@ -10,8 +10,10 @@ import asyncio
 import contextlib
 import os
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,11 +25,11 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.embedded import EmbeddedBroker, free_port
+from app.embedded import EmbeddedBroker, EmbeddedRedis, free_port
 from app.events import encode_message
 from app.orm import Database
 from app.schemas import load
-from bench.common import SERVER_PIDS, TailReader, note, paced, percentile
+from bench.common import SERVER_PIDS, Env, TailReader, execute, note, paced, percentile
 from models import Order
 from models.order import STATUSES
 
@@ -184,6 +186,30 @@ def tracked(**pids: int) -> Iterator[None]:
     finally:
         for name in pids:
             SERVER_PIDS.pop(name, None)
+
+
+@contextlib.asynccontextmanager
+async def run_with_redis(env: Env, name: str) -> AsyncIterator[tuple[Path, EmbeddedRedis]]:
+    """A run directory and an embedded Redis in it, for a benchmark whose workers keep a cache.
+
+    On the way out Redis is stopped by PID and the outbox emptied; the directory (logs) is
+    removed after a success and kept, and named, after a failure.
+    """
+    run_dir = Path(tempfile.mkdtemp(prefix=f"mse-bench-{name}-"))
+    redis_server = EmbeddedRedis.start(run_dir / "redis")
+    ok = False
+    try:
+        with tracked(redis=redis_server.pid):
+            yield run_dir, redis_server
+        ok = True
+    finally:
+        redis_server.stop()
+        with contextlib.suppress(Exception):
+            await execute(env, "DELETE FROM outbox")
+        if ok:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            note(f"{name}: logs kept in {run_dir}")
 
 
 @contextlib.contextmanager

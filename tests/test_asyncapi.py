@@ -208,14 +208,15 @@ def test_operations_send_everything_and_receive_the_current_versions(document: D
 
 def test_legacy_descriptions_follow_the_mode(document: Document) -> None:
     assert "own-converted" in document["channels"]["orders-v1"]["description"]
-    assert "downconvert_orders" in document["operations"]["send-orders-v1"]["description"]
+    assert "process_orders" in document["operations"]["send-orders-v1"]["description"]
     switched = build_document(Settings(legacy_modes="orders:1=dual-publish"))
     assert "ual-published" in switched["channels"]["orders-v1"]["description"]
     assert "relay" in switched["operations"]["send-orders-v1"]["description"]
     # Nothing down-converts: the cache agent dead-letters what it cannot decode instead.
     assert "refresh_cache_orders" in switched["operations"]["send-orders-v2.dlq"]["description"]
     assert "refresh_cache_customers" in document["operations"]["send-customers-v1.dlq"]["description"]
-    assert "downconvert_orders" not in switched["operations"]["receive-orders-v2"]["description"]
+    assert "down-conversion" in document["operations"]["receive-orders-v2"]["description"]
+    assert "down-conversion" not in switched["operations"]["receive-orders-v2"]["description"]
 
 
 def test_cli_prints_the_document_and_writes_it(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 import pytest
 
 from agents.downconvert import convert_batch
+from agents.entity_pass import decode_all
 from app.deadletter import Incoming, dlq_topic
 from app.convert import CONVERTERS, ConversionError, Converter, chain, convert_record, orders_v2_to_v1
 from app.events import decode, downconvert, encode_message
@@ -88,7 +89,7 @@ def test_convert_batch_dead_letters_poison_and_keeps_going() -> None:
         Incoming(b"5", None, 2, 15, []),
         Incoming(b"5", good, 2, 16, []),
     ]
-    out = convert_batch(v2, [1], batch)
+    out = convert_batch(v2, [1], batch, decode_all(v2, [m.value for m in batch]))
     assert [m.topic for m in out] == ["orders-v1"] + [dlq_topic("orders-v2")] * 5 + ["orders-v1"]
     assert all(m.partition == 2 for m in out if m.topic == "orders-v1")
     letters = [dict(m.headers) for m in out if m.topic.endswith(".dlq")]

@@ -161,7 +161,7 @@ async def _check_page(worker_url: str, tmp_path: Path) -> None:
     first.feed(dumped.stdout.decode())
     assert int(first.chart.get("data-points", "0")) >= 3 and float(first.chart["data-peak"]) > 0, first.chart
     assert first.badge == "ready"
-    assert "apply_order_events" in dumped.stdout.decode() and "waiting for data" not in dumped.stdout.decode()
+    assert "process_orders" in dumped.stdout.decode() and "waiting for data" not in dumped.stdout.decode()
 
 
 async def test_status_json_has_counters_agents_and_readiness(worker_url: str) -> None:
@@ -169,4 +169,4 @@ async def test_status_json_has_counters_agents_and_readiness(worker_url: str) ->
     assert set(body["counters"]) == {"relay", "downconvert", "views", "cache"}
     assert body["ready"] is True and body["reasons"] == []
     assert {"rows", "seconds"} <= set(body["outbox"])
-    assert body["agents"]["apply_order_events"]["state"] == "running"
+    assert body["agents"]["process_orders"]["state"] == "running"

@@ -1,0 +1,300 @@
+"""Freshness: commit -> visible in every stage, at 500 and 1,500 commits/s, the worker as users run it.
+
+Each round, on a fresh empty broker and a flushed embedded Redis, one worker runs as the README
+starts it (`python -m app worker`: relay inside, every agent, the Redis cache), and:
+1. A writer process (`python -m bench.freshness write <rate> <seconds>`) commits one new Order
+   every 1/rate s through `Database` (open loop: a slow commit never delays the next start)
+   and reports each order's id and commit time. Writers, worker and observers are three
+   processes, so none of them measures on a loop the others load.
+2. This process observes every order without asking the worker anything (polling it over
+   HTTP at 1,500/s would be load of its own; see bench/views.py):
+   - delivery (the raw baseline): `orders-v2`, a consumer assigned to every partition: the
+     partition, offset and time each order's event arrived;
+   - `orders` table: its changelog topic. The worker writes a table entry and its changelog
+     message at the same moment, so this is later than HTTP visibility by the producer's
+     linger and one fetch;
+   - stage 2 (`orders_by_status`): its changelog topic. A new order at (partition p, offset o)
+     of `orders-v2` is counted once a `pending` value arrives whose part p has version >= o
+     (stage 1 sends the offset of the last event it applied as the version);
+   - cache: Redis keyspace notifications (`set` events of `entity:orders:<id>`), pushed by
+     Redis itself when the worker's script writes the entry.
+   Latency is commit -> first seen, wall clock (one machine); p50/p99 over every order.
+3. Rates: 500 commits/s, then 1,500 commits/s on the same worker once it has drained.
+   Targets (issue 14): p99 <= 60 ms (table, cache) and <= 150 ms (stage 2) at 500/s;
+   p99 <= 500 ms for all three at 1,500/s. The writer's achieved rate is reported: on 2 cores
+   the writer, the worker, Tansu, PostgreSQL and Redis share the CPU.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from redis.asyncio import Redis
+
+from app.embedded import EmbeddedRedis
+from bench.common import (Config, Env, Line, LoopMonitor, execute, median, note, percentile, process_cpu, settle,
+                          spread)
+from bench.workers import (Child, app_worker_argv, child_env, create_topics, faust_worker, round_broker,
+                           run_with_redis, spawn, tracked)
+
+SOURCE = "orders-v2"
+RATES = (500.0, 1500.0)
+STAGES = ("orders table", "stage 2", "cache")
+#: p99 targets in ms, per rate and stage (issue 14).
+TARGETS = {(500.0, "orders table"): 60.0, (500.0, "cache"): 60.0, (500.0, "stage 2"): 150.0,
+           (1500.0, "orders table"): 500.0, (1500.0, "cache"): 500.0, (1500.0, "stage 2"): 500.0}
+
+
+@dataclass
+class Seen:
+    """What the observers saw, wall-clock times."""
+
+    delivered: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # key -> (p, offset, t)
+    table: dict[str, float] = field(default_factory=dict)
+    cache: dict[str, float] = field(default_factory=dict)
+    # p -> [(t, version)] of each `pending` value of orders_by_status, in arrival order.
+    stage2: dict[int, list[tuple[float, int]]] = field(default_factory=dict)
+
+    def stage2_at(self, p: int, offset: int) -> float | None:
+        """When stage 2 first counted the event at (p, offset)."""
+        for t, version in self.stage2.get(p, ()):
+            if version >= offset:
+                return t
+        return None
+
+
+async def _consume(bootstrap: str, topic: str, on: Any, ready: asyncio.Event) -> None:
+    """Call on(message, now) for every message of `topic` from its current end (all partitions)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=5)
+    await consumer.start()
+    try:
+        partitions: set[int] | None = None
+        while not partitions:
+            await consumer.topics()
+            partitions = consumer.partitions_for_topic(topic)
+            if not partitions:
+                await asyncio.sleep(0.05)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)
+        ready.set()
+        while True:
+            batch = await consumer.getmany(timeout_ms=100)
+            now = time.time()
+            for msgs in batch.values():
+                for m in msgs:
+                    on(m, now)
+    finally:
+        await consumer.stop()
+
+
+async def _observe(bootstrap: str, app_id: str, redis: Redis, seen: Seen) -> list[asyncio.Task[None]]:
+    """Start the four observers; returns their tasks once each is reading."""
+    def delivered(m: Any, now: float) -> None:
+        seen.delivered.setdefault(m.key.decode(), (m.partition, m.offset, now))
+
+    def table(m: Any, now: float) -> None:
+        seen.table.setdefault(m.key.decode(), now)
+
+    def stage2(m: Any, now: float) -> None:
+        if m.key == b"pending" and m.value:
+            for p, part in json.loads(m.value).get("parts", {}).items():
+                seen.stage2.setdefault(int(p), []).append((now, int(part["version"])))
+
+    async def cache(ready: asyncio.Event) -> None:
+        await redis.config_set("notify-keyspace-events", "E$")  # keyevent notifications of string commands
+        pubsub = redis.pubsub()
+        await pubsub.psubscribe("__keyevent@*__:set")
+        ready.set()
+        try:
+            async for message in pubsub.listen():
+                if message["type"] == "pmessage":
+                    name = message["data"].decode()
+                    if name.startswith("entity:orders:"):
+                        seen.cache.setdefault(name.rsplit(":", 1)[1], time.time())
+        finally:
+            await pubsub.aclose()
+
+    readies = [asyncio.Event() for _ in range(4)]
+    tasks = [asyncio.ensure_future(_consume(bootstrap, SOURCE, delivered, readies[0])),
+             asyncio.ensure_future(_consume(bootstrap, f"{app_id}-orders-changelog", table, readies[1])),
+             asyncio.ensure_future(_consume(bootstrap, f"{app_id}-orders_by_status-changelog", stage2, readies[2])),
+             asyncio.ensure_future(cache(readies[3]))]
+    await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 30)
+    return tasks
+
+
+async def _write(env: Env, run_dir: Path, rate: float, seconds: float, worker: Child
+                 ) -> tuple[dict[str, float], float, str]:
+    """Run the writer process; (order id -> commit time, achieved rate, CPU breakdown)."""
+    out = run_dir / f"writer-{rate:.0f}.out"
+    child = spawn(f"writer-{rate:.0f}", [sys.executable, "-m", "bench.freshness", "write", str(rate), str(seconds),
+                                          str(out)], run_dir / "writer.log", child_env(DATABASE_URL=env.url))
+    with tracked(writer=child.pid, worker=worker.pid), LoopMonitor() as monitor:
+        code = await asyncio.to_thread(child.proc.wait)
+    if code != 0:
+        raise RuntimeError(f"writer exited with {code}:\n{child.tail()}")
+    lines = out.read_text().split("\n")
+    achieved, cpu = map(float, lines[0].split())
+    commits = {k: float(t) for k, t in (line.split() for line in lines[1:] if line)}
+    # The writer has exited when the monitor reads it: its own CPU time is in its first line.
+    return commits, achieved, f"{monitor.summary()}; writer {cpu / max(1, len(commits)) * 1e6:.0f} µs of CPU per commit"
+
+
+def _latencies(commits: dict[str, float], seen: Seen) -> dict[str, list[float]]:
+    """ms from commit to each stage (and delivery) for every order seen there."""
+    out: dict[str, list[float]] = {s: [] for s in ("delivery", *STAGES)}
+    for key, t in commits.items():
+        d = seen.delivered.get(key)
+        if d is not None:
+            out["delivery"].append((d[2] - t) * 1000)
+            s2 = seen.stage2_at(d[0], d[1])
+            if s2 is not None:
+                out["stage 2"].append((s2 - t) * 1000)
+        if key in seen.table:
+            out["orders table"].append((seen.table[key] - t) * 1000)
+        if key in seen.cache:
+            out["cache"].append((seen.cache[key] - t) * 1000)
+    return out
+
+
+async def _wait_all(commits: dict[str, float], seen: Seen, timeout: float) -> dict[str, int]:
+    """Wait until every order is seen in every stage; the count missing per stage."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lat = _latencies(commits, seen)
+        missing = {s: len(commits) - len(v) for s, v in lat.items()}
+        if not any(missing.values()) or time.monotonic() > deadline:
+            return missing
+        await asyncio.sleep(0.1)
+
+
+async def _round(env: Env, run_dir: Path, redis_server: EmbeddedRedis, seconds: float
+                 ) -> dict[float, dict[str, Any]]:
+    """One worker on a fresh broker; each rate in turn."""
+    out: dict[float, dict[str, Any]] = {}
+    with round_broker(run_dir) as broker:
+        await create_topics(broker.bootstrap, [SOURCE, "orders-v1", f"{SOURCE}.dlq"], env.settings.topic_partitions)
+        await execute(env, "DELETE FROM outbox")
+        redis = Redis.from_url(redis_server.url)
+        await redis.flushall()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            async with faust_worker("freshness", app_worker_argv(), run_dir, DATABASE_URL=env.url,
+                                    KAFKA_BROKER=broker.url, REDIS_URL=redis_server.url) as w:
+                app_id = w.log.stem
+                await _wait_topics(broker.bootstrap, [f"{app_id}-orders-changelog",
+                                                      f"{app_id}-orders_by_status-changelog"])
+                seen = Seen()
+                tasks = await _observe(broker.bootstrap, app_id, redis, seen)
+                # Warm-up: the group has joined and every stage is live once these are seen.
+                warm, _, _ = await _write(env, run_dir, 50, 2, w)
+                missing = await _wait_all(warm, seen, 120)
+                if any(missing.values()):
+                    raise RuntimeError(f"warm-up orders missing after 120 s: {missing}")
+                for rate in RATES:
+                    await settle()
+                    cpu0 = process_cpu(w.pid)
+                    commits, achieved, machine = await _write(env, run_dir, rate, seconds, w)
+                    missing = await _wait_all(commits, seen, 60)
+                    cpu = process_cpu(w.pid) - cpu0
+                    lat = _latencies(commits, seen)
+                    r = {"achieved": achieved, "n": len(commits), "missing": missing,
+                         "cpu_us": cpu / max(1, len(commits)) * 1e6}
+                    for stage, values in lat.items():
+                        r[stage] = (percentile(values, 50), percentile(values, 99))
+                    out[rate] = r
+                    note(f"freshness {rate:.0f}/s: {len(commits):,} commits at {achieved:.0f}/s; "
+                         + ", ".join(f"{s} p50 {r[s][0]:.1f} / p99 {r[s][1]:.1f} ms" for s in ("delivery", *STAGES))
+                         + f"; missing {missing}; worker CPU {r['cpu_us']:.0f} µs/commit; {machine}")
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await redis.aclose()
+    return out
+
+
+async def _wait_topics(bootstrap: str, topics: list[str], timeout: float = 60) -> None:
+    """Wait until the worker created its table changelog topics."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not set(topics) <= await consumer.topics():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"topics {topics} not created in {timeout:.0f} s")
+            await asyncio.sleep(0.2)
+    finally:
+        await consumer.stop()
+
+
+async def run(env: Env, cfg: Config) -> list[Line]:
+    """Rounds of both rates; medians of each round's p50 and p99."""
+    rounds, seconds = (1, 3.0) if cfg.quick else (3, 10.0)
+    res: list[dict[float, dict[str, Any]]] = []
+    async with run_with_redis(env, "freshness") as (run_dir, redis_server):
+        for r in range(rounds):
+            note(f"freshness round {r + 1}/{rounds}")
+            res.append(await _round(env, run_dir, redis_server, seconds))
+    lines = []
+    for rate in RATES:
+        achieved = median([x[rate]["achieved"] for x in res])
+        note(f"freshness {rate:.0f}/s: writer achieved {spread([x[rate]['achieved'] for x in res])}/s")
+        for stage in STAGES:
+            for q, i in (("p50", 0), ("p99", 1)):
+                ours = median([x[rate][stage][i] for x in res])
+                base = median([x[rate]["delivery"][i] for x in res])
+                target = TARGETS[(rate, stage)] if q == "p99" else None
+                lines.append(Line(
+                    f"commit -> {stage} {q} at {rate:,.0f} commits/s (achieved {achieved:,.0f}/s; "
+                    f"vs commit -> delivery on orders-v2)", ours, base, "ms",
+                    f"<= {target:.0f} ms" if target else "reference",
+                    (lambda ours_, ratio, t=target: ours_ <= t) if target else None, fmt="{:.1f}"))
+    return lines
+
+
+def _writer_main(rate: float, seconds: float, out: Path) -> None:
+    """The writer process: commit new Orders at `rate`/s for `seconds`, write ids and commit times to `out`."""
+    import os
+
+    from app.orm import Database
+    from bench.common import paced
+    from models.order import Order
+
+    async def main() -> None:
+        db = Database(os.environ["DATABASE_URL"])
+        commits: list[tuple[int, float]] = []
+        t0 = time.time()
+
+        async def fire(i: int) -> None:
+            async with db.session() as s:
+                order = Order(customer_id=i % 1000, amount_cents=1999, currency="EUR")
+                s.add(order)
+            commits.append((order.id, time.time()))
+
+        try:
+            await paced(rate, seconds, fire)
+        finally:
+            await db.close()
+        # Achieved: commits over the time to the last one (a writer that falls behind its
+        # schedule shows a lower rate than the schedule's).
+        achieved = len(commits) / (max(t for _, t in commits) - t0) if commits else 0.0
+        out.write_text(f"{achieved} {time.process_time()}\n" + "".join(f"{k} {t}\n" for k, t in commits))
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "write":
+        _writer_main(float(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4]))
+    else:
+        sys.exit("usage: python -m bench.freshness write <rate> <seconds> <out file>")
