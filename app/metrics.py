@@ -298,8 +298,10 @@ def relay_families(stats: RelayStats) -> Iterator[Metric]:
                               value=value("batches"))
     yield CounterMetricFamily("mse_relay_errors", "Relay failures (database or broker); it retries.",
                               value=value("errors"))
-    yield GaugeMetricFamily("mse_relay_active", "1 while this process's relay holds the relay lock.",
+    yield GaugeMetricFamily("mse_relay_active", "1 while this process's relay holds at least one outbox shard.",
                             value=value("active"))
+    yield GaugeMetricFamily("mse_relay_shards", "Outbox shards this process's relay publishes (relays balance them).",
+                            value=float(len(stats.shards)))
     yield GaugeMetricFamily("mse_relay_connected", "1 while the relay holds a PostgreSQL connection.",
                             value=value("connected"))
     yield GaugeMetricFamily("mse_outbox_lag_rows", "Outbox rows not published yet (measured by the "

@@ -1,8 +1,14 @@
 """The outbox relay: publishes committed outbox rows to Kafka in outbox order, then deletes them.
 
-One relay is active across all workers (a PostgreSQL advisory lock), so per-key order holds.
-Rows are deleted only after the broker acknowledged them: a crash in between publishes them
-again with the same `event_id` (at-least-once), never loses them.
+The outbox is split into `SHARDS` shards by a hash of the aggregate key (a column PostgreSQL
+generates, app/outbox.py). Each relay publishes the shards whose advisory locks it holds, in
+outbox order, so per-key order holds however many relays run. Relays balance themselves: each
+counts the live relays (one membership lock per relay, visible in `pg_locks`) and holds at
+most its fair share (ceil(shards / relays)), giving extra shards back between batches (after
+their rows are deleted) and taking free ones up to its share, every `standby_poll` seconds.
+A relay that dies loses its session and with it its locks: the others take its shards at
+their next balance. Rows are deleted only after the broker acknowledged them: a crash in
+between publishes them again with the same `event_id` (at-least-once), never loses them.
 """
 from __future__ import annotations
 
@@ -24,21 +30,27 @@ from app.convert import convert_record
 from app.events import encode_message, schema_for_topic
 from app.schemas import load, topic_name
 from app.orm import current_version, evented_topics, legacy_modes
-from app.outbox import CHANNEL
+from app.outbox import CHANNEL, SHARDS
 from app.roles import WORKER
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Advisory lock id held by the active relay for as long as its connection lives.
+#: Advisory lock class of the shards: (RELAY_LOCK, shard) is held by the relay publishing it.
 RELAY_LOCK = 7325002
+#: Advisory lock class of relay membership: each live relay holds (MEMBER_LOCK, its backend pid).
+MEMBER_LOCK = 7325003
 DLQ_TOPIC = "outbox.dlq"
 # Kafka's default partitioner (murmur2 of the key), as Java clients and aiokafka's send() use.
 _PARTITIONER = DefaultPartitioner()
 
 _FETCH = """
 SELECT id, topic, entity, schema_version, key, event_id, op, service, occurred_at, sequence, data
-FROM outbox ORDER BY id LIMIT $1"""
+FROM outbox WHERE shard = ANY($2::smallint[]) ORDER BY id LIMIT $1"""
+_LIVE = """
+SELECT count(DISTINCT pid) FROM pg_locks
+WHERE locktype = 'advisory' AND classid = $1 AND objsubid = 2 AND granted
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
 _DELETE = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
 _LAG = "SELECT count(*), EXTRACT(epoch FROM clock_timestamp() - min(occurred_at)) FROM outbox"
 
@@ -51,7 +63,8 @@ class RelayStats:
     batches: int = 0
     dead_lettered: int = 0
     errors: int = 0
-    active: bool = False
+    active: bool = False  # holds at least one shard
+    shards: tuple[int, ...] = ()  # the outbox shards this relay publishes
     # True while the relay holds a database connection, active or standby (readiness).
     connected: bool = False
     pending_rows: int = 0
@@ -127,7 +140,7 @@ class Relay:
     """Publishes the outbox; run it with `await relay.run()` and stop it with `relay.stop()`."""
 
     def __init__(self, settings: Settings, *, topics: list[str] | None = None,
-                 standby_poll: float = 1.0) -> None:
+                 standby_poll: float = 1.0, shards: int = SHARDS) -> None:
         self.settings = settings
         self.topics = topics if topics is not None else evented_topics()
         # topic -> older versions the relay publishes too ("dual-publish" legacy mode).
@@ -138,6 +151,7 @@ class Relay:
         }
         self.stats = RelayStats()
         self._standby_poll = standby_poll
+        self._shard_count = shards
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -175,10 +189,7 @@ class Relay:
         conn = await asyncpg.connect(self.settings.asyncpg_dsn_for(WORKER))
         self.stats.connected = True
         try:
-            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK):
-                if self._stopping.is_set():
-                    return
-                await self._sleep(self._standby_poll)  # standby: another worker relays
+            await conn.execute("SELECT pg_advisory_lock($1, pg_backend_pid())", MEMBER_LOCK)
             await conn.add_listener(CHANNEL, lambda *_: self._wakeup.set())
             producer = AIOKafkaProducer(
                 bootstrap_servers=self.settings.bootstrap_servers,
@@ -191,27 +202,59 @@ class Relay:
             await producer.start()
             try:
                 await ensure_topics(self.settings, [*self.topics, DLQ_TOPIC])
-                self.stats.active = True
-                log.info("relay active")
                 await self._relay(conn, producer)
             finally:
-                self.stats.active = False
+                self._held([])
                 await producer.stop()
         finally:
             self.stats.connected = False
+            # Closing the session releases every lock it holds: the shards go to the others.
             await conn.close(timeout=2)
 
+    def _held(self, shards: list[int]) -> None:
+        was = self.stats.shards
+        self.stats.shards = tuple(sorted(shards))
+        self.stats.active = bool(shards)
+        if self.stats.shards != was:
+            log.info("relay shards: %s", ",".join(map(str, self.stats.shards)) or "none (standby)")
+
+    async def _balance(self, conn: asyncpg.Connection, held: list[int]) -> list[int]:
+        """Hold this relay's fair share of the shards: give extras back, take free ones.
+
+        Called between batches only: every row of a shard given back was published and its
+        delete committed, so the next owner starts at the shard's oldest unpublished row.
+        """
+        live = max(1, await conn.fetchval(_LIVE, MEMBER_LOCK))
+        fair = -(-self._shard_count // live)
+        held = list(held)
+        while len(held) > fair:
+            await conn.fetchval("SELECT pg_advisory_unlock($1, $2)", RELAY_LOCK, held.pop())
+        for shard in range(self._shard_count):
+            if len(held) >= fair:
+                break
+            if shard not in held and await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", RELAY_LOCK, shard):
+                held.append(shard)
+        self._held(held)
+        return held
+
     async def _relay(self, conn: asyncpg.Connection, producer: AIOKafkaProducer) -> None:
-        lag_checked = 0.0
+        lag_checked = balanced = 0.0
+        held: list[int] = []
         while not self._stopping.is_set():
+            now = time.monotonic()
+            if now - balanced >= self._standby_poll:
+                held = await self._balance(conn, held)
+                balanced = now
+            if not held:
+                await self._sleep(self._standby_poll)  # standby: the other relays hold every shard
+                continue
             self._wakeup.clear()
-            rows = await conn.fetch(_FETCH, self.settings.relay_batch)
+            rows = await conn.fetch(_FETCH, self.settings.relay_batch, held)
             if rows:
                 await self._publish(producer, rows)
                 await conn.execute(_DELETE, [r["id"] for r in rows])
                 self.stats.published += len(rows)
                 self.stats.batches += 1
-            now = time.monotonic()
             if now - lag_checked > 1.0:
                 count, oldest = await conn.fetchrow(_LAG)
                 self.stats.pending_rows, self.stats.oldest_seconds = count, float(oldest or 0.0)
@@ -219,7 +262,8 @@ class Relay:
             if len(rows) < self.settings.relay_batch:
                 # Caught up: sleep until a commit NOTIFYs, polling as a fallback.
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), self.settings.relay_poll_interval)
+                    await asyncio.wait_for(self._wakeup.wait(), min(self.settings.relay_poll_interval,
+                                                                    self._standby_poll))
 
     async def _publish(self, producer: AIOKafkaProducer, rows: list[asyncpg.Record]) -> None:
         """Send every message of `rows`, in order per partition, and wait for every ack.

@@ -108,6 +108,7 @@ class Settings:
             producer_max_batch_bytes=int(env.get("PRODUCER_MAX_BATCH_BYTES", str(512 * 1024))),
             relay_in_worker=env.get("RELAY_IN_WORKER", "1") not in ("0", "false", "no"),
             relay_web_port=int(env.get("RELAY_WEB_PORT", "6067")),
+            relay_batch=int(env.get("RELAY_BATCH", "2000")),
             stuck_after=float(env.get("STUCK_AFTER_S", "30")),
             group_instance_id=env.get("GROUP_INSTANCE_ID", ""),
             http_header_timeout=float(env.get("HTTP_HEADER_TIMEOUT_S", "5")),

@@ -19,7 +19,8 @@ starts it (`python -m app worker`: relay inside, every agent, the Redis cache), 
    - cache: Redis keyspace notifications (`set` events of `entity:orders:<id>`), pushed by
      Redis itself when the worker's script writes the entry.
    Latency is commit -> first seen, wall clock (one machine); p50/p99 over every order.
-3. Rates: 500 commits/s, then 1,500 commits/s on the same worker once it has drained.
+3. Rates: 150 commits/s (a reference: the writer alone does not saturate this machine), then
+   500 and 1,500 commits/s, on the same worker, each once the previous has drained.
    Targets (issue 14): p99 <= 60 ms (table, cache) and <= 150 ms (stage 2) at 500/s;
    p99 <= 500 ms for all three at 1,500/s. The writer's achieved rate is reported: on 2 cores
    the writer, the worker, Tansu, PostgreSQL and Redis share the CPU.
@@ -44,7 +45,8 @@ from bench.workers import (Child, app_worker_argv, child_env, create_topics, fau
                            run_with_redis, spawn, tracked)
 
 SOURCE = "orders-v2"
-RATES = (500.0, 1500.0)
+#: 150/s is a reference where this 2-core machine is not saturated by the writer alone.
+RATES = (150.0, 500.0, 1500.0)
 STAGES = ("orders table", "stage 2", "cache")
 #: p99 targets in ms, per rate and stage (issue 14).
 TARGETS = {(500.0, "orders table"): 60.0, (500.0, "cache"): 60.0, (500.0, "stage 2"): 150.0,
@@ -253,7 +255,7 @@ async def run(env: Env, cfg: Config) -> list[Line]:
             for q, i in (("p50", 0), ("p99", 1)):
                 ours = median([x[rate][stage][i] for x in res])
                 base = median([x[rate]["delivery"][i] for x in res])
-                target = TARGETS[(rate, stage)] if q == "p99" else None
+                target = TARGETS.get((rate, stage)) if q == "p99" else None
                 lines.append(Line(
                     f"commit -> {stage} {q} at {rate:,.0f} commits/s (achieved {achieved:,.0f}/s; "
                     f"vs commit -> delivery on orders-v2)", ours, base, "ms",

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import delete, func, select, text, update
 
 from app.orm import Database, SchemaMismatch
+from app.outbox import SHARDS
 from app.relay import Relay
 from app.settings import Settings
 from models import Customer, Order, OrderShipping
@@ -257,25 +258,32 @@ async def _eventually_zero(db: Database, timeout: float = 10) -> bool:
     return True
 
 
-async def test_second_relay_stands_by_then_takes_over(db: Database, relay: Relay,
-                                                       settings: Settings) -> None:
+async def test_two_relays_split_the_shards_and_the_survivor_takes_them_all(
+        db: Database, relay: Relay, settings: Settings) -> None:
     await until(lambda: relay.stats.active)
-    standby = Relay(settings, standby_poll=0.05)
-    task = asyncio.get_running_loop().create_task(standby.run())
+    second = Relay(settings, standby_poll=0.05)
+    task = asyncio.get_running_loop().create_task(second.run())
     try:
+        def split() -> bool:
+            a, b = set(relay.stats.shards), set(second.stats.shards)
+            return bool(a) and bool(b) and not a & b and a | b == set(range(SHARDS))
+        # The first relay held every shard; it gives half back to the relay that joined.
+        await until(lambda: split(), timeout=10, what="both relays holding half of the shards")
+        assert len(relay.stats.shards) == len(second.stats.shards) == SHARDS // 2
         async with db.session() as s:
-            s.add(new_order())
+            s.add_all([new_order() for _ in range(64)])  # 64 keys: both relays' shards get some
         assert await _eventually_zero(db)
-        assert relay.stats.active and not standby.stats.active
-        assert standby.stats.published == 0
-        relay.stop()  # the active relay goes away: its lock is released with its connection
-        await until(lambda: standby.stats.active)
+        assert relay.stats.published >= 1 and second.stats.published >= 1
+        relay.stop()  # its session ends and with it its locks: the survivor takes every shard
+        await until(lambda: second.stats.shards == tuple(range(SHARDS)), timeout=10,
+                    what="the surviving relay holding every shard")
+        published = second.stats.published
         async with db.session() as s:
-            s.add(new_order())
+            s.add_all([new_order() for _ in range(16)])
         assert await _eventually_zero(db)
-        assert standby.stats.published >= 1
+        assert second.stats.published >= published + 16
     finally:
-        standby.stop()
+        second.stop()
         await asyncio.wait_for(task, 10)
 
 
