@@ -5,9 +5,10 @@ generates, app/outbox.py). Each relay publishes the shards whose advisory locks 
 outbox order, so per-key order holds however many relays run. Relays balance themselves: each
 counts the live relays (one membership lock per relay, visible in `pg_locks`) and holds at
 most its fair share (ceil(shards / relays)), giving extra shards back between batches (after
-their rows are deleted) and taking free ones up to its share, every `standby_poll` seconds.
-A relay that dies loses its session and with it its locks: the others take its shards at
-their next balance. Rows are deleted only after the broker acknowledged them: a crash in
+their rows are deleted) and taking free ones up to its share, every `standby_poll` seconds
+and at once when a relay joins or gives shards back (both NOTIFY `outbox_relays`). A relay
+that dies loses its session and with it its locks: the others take its shards at their next
+balance. Rows are deleted only after the broker acknowledged them: a crash in
 between publishes them again with the same `event_id` (at-least-once), never loses them.
 """
 from __future__ import annotations
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 RELAY_LOCK = 7325002
 #: Advisory lock class of relay membership: each live relay holds (MEMBER_LOCK, its backend pid).
 MEMBER_LOCK = 7325003
+#: NOTIFY channel of relay membership changes (a relay joined, or gave shards back).
+RELAYS_CHANNEL = "outbox_relays"
 DLQ_TOPIC = "outbox.dlq"
 # Kafka's default partitioner (murmur2 of the key), as Java clients and aiokafka's send() use.
 _PARTITIONER = DefaultPartitioner()
@@ -153,12 +156,14 @@ class Relay:
         self._standby_poll = standby_poll
         self._shard_count = shards
         self._wakeup = asyncio.Event()
+        self._rebalance = asyncio.Event()
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
         """Ask the relay to finish its current batch and return from `run()`."""
         self._stopping.set()
         self._wakeup.set()
+        self._rebalance.set()
 
     async def run(self) -> None:
         """Relay until stopped, reconnecting with backoff after database or broker failures."""
@@ -191,6 +196,8 @@ class Relay:
         try:
             await conn.execute("SELECT pg_advisory_lock($1, pg_backend_pid())", MEMBER_LOCK)
             await conn.add_listener(CHANNEL, lambda *_: self._wakeup.set())
+            await conn.add_listener(RELAYS_CHANNEL, lambda *_: self._membership_changed())
+            await conn.execute("SELECT pg_notify($1, '')", RELAYS_CHANNEL)  # the others make room now
             producer = AIOKafkaProducer(
                 bootstrap_servers=self.settings.bootstrap_servers,
                 acks="all",
@@ -203,6 +210,10 @@ class Relay:
             try:
                 await ensure_topics(self.settings, [*self.topics, DLQ_TOPIC])
                 await self._relay(conn, producer)
+                # Stopping: leave, and tell the others to take the shards now (a relay that
+                # dies instead is noticed at their next balance).
+                await conn.execute("SELECT pg_advisory_unlock_all()")
+                await conn.execute("SELECT pg_notify($1, '')", RELAYS_CHANNEL)
             finally:
                 self._held([])
                 await producer.stop()
@@ -210,6 +221,10 @@ class Relay:
             self.stats.connected = False
             # Closing the session releases every lock it holds: the shards go to the others.
             await conn.close(timeout=2)
+
+    def _membership_changed(self) -> None:
+        self._rebalance.set()
+        self._wakeup.set()
 
     def _held(self, shards: list[int]) -> None:
         was = self.stats.shards
@@ -227,8 +242,10 @@ class Relay:
         live = max(1, await conn.fetchval(_LIVE, MEMBER_LOCK))
         fair = -(-self._shard_count // live)
         held = list(held)
-        while len(held) > fair:
-            await conn.fetchval("SELECT pg_advisory_unlock($1, $2)", RELAY_LOCK, held.pop())
+        if len(held) > fair:
+            while len(held) > fair:
+                await conn.fetchval("SELECT pg_advisory_unlock($1, $2)", RELAY_LOCK, held.pop())
+            await conn.execute("SELECT pg_notify($1, '')", RELAYS_CHANNEL)  # freed: the others take them now
         for shard in range(self._shard_count):
             if len(held) >= fair:
                 break
@@ -242,11 +259,14 @@ class Relay:
         held: list[int] = []
         while not self._stopping.is_set():
             now = time.monotonic()
-            if now - balanced >= self._standby_poll:
+            if now - balanced >= self._standby_poll or self._rebalance.is_set():
+                self._rebalance.clear()
                 held = await self._balance(conn, held)
                 balanced = now
             if not held:
-                await self._sleep(self._standby_poll)  # standby: the other relays hold every shard
+                # Standby: the other relays hold every shard, until one joins, leaves or gives some back.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._rebalance.wait(), self._standby_poll)
                 continue
             self._wakeup.clear()
             rows = await conn.fetch(_FETCH, self.settings.relay_batch, held)
