@@ -42,7 +42,7 @@ from app.embedded import EmbeddedRedis
 from bench.common import (Config, Env, Line, LoopMonitor, execute, median, note, percentile, process_cpu, settle,
                           spread)
 from bench.workers import (Child, app_worker_argv, child_env, create_topics, faust_worker, round_broker,
-                           run_with_redis, spawn, tracked)
+                           run_with_redis, spawn, stop_child, tracked)
 
 SOURCE = "orders-v2"
 #: 150/s is a reference where this 2-core machine is not saturated by the writer alone.
@@ -138,16 +138,22 @@ async def _write(env: Env, run_dir: Path, rate: float, seconds: float, worker: C
                  ) -> tuple[dict[str, float], float, str]:
     """Run the writer process; (order id -> commit time, achieved rate, CPU breakdown)."""
     out = run_dir / f"writer-{rate:.0f}.out"
+    out.unlink(missing_ok=True)  # an earlier round's
     child = spawn(f"writer-{rate:.0f}", [sys.executable, "-m", "bench.freshness", "write", str(rate), str(seconds),
                                           str(out)], run_dir / "writer.log", child_env(DATABASE_URL=env.url))
-    with tracked(writer=child.pid, worker=worker.pid), LoopMonitor() as monitor:
-        code = await asyncio.to_thread(child.proc.wait)
-    if code != 0:
-        raise RuntimeError(f"writer exited with {code}:\n{child.tail()}")
+    try:
+        # The writer stays alive once done (until stopped below), so the monitor can read its CPU.
+        with tracked(writer=child.pid, worker=worker.pid), LoopMonitor() as monitor:
+            while not out.exists():
+                if child.proc.poll() is not None:
+                    raise RuntimeError(f"writer exited with {child.proc.returncode}:\n{child.tail()}")
+                await asyncio.sleep(0.05)
+    finally:
+        await asyncio.to_thread(stop_child, child)
     lines = out.read_text().split("\n")
     achieved, cpu = map(float, lines[0].split())
     commits = {k: float(t) for k, t in (line.split() for line in lines[1:] if line)}
-    # The writer has exited when the monitor reads it: its own CPU time is in its first line.
+    # The writer's CPU per commit from its own count (without its start-up and idle wait).
     return commits, achieved, f"{monitor.summary()}; writer {cpu / max(1, len(commits)) * 1e6:.0f} µs of CPU per commit"
 
 
@@ -277,8 +283,12 @@ def _writer_main(rate: float, seconds: float, out: Path) -> None:
         commits: list[tuple[int, float]] = []
         t0 = time.time()
 
+        # The schedule stays open-loop; a commit waits for one of the pool's connections here
+        # instead of in the pool, whose checkout gives up after 30 s when the writer falls behind.
+        slots = asyncio.Semaphore(20)
+
         async def fire(i: int) -> None:
-            async with db.session() as s:
+            async with slots, db.session() as s:
                 order = Order(customer_id=i % 1000, amount_cents=1999, currency="EUR")
                 s.add(order)
             commits.append((order.id, time.time()))
@@ -290,9 +300,12 @@ def _writer_main(rate: float, seconds: float, out: Path) -> None:
         # Achieved: commits over the time to the last one (a writer that falls behind its
         # schedule shows a lower rate than the schedule's).
         achieved = len(commits) / (max(t for _, t in commits) - t0) if commits else 0.0
-        out.write_text(f"{achieved} {time.process_time()}\n" + "".join(f"{k} {t}\n" for k, t in commits))
+        part = out.with_suffix(".part")
+        part.write_text(f"{achieved} {time.process_time()}\n" + "".join(f"{k} {t}\n" for k, t in commits))
+        part.rename(out)  # complete, at once
 
     asyncio.run(main())
+    time.sleep(3600)  # stopped by the benchmark, which reads this process's CPU first
 
 
 if __name__ == "__main__":
