@@ -56,6 +56,28 @@ async def test_a_batch_whose_body_raised_is_not_acked() -> None:
     assert not any(event.message.acked for event in failed), "a batch whose body raised was acked"
 
 
+async def test_events_held_when_partitions_are_revoked_are_dropped_unacked() -> None:
+    app = make_app("revoked")
+    seen: list[bytes] = []
+    held: list[Any] = []
+
+    @app.agent(app.topic("in", value_serializer="raw"))
+    async def agent(stream: Any) -> None:
+        async for batch in take_ready(stream, 100, (0.3, 0.3)):
+            seen.extend(event.value for event in batch)
+
+    async with agent.test_context() as ctx:
+        for value in (b"a", b"b", b"c"):  # held in the batch being filled (a 300 ms window)
+            held.append(await ctx.put(value))
+        # The rebalance: the consumer seeks back to the committed offsets and delivers these
+        # again, so yielding (and acking) them now would ack them ahead of the re-read ones.
+        await app.on_partitions_revoked.send(set())
+        await ctx.put(b"after")
+        await until(lambda: list(seen), lambda s: b"after" in s, timeout=5, what="the event after the rebalance")
+    assert seen == [b"after"], seen
+    assert not any(event.message.acked for event in held), "events from before the rebalance were acked"
+
+
 @dataclass
 class FakeMessage:
     tp: str
