@@ -101,16 +101,18 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
 
         names: list[str] = []
 
-        def spawn(name: str, *args: str) -> None:
+        def spawn(name: str, *args: str, **extra: str) -> None:
             log = open(run / f"{name}.log", "ab")
             logs.append(log)
             names.append(name)
-            children.append(subprocess.Popen([sys.executable, *args], env=env, stdout=log,
+            children.append(subprocess.Popen([sys.executable, *args], env={**env, **extra}, stdout=log,
                                              stderr=subprocess.STDOUT))
 
         spawn("worker", "-m", "faust", "-A", "app.main", "worker", "-l", "info")
         if not full.relay_in_worker:  # RELAY_IN_WORKER=0: the relay gets a process (a core) of its own
-            spawn("relay", "-m", "app", "relay")
+            for i in range(full.relay_processes):  # several share the outbox shards
+                spawn("relay" if i == 0 else f"relay-{i + 1}", "-m", "app", "relay",
+                      RELAY_WEB_PORT=str(full.relay_web_port + i if full.relay_web_port else 0))
         if demo:
             spawn("demo", "-m", "app", "demo", "--rate", str(rate))
         print(banner(full, run, children, names, fresh=not settings.kafka_broker), flush=True)
@@ -148,8 +150,10 @@ def banner(settings: Settings, run: Path, children: list[subprocess.Popen[bytes]
         f"  Kafka       {settings.kafka_broker}",
     ]
     for name, child in zip(names, children):
-        web = {"worker": f"web http://127.0.0.1:{settings.web_port}/, ",
-               "relay": f"metrics http://127.0.0.1:{settings.relay_web_port}/metrics, "}.get(name, "")
+        web = f"web http://127.0.0.1:{settings.web_port}/, " if name == "worker" else ""
+        if name.startswith("relay") and settings.relay_web_port:
+            port = settings.relay_web_port + (int(name.split("-")[1]) - 1 if "-" in name else 0)
+            web = f"metrics http://127.0.0.1:{port}/metrics, "
         lines.append(f"  {name:<11} pid {child.pid}, {web}log {run / f'{name}.log'}")
     if fresh:
         lines.append("  state       empty at every start: the embedded broker keeps nothing (see README)")

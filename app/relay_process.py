@@ -37,8 +37,8 @@ def relay_web(relay: Relay) -> web.Application:
 
     async def ready(_: web.Request) -> web.Response:
         stats = relay.stats
-        body = {"ready": stats.connected, "active": stats.active, "published": stats.published,
-                "pending_rows": stats.pending_rows, "last_error": stats.last_error}
+        body = {"ready": stats.connected, "active": stats.active, "shards": list(stats.shards),
+                "published": stats.published, "pending_rows": stats.pending_rows, "last_error": stats.last_error}
         return web.Response(status=200 if stats.connected else 503, text=json.dumps(body),
                             content_type="application/json")
 

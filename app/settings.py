@@ -62,6 +62,9 @@ class Settings:
     relay_in_worker: bool = True
     # The port a standalone relay (`python -m app relay`) serves /metrics and /health on; 0 = none.
     relay_web_port: int = 6067
+    # Relay processes `python -m app dev` starts when the worker runs none (RELAY_IN_WORKER=0);
+    # they divide the outbox shards among themselves, on web ports relay_web_port, +1, ...
+    relay_processes: int = 1
     # ORM reads are buffered and written as one access event per entity per flush.
     access_flush_interval: float = 0.25
     access_max_keys: int = 5000
@@ -108,6 +111,7 @@ class Settings:
             producer_max_batch_bytes=int(env.get("PRODUCER_MAX_BATCH_BYTES", str(512 * 1024))),
             relay_in_worker=env.get("RELAY_IN_WORKER", "1") not in ("0", "false", "no"),
             relay_web_port=int(env.get("RELAY_WEB_PORT", "6067")),
+            relay_processes=int(env.get("RELAY_PROCESSES", "1")),
             relay_batch=int(env.get("RELAY_BATCH", "2000")),
             stuck_after=float(env.get("STUCK_AFTER_S", "30")),
             group_instance_id=env.get("GROUP_INSTANCE_ID", ""),

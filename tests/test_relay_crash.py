@@ -12,6 +12,7 @@ from sqlalchemy import insert, select, text
 
 from app.embedded import EmbeddedBroker, free_port
 from app.orm import Database
+from app.outbox import SHARDS
 from app.relay import RELAY_LOCK, Relay
 from app.settings import Settings
 from app.views import apply_order, plain_state
@@ -147,6 +148,9 @@ async def test_relay_process_serves_metrics_and_health_while_it_publishes(
         assert await until(published, lambda n: n >= 1, timeout=10, what="a published event in /metrics") >= 1
         status, live = await get_json(f"{base}/health/live")
         assert status == 200 and live == {"live": True}
+        status, ready = await get_json(f"{base}/health/ready")
+        # The shards it publishes (all 16 unless another relay shares them).
+        assert status == 200 and ready["shards"] and set(ready["shards"]) <= set(range(SHARDS)), ready
     finally:
         stop(relay)
     assert relay.returncode == 0, (tmp_path / "relay.log").read_text()
