@@ -31,8 +31,9 @@ from tests.processes import start_worker, stop
 from tests.waiting import until
 
 VIEWS = {"orders", "customer_orders", "orders_by_status", "orders_per_minute"}
-#: The workers' HTTP_HEADER_TIMEOUT_S and HTTP_MAX_CONNECTIONS.
+#: The workers' HTTP_HEADER_TIMEOUT_S, HTTP_BODY_TIMEOUT_S and HTTP_MAX_CONNECTIONS.
 HEADER_TIMEOUT = 1.5
+BODY_TIMEOUT = 2.0
 MAX_CONNECTIONS = 40
 BROWSER = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
 
@@ -72,9 +73,10 @@ async def get(base: str, path: str, accept: str = "application/json", timeout: f
 async def spawn(settings: Settings, log: Path, app_id: str, redis_url: str) -> Worker:
     """A worker of consumer group `app_id` on a free web port, once it is ready."""
     port = free_port()
-    # Short header deadline and a low connection cap, so the tests can reach both.
+    # Short header and body deadlines and a low connection cap, so the tests reach them quickly.
     child = await start_worker(settings, log, APP_ID=app_id, WEB_PORT=str(port), REDIS_URL=redis_url,
-                               HTTP_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT), HTTP_MAX_CONNECTIONS=str(MAX_CONNECTIONS))
+                               HTTP_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT), HTTP_BODY_TIMEOUT_S=str(BODY_TIMEOUT),
+                               HTTP_MAX_CONNECTIONS=str(MAX_CONNECTIONS))
     return Worker(child, f"http://127.0.0.1:{port}", log, app_id)
 
 
@@ -562,6 +564,7 @@ async def test_a_half_sent_request_is_closed_within_the_header_deadline(worker: 
     slow_body = await raw(worker.url, b"POST /tables/ HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc",
                           timeout=30)
     assert slow_body.status == 408 and "body" in slow_body.json()["error"]
+    assert f"within {BODY_TIMEOUT:g} s" in slow_body.json()["error"]  # (the close comes after aiohttp's lingering read)
 
 
 async def test_connections_past_the_cap_are_refused_with_503(worker: Worker) -> None:
