@@ -300,8 +300,8 @@ async def run(env: Env, cfg: Config) -> list[Line]:
                     base = median([x[rate]["delivery"][i] for x in got])
                     target = TARGETS.get((rate, stage)) if q == "p99" and layout == "in-worker" else None
                     lines.append(Line(
-                        f"commit -> {stage} {q} at {rate:,.0f} commits/s, {where} (achieved {achieved:,.0f}/s; "
-                        f"vs commit -> delivery on orders-v2)", ours, base, "ms",
+                        f"write -> {stage} {q} at {rate:,.0f} commits/s, {where} (achieved {achieved:,.0f}/s; "
+                        f"vs write -> delivery on orders-v2)", ours, base, "ms",
                         f"<= {target:.0f} ms" if target else "reference",
                         (lambda ours_, ratio, t=target: ours_ <= t) if target else None, fmt="{:.1f}"))
     return lines
