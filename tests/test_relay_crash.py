@@ -213,27 +213,31 @@ async def _one_of_two_relays_killed(db: Database, settings: Settings, tmp_path: 
     # Small batches: the relays take seconds over the backlog instead of one poll interval.
     relays = [spawn_app(settings, "relay", log=tmp_path / f"relay{i}.log", RELAY_WEB_PORT="0", RELAY_BATCH="20")
               for i in (1, 2)]
-    task = asyncio.get_running_loop().create_task(writer())
     try:
-        # Both relays publish: each holds shards of its own.
-        await until(lambda: relay_pids(db), lambda pids: len(pids) == 2, timeout=30, what="two relays holding shards")
-        async with db.engine.connect() as conn:
-            left = await until(lambda: conn.scalar(text("SELECT count(*) FROM outbox")), lambda n: n < 10_000,
-                               timeout=30, what="the relays into the backlog")
-        stop(relays[0], signal.SIGKILL)  # mid-backlog: some of its rows published and not deleted
-        assert left > 1_000, "the backlog was nearly gone before the kill: nothing was proven"
-        await until(lambda: relay_pids(db), lambda pids: len(pids) == 1, timeout=10, what="the dead relay's locks gone")
-        written = len(writes)
-        await until(lambda: len(writes), lambda n: n >= written + 200, timeout=30, what="orders written after the kill")
-    finally:
-        stop_writing.set()
-        await task
-    try:
+        task = asyncio.get_running_loop().create_task(writer())
+        try:
+            # Both relays publish: each holds shards of its own.
+            await until(lambda: relay_pids(db), lambda pids: len(pids) == 2, timeout=30,
+                        what="two relays holding shards")
+            async with db.engine.connect() as conn:
+                left = await until(lambda: conn.scalar(text("SELECT count(*) FROM outbox")), lambda n: n < 10_000,
+                                   timeout=30, what="the relays into the backlog")
+            stop(relays[0], signal.SIGKILL)  # mid-backlog: some of its rows published and not deleted
+            assert left > 1_000, "the backlog was nearly gone before the kill: nothing was proven"
+            await until(lambda: relay_pids(db), lambda pids: len(pids) == 1, timeout=10,
+                        what="the dead relay's locks gone")
+            written = len(writes)
+            await until(lambda: len(writes), lambda n: n >= written + 200, timeout=30,
+                        what="orders written after the kill")
+        finally:
+            stop_writing.set()
+            await task
         async with db.engine.connect() as conn:
             await until(lambda: conn.scalar(text("SELECT count(*) FROM outbox")), lambda n: n == 0, timeout=60,
                         what="the survivor publishing every shard")
     finally:
-        stop(relays[1])
+        for relay in relays:  # by PID, whatever failed above
+            stop(relay)
     async with TopicReader(settings.bootstrap_servers, "orders-v2") as reader:
         messages = await reader.read_to_end()
     sequences: dict[str, list[int]] = {}
