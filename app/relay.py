@@ -50,7 +50,8 @@ _PARTITIONER = DefaultPartitioner()
 _FETCH = """
 SELECT id, topic, entity, schema_version, key, event_id, op, service, occurred_at, sequence, data
 FROM outbox WHERE shard = ANY($2::smallint[]) ORDER BY id LIMIT $1"""
-_LIVE = """
+#: Sessions holding an advisory lock of class $1 (two-key form) in this database.
+LOCK_HOLDERS = """
 SELECT count(DISTINCT pid) FROM pg_locks
 WHERE locktype = 'advisory' AND classid = $1 AND objsubid = 2 AND granted
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
@@ -239,7 +240,7 @@ class Relay:
         Called between batches only: every row of a shard given back was published and its
         delete committed, so the next owner starts at the shard's oldest unpublished row.
         """
-        live = max(1, await conn.fetchval(_LIVE, MEMBER_LOCK))
+        live = max(1, await conn.fetchval(LOCK_HOLDERS, MEMBER_LOCK))
         fair = -(-self._shard_count // live)
         held = list(held)
         if len(held) > fair:

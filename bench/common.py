@@ -293,9 +293,11 @@ def sample_message(key: str = "1") -> Message:
 class TailReader:
     """A consumer on every partition of a topic, from its current end; records first-receive times."""
 
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, on: Callable[[Any, float], None] | None = None) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
+        #: Called with every message and the wall-clock time its batch arrived.
+        self.on = on
         self.received: dict[str, float] = {}
         self.duplicates = 0
         self._consumer: AIOKafkaConsumer | None = None
@@ -329,9 +331,11 @@ class TailReader:
         received = self.received
         while True:
             batch = await self._consumer.getmany(timeout_ms=100)
-            now = time.monotonic()
+            now, wall = time.monotonic(), time.time()
             for msgs in batch.values():
                 for m in msgs:
+                    if self.on is not None:
+                        self.on(m, wall)
                     key = (m.key or b"").decode()
                     if key in received:
                         self.duplicates += 1

@@ -35,6 +35,7 @@ starts it (`python -m app worker`: relay inside, every agent, the Redis cache), 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -42,14 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
 from app.embedded import EmbeddedRedis
 from app.events import decode
 from app.schemas import load
-from bench.common import (Config, Env, Line, LoopMonitor, execute, median, note, percentile, process_cpu, settle,
-                          spread)
+from bench.common import (Config, Env, Line, LoopMonitor, TailReader, execute, median, note, percentile,
+                          process_cpu, settle, spread)
 from bench.workers import (Child, app_worker_argv, child_env, create_topics, faust_worker, round_broker,
                            run_with_redis, spawn, stop_child, tracked)
 
@@ -86,35 +87,10 @@ class Seen:
         return None
 
 
-async def _consume(bootstrap: str, topic: str, on: Any, ready: asyncio.Event) -> None:
-    """Call on(message, now) for every message of `topic` from its current end (all partitions)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=5)
-    await consumer.start()
-    try:
-        partitions: set[int] | None = None
-        while not partitions:
-            await consumer.topics()
-            partitions = consumer.partitions_for_topic(topic)
-            if not partitions:
-                await asyncio.sleep(0.05)
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:
-            await consumer.position(tp)
-        ready.set()
-        while True:
-            batch = await consumer.getmany(timeout_ms=100)
-            now = time.time()
-            for msgs in batch.values():
-                for m in msgs:
-                    on(m, now)
-    finally:
-        await consumer.stop()
-
-
-async def _observe(bootstrap: str, app_id: str, redis: Redis, seen: Seen) -> list[asyncio.Task[None]]:
-    """Start the four observers; returns their tasks once each is reading."""
+async def _observe(stack: contextlib.AsyncExitStack, bootstrap: str, app_id: str, redis: Redis,
+                   seen: Seen) -> asyncio.Task[None]:
+    """Start the four observers, each reading once this returns: three topic tails (closed with
+    `stack`) and the cache's keyspace subscription (the task returned)."""
     schema = load(*SOURCE_SCHEMA)
 
     def delivered(m: Any, now: float) -> None:
@@ -145,13 +121,13 @@ async def _observe(bootstrap: str, app_id: str, redis: Redis, seen: Seen) -> lis
         finally:
             await pubsub.aclose()
 
-    readies = [asyncio.Event() for _ in range(4)]
-    tasks = [asyncio.ensure_future(_consume(bootstrap, SOURCE, delivered, readies[0])),
-             asyncio.ensure_future(_consume(bootstrap, f"{app_id}-orders-changelog", table, readies[1])),
-             asyncio.ensure_future(_consume(bootstrap, f"{app_id}-orders_by_status-changelog", stage2, readies[2])),
-             asyncio.ensure_future(cache(readies[3]))]
-    await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 30)
-    return tasks
+    for topic, on in ((SOURCE, delivered), (f"{app_id}-orders-changelog", table),
+                      (f"{app_id}-orders_by_status-changelog", stage2)):
+        await stack.enter_async_context(TailReader(bootstrap, topic, on))
+    subscribed = asyncio.Event()
+    task = asyncio.ensure_future(cache(subscribed))
+    await asyncio.wait_for(subscribed.wait(), 30)
+    return task
 
 
 async def _write(env: Env, run_dir: Path, rate: float, seconds: float, worker: Child
@@ -223,7 +199,7 @@ async def _round(env: Env, run_dir: Path, redis_server: EmbeddedRedis, seconds: 
         await redis.flushall()
         tasks: list[asyncio.Task[None]] = []
         try:
-            async with faust_worker("freshness", app_worker_argv(), run_dir, DATABASE_URL=env.url,
+            async with contextlib.AsyncExitStack() as readers, faust_worker("freshness", app_worker_argv(), run_dir, DATABASE_URL=env.url,
                                     KAFKA_BROKER=broker.url, REDIS_URL=redis_server.url,
                                     RELAY_IN_WORKER="1" if layout == "in-worker" else "0") as w:
                 if layout == "relay-process":
@@ -233,7 +209,7 @@ async def _round(env: Env, run_dir: Path, redis_server: EmbeddedRedis, seconds: 
                 await _wait_topics(broker.bootstrap, [f"{app_id}-orders-changelog",
                                                       f"{app_id}-orders_by_status-changelog"])
                 seen = Seen()
-                tasks = await _observe(broker.bootstrap, app_id, redis, seen)
+                tasks = [await _observe(readers, broker.bootstrap, app_id, redis, seen)]
                 # Warm-up: the group has joined and every stage is live once these are seen.
                 warm, _, _ = await _write(env, run_dir, 50, 2, w)
                 missing = await _wait_all(warm, seen, 120)

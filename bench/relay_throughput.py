@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy import insert
 
 from app.orm import Database
-from app.relay import RELAY_LOCK, Relay
+from app.relay import LOCK_HOLDERS, RELAY_LOCK, Relay
 from bench.common import (Config, Env, Line, LoopMonitor, create_topic, execute, median, note, process_cpu,
                           sample_message, settle, spread)
 from bench.workers import child_env, spawn, stop_child, tracked
@@ -84,12 +84,6 @@ async def _relay_round(env: Env, db: Database, cfg: Config) -> dict[str, Any]:
             "monitor": monitor}
 
 
-_HOLDERS = """
-SELECT count(DISTINCT pid) FROM pg_locks
-WHERE locktype = 'advisory' AND classid = $1 AND objsubid = 2 AND granted
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
-
-
 async def _process_round(env: Env, db: Database, cfg: Config, relays: int, run_dir: Path) -> dict[str, Any]:
     """`relays` relay processes on a fresh backlog: events/s once all hold shards, CPU µs per event each."""
     await execute(env, "DELETE FROM outbox")
@@ -103,7 +97,7 @@ async def _process_round(env: Env, db: Database, cfg: Config, relays: int, run_d
         children = [spawn(f"relay-{i + 1}", [sys.executable, "-m", "app", "relay"],
                           run_dir / f"relay-{relays}-{i + 1}.log", env_) for i in range(relays)]
         deadline = time.monotonic() + 60
-        while await conn.fetchval(_HOLDERS, RELAY_LOCK) < relays:
+        while await conn.fetchval(LOCK_HOLDERS, RELAY_LOCK) < relays:
             for c in children:
                 if c.proc.poll() is not None:
                     raise RuntimeError(f"{c.name} exited with {c.proc.returncode}:\n{c.tail()}")

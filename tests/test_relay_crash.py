@@ -208,7 +208,7 @@ async def _one_of_two_relays_killed(db: Database, settings: Settings, tmp_path: 
             for order in new:
                 ids.append(order.id)
                 writes[str(order.id)] = 1
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # paces the load (~50 commits/s); nothing is waited for here
 
     # Small batches: the relays take seconds over the backlog instead of one poll interval.
     relays = [spawn_app(settings, "relay", log=tmp_path / f"relay{i}.log", RELAY_WEB_PORT="0", RELAY_BATCH="20")
