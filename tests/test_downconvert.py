@@ -68,7 +68,10 @@ async def test_v1_events_equal_the_documented_conversion_for_every_kind_of_write
     key = str(order.id)
     async with TopicReader(settings.bootstrap_servers, "orders-v2") as v2_reader, \
             TopicReader(settings.bootstrap_servers, "orders-v1") as v1_reader:
+        # Two readers, two consumers: the v1 events can be read before the v2 events they came
+        # from, so both are waited for.
         await v1_reader.wait_for(lambda ms: len([m for m in ms if m.key == key]) >= 4)
+        await v2_reader.wait_for(lambda ms: len([m for m in ms if m.key == key]) >= 4)
         v2s = {m.record["event_id"]: m for m in v2_reader.for_keys({key})}
         v1s = v1_reader.for_keys({key})
     assert [m.record["op"] for m in v1s] == ["create", "update", "update", "delete"]
