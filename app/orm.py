@@ -1,13 +1,14 @@
-"""EventedBase and Database: every write through the ORM leaves outbox rows in the same transaction.
+"""EventedBase and Database: every write of an entity table leaves an outbox row in its transaction.
 
 How a write becomes an event:
-- `before_flush` validates new and changed objects against the entity's Avro schema (a bad
-  write fails before any SQL is sent) and notes which aggregates the flush touches;
-- `after_flush` (and, for ORM bulk `insert()/update()/delete()`, the statement itself via
-  RETURNING) hands the touched aggregate keys to `app.outbox.record_events`, which bumps the
-  per-key sequence under a row lock and inserts one outbox row per aggregate with the
-  aggregate's full state read back from the database;
-- the relay (`app.outbox.Relay`) publishes committed rows. Rollback discards the rows with
+- `before_flush` (and `do_orm_execute` for ORM bulk `insert()/update()/delete()`) checks
+  ownership and validates new and changed objects against the entity's Avro schema, so a bad
+  write fails before any SQL is sent;
+- PostgreSQL does the rest: a deferred capture trigger on every entity table
+  (`app.entities.capture_sql`, installed by `Database.create_all`) bumps the aggregate's
+  sequence under its row lock and writes one outbox row per aggregate per transaction, with
+  the aggregate's state as committed, at COMMIT, in no round trip of the writer's own;
+- the relay (`app.relay.Relay`) publishes committed rows. Rollback discards the rows with
   everything else, so a rolled-back transaction never publishes.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
-from sqlalchemy import event
+from sqlalchemy import Connection, event
 from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import (
@@ -35,7 +36,7 @@ from sqlalchemy.orm import (
 )
 
 from app import outbox, ownership
-from app.entities import EntityPlan, SchemaMismatch, plan_for
+from app.entities import SchemaMismatch, capture_sql, plan_for
 from app.ownership import OwnershipError, sensitive_column
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,10 @@ def evented_topics() -> list[str]:
     return sorted(topics)
 
 
-#: True while the capture path writes (a flush, an ORM bulk statement): entity-table writes
-#: outside it would raise no event, and `Database` refuses them. Set and read in the same
-#: greenlet (SQLAlchemy runs the sync flush, and the cursor hooks, in one).
+#: True while the ORM writes (a flush, an ORM bulk statement), whose values were checked
+#: against the schema: `Database` refuses entity-table writes outside it (`UneventedWrite`).
+#: Set and read in the same greenlet (SQLAlchemy runs the sync flush, and the cursor hooks,
+#: in one).
 _CAPTURING: ContextVar[bool] = ContextVar("evented_capturing", default=False)
 
 
@@ -118,88 +120,25 @@ class EventedSession(Session):
             _CAPTURING.reset(token)
 
 
-@dataclass
-class _Pending:
-    """Aggregates touched by the current flush: root model -> key -> op."""
-
-    touched: dict[type[EventedBase], dict[Any, str]] = field(default_factory=dict)
-    # Root instances created in this flush whose key is known only after the INSERT.
-    new_roots: list[EventedBase] = field(default_factory=list)
-
-    def note(self, root: type[EventedBase], key: Any, op: str) -> None:
-        """Record `op` for the aggregate, keeping the strongest: delete > create > update."""
-        keys = self.touched.setdefault(root, {})
-        current = keys.get(key)
-        if current is None or _STRENGTH[op] > _STRENGTH[current]:
-            keys[key] = op
-
-
-_STRENGTH = {"update": 0, "create": 1, "delete": 2}
-_PENDING = "evented.pending"
-
-
 def _before_flush(session: Session, flush_context: UOWTransaction, instances: Any) -> None:
-    """Check ownership, validate changed entities, note the aggregates this flush touches."""
-    pending = _Pending()
+    """Check ownership and validate new and changed entities, before any SQL is sent.
+
+    The events themselves are written by the capture triggers at COMMIT (`capture_sql`).
+    """
     service = session.info["service"]
     for obj in (*session.new, *session.dirty, *session.deleted):
         if isinstance(obj, EventedBase):
             ownership.check_write(service, type(obj))
     for obj in session.new:
         if isinstance(obj, EventedBase):
-            plan = plan_for(type(obj))
-            plan.validate(obj)
-            if plan.is_root:
-                pending.new_roots.append(obj)
-            else:
-                _note_extension(pending, plan, obj, session)
+            plan_for(type(obj)).validate(obj)
     for obj in session.dirty:
         if isinstance(obj, EventedBase) and session.is_modified(obj, include_collections=False):
-            plan = plan_for(type(obj))
-            plan.validate(obj)
-            if plan.is_root:
-                pending.note(plan.root, plan.key_of(obj), "update")
-            else:
-                _note_extension(pending, plan, obj, session)
-    for obj in session.deleted:
-        if isinstance(obj, EventedBase):
-            plan = plan_for(type(obj))
-            if plan.is_root:
-                pending.note(plan.root, plan.key_of(obj), "delete")
-            else:
-                _note_extension(pending, plan, obj, session)
-    session.info[_PENDING] = pending
-
-
-def _note_extension(pending: _Pending, plan: EntityPlan, obj: EventedBase, session: Session) -> None:
-    """An extension's write is an update of its root (or part of the root's create/delete)."""
-    # Only a parent already in memory: reading the attribute could lazy-load it (a query).
-    parent = obj.__dict__.get(plan.parent_attr) if plan.parent_attr else None
-    if parent is not None and parent in session.new:
-        return  # the root's own create event carries the extension
-    key = plan.key_of(obj)
-    if key is None and parent is not None:
-        key = plan_for(type(parent)).key_of(parent)
-    if key is not None:
-        pending.note(plan.root, key, "update")
-
-
-def _after_flush(session: Session, flush_context: UOWTransaction) -> None:
-    """Write one outbox row per touched aggregate, on the flush's own connection."""
-    pending: _Pending | None = session.info.pop(_PENDING, None)
-    if pending is None:
-        return
-    for obj in pending.new_roots:
-        plan = plan_for(type(obj))
-        pending.note(plan.root, plan.key_of(obj), "create")
-    if pending.touched:
-        conn = session.connection()
-        for root, keys in pending.touched.items():
-            outbox.record_events(conn, plan_for(root), keys, session.info["service"])
+            plan_for(type(obj)).validate(obj)
 
 
 def _do_orm_execute(state: ORMExecuteState) -> Result[Any] | None:
-    """ORM bulk insert/update/delete: add RETURNING of the aggregate key, then raise events.
+    """ORM bulk insert/update/delete: check ownership, then run it as the capture path's own.
 
     Selects of entities with sensitive columns the session's service owns get them undeferred.
     """
@@ -215,35 +154,13 @@ def _do_orm_execute(state: ORMExecuteState) -> Result[Any] | None:
         return None
     mapper: Mapper[Any] | None = state.bind_mapper
     if mapper is None or not issubclass(mapper.class_, EventedBase):
-        return None  # Core statements of entity tables are refused at the cursor: no event
+        return None  # Core statements of entity tables are refused at the cursor: unchecked values
     ownership.check_write(service, mapper.class_)
-    plan = plan_for(mapper.class_)
-    statement = state.statement
-    user_returning = bool(getattr(statement, "_returning", ()))
-    key_col = plan.key_column
     token = _CAPTURING.set(True)
     try:
-        result = state.invoke_statement(statement=statement.returning(key_col))  # type: ignore[attr-defined]
+        return state.invoke_statement()
     finally:
         _CAPTURING.reset(token)
-    if user_returning:
-        frozen = result.freeze()
-        keys = [row[-1] for row in frozen.data]
-        out: Result[Any] = frozen()
-    else:
-        keys = [row[0] for row in result.all()]
-        out = result
-    # The ORM hands back an iterator result once RETURNING is present; callers of a plain
-    # bulk UPDATE/DELETE read `rowcount`, which is exactly the number of rows returned.
-    out.rowcount = len(keys)  # type: ignore[attr-defined]
-    if plan.is_root:
-        op = "create" if state.is_insert else "delete" if state.is_delete else "update"
-    else:
-        op = "update"
-    if keys:
-        outbox.record_events(state.session.connection(), plan_for(plan.root),
-                             {k: op for k in keys}, state.session.info["service"])
-    return out
 
 
 def _on_load(target: EventedBase, context: Any) -> None:
@@ -259,6 +176,14 @@ def _on_load(target: EventedBase, context: Any) -> None:
         access.add(plan.root_entity, plan.key_of(target), context.session.info.get("on_behalf_of"))
 
 
+def install_capture(conn: Connection) -> None:
+    """Create or replace the capture trigger of every entity table (`capture_sql`)."""
+    for mapper in EventedBase.registry.mappers:
+        if mapper.class_.__extends__ is None:
+            for statement in capture_sql(mapper.class_):
+                conn.exec_driver_sql(statement)
+
+
 _installed = False
 
 
@@ -268,7 +193,6 @@ def install_listeners() -> None:
     if _installed:
         return
     event.listen(EventedSession, "before_flush", _before_flush)
-    event.listen(EventedSession, "after_flush", _after_flush)
     event.listen(EventedSession, "do_orm_execute", _do_orm_execute)
     event.listen(EventedBase, "load", _on_load, propagate=True)
     _installed = True
@@ -412,10 +336,11 @@ class Database:
                 raise
 
     async def create_all(self) -> None:
-        """Create the entity tables, the outbox and its NOTIFY trigger (idempotent)."""
+        """Create the entity tables, the outbox and its triggers, and the capture triggers (idempotent)."""
         async with self.engine.begin() as conn:
             await conn.run_sync(EventedBase.metadata.create_all)
             await conn.run_sync(outbox.install)
+            await conn.run_sync(install_capture)
 
     async def close(self) -> None:
         """Flush the access log and close every pooled connection."""

@@ -5,9 +5,7 @@ import json
 from typing import Any
 
 from sqlalchemy import Connection, text
-from sqlalchemy.util import await_only
 
-from app.entities import EntityPlan, record_sql
 from app.schemas import topic_name
 
 #: Outbox shards: relays divide them among themselves (app/relay.py).
@@ -16,12 +14,16 @@ SHARDS = 16
 #: Idempotent DDL. `event_sequences` holds the per-aggregate sequence: its row lock
 #: serializes writers of one aggregate, and it outlives a delete, so a re-created key
 #: keeps counting up instead of restarting at 1 behind events consumers already applied.
+#: `xact` and `outbox_id` are the capture trigger's (app/entities.py `capture_sql`): the
+#: transaction that last wrote the key's event, and that event's outbox row.
 DDL = [
     """CREATE TABLE IF NOT EXISTS event_sequences (
         entity text NOT NULL,
         key text NOT NULL,
         seq bigint NOT NULL,
         PRIMARY KEY (entity, key))""",
+    """ALTER TABLE event_sequences ADD COLUMN IF NOT EXISTS xact xid8,
+        ADD COLUMN IF NOT EXISTS outbox_id bigint""",
     """CREATE TABLE IF NOT EXISTS outbox (
         id bigserial PRIMARY KEY,
         topic text NOT NULL,
@@ -47,16 +49,12 @@ DDL = [
     """CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
        BEGIN PERFORM pg_notify('outbox', ''); RETURN NULL; END $$""",
     "DROP TRIGGER IF EXISTS outbox_notify ON outbox",
+    # Not for rows the capture triggers write (trigger depth 1): they notify once per
+    # transaction themselves (app/entities.py `capture_sql`).
     """CREATE TRIGGER outbox_notify AFTER INSERT ON outbox
-       FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify()""",
+       FOR EACH STATEMENT WHEN (pg_trigger_depth() < 1) EXECUTE FUNCTION outbox_notify()""",
 ]
 CHANNEL = "outbox"
-
-_LOCK_SEQS = """
-INSERT INTO event_sequences AS s (entity, key, seq)
-SELECT $1::text, k, 1 FROM unnest($2::text[]) AS k ORDER BY k
-ON CONFLICT (entity, key) DO UPDATE SET seq = s.seq + 1
-RETURNING s.key, s.seq"""
 
 _ACCESS = text("""
 INSERT INTO outbox (topic, entity, schema_version, key, op, service, sequence, occurred_at, data)
@@ -69,25 +67,6 @@ def install(conn: Connection) -> None:
     conn.execute(text("SELECT pg_advisory_xact_lock(7325001)"))
     for statement in DDL:
         conn.execute(text(statement))
-
-
-def record_events(conn: Connection, plan: EntityPlan, keys: dict[Any, str], service: str) -> None:
-    """Write one outbox row per aggregate key, in the caller's transaction.
-
-    Keys of aggregates that existed before this transaction get their sequence bumped first,
-    in a statement of its own: that takes the aggregate's lock, so the state read by the
-    next statement (a new snapshot) includes whatever a concurrent writer just committed.
-    """
-    str_keys = {str(k): op for k, op in keys.items()}
-    existing = sorted(k for k, op in str_keys.items() if op != "create")
-    driver = conn.connection.driver_connection  # asyncpg, in the flush's own transaction
-    seqs: dict[str, int] = {}
-    if existing:
-        rows = await_only(driver.fetch(_LOCK_SEQS, plan.root_entity, existing))
-        seqs = {key: seq for key, seq in rows}
-    ordered = sorted(str_keys)
-    await_only(driver.execute(record_sql(plan.root), ordered, [str_keys[k] for k in ordered],
-                              [seqs.get(k) for k in ordered], service))
 
 
 def record_access(conn: Connection, service: str,

@@ -161,14 +161,19 @@ def _foreign_in_sql(service: str, foreign: tuple[Sensitive, ...], sql: str) -> S
 
 
 class UneventedWrite(PermissionError):
-    """A write to an entity table that would raise no event (raw SQL, Core, DDL)."""
+    """A write to an entity table outside the ORM (raw SQL, Core, DDL).
+
+    The capture triggers would still raise its event (DDL such as TRUNCATE fires none), but
+    the values would skip the schema check: a value the Avro schema cannot carry would fail
+    at the relay, after commit, instead of here."""
 
     def __init__(self, table: str, service: str) -> None:
         super().__init__(
             f"service {service!r} may not write table {table!r} with raw SQL, Core statements or "
-            "DDL: that write would raise no event, and views and caches would drift from the "
-            "database. Write it through the ORM (session.add / delete, or ORM-enabled "
-            f"insert()/update()/delete() of the mapped class) so the event is raised")
+            "DDL: its values would skip the schema check (TRUNCATE would raise no event at all), "
+            "so a bad value fails after commit instead of before. Write it through the ORM "
+            "(session.add / delete, or ORM-enabled insert()/update()/delete() of the mapped "
+            "class) so it is checked before any SQL is sent")
         self.table, self.service = table, service
 
 

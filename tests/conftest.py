@@ -19,6 +19,7 @@ from app.cli import init_db
 from app.orm import Database, EventedBase
 from app.relay import Relay
 from app.settings import Settings
+from tests.waiting import until
 
 
 @pytest.fixture(scope="session")
@@ -120,6 +121,11 @@ async def relay(settings: Settings, db: Database) -> AsyncIterator[Relay]:
     """The outbox relay running in this test's event loop."""
     r = Relay(settings, standby_poll=0.1)
     task = asyncio.get_running_loop().create_task(r.run())
+    # Ready once it holds shards, which it takes after creating the topics: a test's
+    # TopicReader started before that would never see them (aiokafka caches the metadata).
+    await until(lambda: r.stats.active or task.done(), what="relay holds its shards")
+    if task.done():
+        task.result()  # a relay that failed to start fails the test with its own error
     yield r
     r.stop()
     await asyncio.wait_for(task, 20)

@@ -170,7 +170,10 @@ async def test_late_committing_transaction_with_lower_outbox_id_is_published(
     early = db._sessions()
     order_early = new_order(amount_cents=1)
     early.add(order_early)
-    await early.flush()  # takes its outbox id now, commits last
+    await early.flush()
+    # The capture triggers run now instead of at COMMIT: the outbox id is taken now, and
+    # this transaction commits last.
+    await early.execute(text("SET CONSTRAINTS ALL IMMEDIATE"))
     async with db.session() as s:
         order_late = new_order(amount_cents=2)
         s.add(order_late)
@@ -180,6 +183,55 @@ async def test_late_committing_transaction_with_lower_outbox_id_is_published(
         await early.close()
         await reader.wait_for(lambda ms: bool(keyed(ms, order_early.id)))
     assert await _eventually_zero(db)
+
+
+async def test_one_transaction_raises_one_event_per_aggregate_with_its_committed_state(
+        db: Database, relay: Relay, settings: Settings) -> None:
+    async with db.session() as s:
+        order = new_order(amount_cents=1)
+        s.add(order)
+        await s.flush()  # a flush, a bulk statement and an extension write: one transaction
+        await s.execute(update(Order).where(Order.id == order.id).values(amount_cents=2))
+        s.add(OrderShipping(order_id=order.id, address="9 Dock Rd", carrier="DHL"))
+        other = new_order(amount_cents=3)
+        s.add(other)
+    async with db.session() as s:
+        (await s.get_one(Order, order.id)).status = "paid"
+        await s.flush()
+        (await s.get_one(Order, order.id)).status = "shipped"
+    async with TopicReader(settings.bootstrap_servers, "orders-v2") as reader:
+        await reader.wait_for(lambda ms: len(keyed(ms, order.id)) >= 2 and bool(keyed(ms, other.id)))
+    events = [m.record for m in keyed(reader.messages, order.id)]
+    assert [(e["op"], e["sequence"]) for e in events] == [("create", 1), ("update", 2)]
+    assert events[0]["data"]["amount_cents"] == 2
+    assert events[0]["data"]["shipping"]["address"] == "9 Dock Rd"
+    assert events[1]["data"]["status"] == "shipped"
+    assert [m.record["data"]["amount_cents"] for m in keyed(reader.messages, other.id)] == [3]
+
+
+async def test_writes_after_the_triggers_ran_early_still_reach_the_event(
+        db: Database, relay: Relay, settings: Settings) -> None:
+    # SET CONSTRAINTS ... IMMEDIATE runs the capture triggers at the end of each statement;
+    # a later write of the same aggregate must refresh the event already written.
+    async with db.session() as s:
+        await s.execute(text("SET CONSTRAINTS ALL IMMEDIATE"))
+        order = new_order(amount_cents=1)
+        s.add(order)
+        await s.flush()
+        await s.execute(update(Order).where(Order.id == order.id).values(amount_cents=2))
+        s.add(OrderShipping(order_id=order.id, address="9 Dock Rd", carrier="DHL"))
+        await s.flush()
+        doomed = new_order(amount_cents=3)
+        s.add(doomed)
+        await s.flush()
+        await s.delete(doomed)
+    async with TopicReader(settings.bootstrap_servers, "orders-v2") as reader:
+        await reader.wait_for(lambda ms: bool(keyed(ms, order.id)) and bool(keyed(ms, doomed.id)))
+    [event] = [m.record for m in keyed(reader.messages, order.id)]
+    assert (event["op"], event["sequence"], event["data"]["amount_cents"]) == ("create", 1, 2)
+    assert event["data"]["shipping"]["carrier"] == "DHL"
+    # Created and deleted in one transaction: consumers get a tombstone for a key they never saw.
+    assert [(m.record["op"], m.record["data"]) for m in keyed(reader.messages, doomed.id)] == [("delete", None)]
 
 
 async def test_data_outside_schema_fails_flush_naming_entity_field_version(db: Database) -> None:

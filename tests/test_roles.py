@@ -7,6 +7,7 @@ refuse it, with a permission error).
 """
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -97,6 +98,15 @@ async def _temp_trigger(s: AsyncSession, cid: int) -> Any:
                                 "FOR EACH ROW EXECUTE FUNCTION pg_temp.leak()"))
 
 
+async def _capture_trigger_on_own_table(s: AsyncSession, cid: int) -> Any:
+    # The capture functions run as the schema's owner (SECURITY DEFINER): attached to a table
+    # of the attacker's, one would raise customers events in the owner's name.
+    await s.execute(text("CREATE TEMP TABLE decoy (id bigint)"))
+    await s.execute(text("CREATE TRIGGER decoy AFTER INSERT ON decoy FOR EACH ROW "
+                         "EXECUTE FUNCTION public.mse_capture_customers()"))
+    return await s.execute(text("INSERT INTO decoy VALUES (:id)"), {"id": cid})
+
+
 READS: dict[str, Attempt] = {
     "text_star": _sql("SELECT * FROM customers WHERE id = :id"),
     "select_text_star": lambda s, cid: s.execute(select(text("*")).select_from(Customer)),
@@ -137,6 +147,7 @@ WRITES: dict[str, Attempt] = {
     "forged_event_in_own_name": _sql(
         "INSERT INTO outbox (topic, entity, schema_version, key, op, service, sequence, data) "
         "VALUES ('customers-v1', 'customers', 1, '1', 'update', 'orders', 999, '{}')"),
+    "forged_event_through_the_capture_trigger": _capture_trigger_on_own_table,
 }
 
 
@@ -177,9 +188,38 @@ async def test_non_owner_role_cannot_write_the_entity_nor_forge_its_events(
     try:
         row = await conn.fetchrow("SELECT name, email FROM customers WHERE id = $1", cid)
         forged = await conn.fetchval("SELECT count(*) FROM outbox WHERE sequence = 999")
+        # Only the canary's own create: no event of the key was raised since.
+        sequence = await conn.fetchval(
+            "SELECT seq FROM event_sequences WHERE entity = 'customers' AND key = $1", str(cid))
     finally:
         await conn.close()
-    assert (row["name"], row["email"]) == ("Canary", email) and forged == 0
+    assert (row["name"], row["email"]) == ("Canary", email) and forged == 0 and sequence == 1
+
+
+async def test_owner_writing_raw_sql_on_a_plain_driver_connection_still_raises_its_event(
+        canary: tuple[int, str], settings: Settings) -> None:
+    cid, email = canary
+    # No library at all: asyncpg with the owner's credentials, as a script or a psql session.
+    conn = await asyncpg.connect(service_url(settings.asyncpg_dsn, role_name(settings.db_role_prefix, "customers")))
+    try:
+        async with conn.transaction():
+            await conn.execute("UPDATE customers SET name = 'Raw I' WHERE id = $1", cid)
+            await conn.execute("UPDATE customers SET name = 'Raw II' WHERE id = $1", cid)
+        await conn.execute("DELETE FROM customers WHERE id = $1", cid)
+    finally:
+        await conn.close()
+    admin = await asyncpg.connect(settings.asyncpg_dsn)
+    try:
+        rows = await admin.fetch("SELECT op, sequence, service, data::text AS data FROM outbox "
+                                 "WHERE entity = 'customers' AND key = $1 ORDER BY id", str(cid))
+    finally:
+        await admin.close()
+    # One event per transaction, carrying the state it committed, in the owner's name; the
+    # sensitive column stays out of it as it does for ORM writes.
+    assert [(r["op"], r["sequence"], r["service"]) for r in rows] == [
+        ("create", 1, "customers"), ("update", 2, "customers"), ("delete", 3, "customers")]
+    assert json.loads(rows[1]["data"])["name"] == "Raw II" and email not in rows[1]["data"]
+    assert rows[2]["data"] is None
 
 
 async def test_pg_stats_hides_the_sensitive_column_from_non_owners(
