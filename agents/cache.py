@@ -19,15 +19,15 @@ from typing import Any
 import faust
 
 from agents.batching import WITHIN, take_ready
-from agents.downconvert import downconvert_targets
 from app.cache import CacheRepository, connect_redis
 from app.deadletter import dead_letter, incoming, produce_all
 from app.events import decode
-from app.orm import Database, EventedBase
+from app.orm import Database
 from app.retries import Retries, retries_of
 from app.roles import WORKER
 from app.schemas import EventSchema, load
 from app.settings import Settings
+from app.topology import downconvert_targets, root_models
 from app.views import plain_state
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,9 @@ def install(app: faust.App, settings: Settings) -> CacheResource:
     resource = CacheResource(settings)
     # Poison on a topic the down-converter reads is dead-lettered by it; here only the rest.
     downconverted = set(downconvert_targets(settings))
-    for mapper in EventedBase.registry.mappers:
-        model = mapper.class_
-        if model.__extends__ is None:
-            schema = load(model.__entity__, model.__schema_version__)
-            _declare(app, resource, schema, dead_letters=schema.entity not in downconverted)
+    for model in root_models():
+        schema = load(model.__entity__, model.__schema_version__)
+        _declare(app, resource, schema, dead_letters=schema.entity not in downconverted)
     return resource
 
 

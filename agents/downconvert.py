@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from faust.types import EventT
 
 from agents.entity_pass import Decoded
-from app.deadletter import Incoming, Outgoing, dead_letter, dlq_topic, incoming
+from app.deadletter import Incoming, Outgoing, dead_letter, incoming
 from app.events import downconvert_record
-from app.orm import current_version, legacy_modes
-from app.schemas import EventSchema, load
+from app.topology import current_version, downconvert_targets
+from app.schemas import EventSchema, dlq_topic, load
 from app.settings import Settings
 
 #: Called after each produced batch with (source topic, events converted, events dead-lettered).
@@ -42,16 +42,6 @@ def convert_batch(source: EventSchema, targets: Sequence[int], batch: Sequence[I
             continue
         for version, (value, headers) in converted:
             out.append(Outgoing(load(source.entity, version).topic, msg.key, value, msg.partition, headers))
-    return out
-
-
-def downconvert_targets(settings: Settings) -> dict[str, list[int]]:
-    """entity -> the older versions this worker serves by down-conversion."""
-    out = {}
-    for entity, modes in legacy_modes(settings.legacy_overrides()).items():
-        versions = sorted((v for v, mode in modes.items() if mode == "downconvert"), reverse=True)
-        if versions:
-            out[entity] = versions
     return out
 
 

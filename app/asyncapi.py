@@ -88,18 +88,18 @@ def _package_version() -> str:
 def _channels(settings: Settings) -> list[Channel]:
     """Every topic, in a stable order: per entity current, older versions, DLQ; then access, outbox DLQ."""
     import models  # noqa: F401  # registers the entity models whose topics the document lists
-    from app.orm import current_version, legacy_modes
     from app.relay import DLQ_TOPIC
-    from app.schemas import load, topic_name
+    from app.schemas import ACCESS_TOPIC, dlq_topic, load
+    from app.topology import DOWNCONVERT, DUAL_PUBLISH, current_version, legacy_modes
 
     out: list[Channel] = []
     for entity, modes in sorted(legacy_modes(settings.legacy_overrides()).items()):
         current = load(entity, current_version(entity))
-        dlq = f"{current.topic}.dlq"
+        dlq = dlq_topic(current.topic)
         agents = []
         # One pass (`process_<entity>`, agents/entity_pass.py) runs every job that reads the topic.
         jobs = []
-        if "downconvert" in modes.values():
+        if DOWNCONVERT in modes.values():
             jobs.append("down-conversion, serving the older versions")
         if entity == "orders":  # agents/views.py builds its views from the orders events
             jobs.append("the materialized views' stage 1")
@@ -119,7 +119,7 @@ def _channels(settings: Settings) -> list[Channel]:
             "the worker's agents " + ", ".join(agents)))
         for version, mode in sorted(modes.items(), reverse=True):
             old = load(entity, version)
-            if mode == "dual-publish":
+            if mode == DUAL_PUBLISH:
                 how = (f"Dual-published: the relay converts each `{current.topic}` event to v{version} "
                        f"and writes it here in the same batch, before deleting the outbox row.")
                 sender = "the outbox relay (dual-publish)"
@@ -136,7 +136,7 @@ def _channels(settings: Settings) -> list[Channel]:
                 _event_message(old), EVENT, sender))
         # The down-converter dead-letters what it cannot decode or convert; on a topic no
         # down-converter reads, the cache agent dead-letters what it cannot decode.
-        downconverted = "downconvert" in modes.values()
+        downconverted = DOWNCONVERT in modes.values()
         writer = (f"the worker's `process_{entity}` agent (down-conversion)" if downconverted
                   else f"the worker's `refresh_cache_{entity}` agent")
         out.append(Channel(
@@ -147,7 +147,7 @@ def _channels(settings: Settings) -> list[Channel]:
             _dead_letter_message(current), DEAD_LETTER, writer))
     access = load("access", 1)
     out.append(Channel(
-        topic_name("access", 1),
+        ACCESS_TOPIC,
         "ORM reads: every entity a session loads is noted in memory and flushed every "
         f"{settings.access_flush_interval:g} s as one event per entity read (service, distinct "
         "keys, count, first/last time), through the outbox. Kafka key: the entity read.",

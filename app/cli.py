@@ -171,7 +171,7 @@ async def create_topics(settings: Settings) -> None:
     """Create the event topics (and dead-letter topics) the worker consumes and produces."""
     import models  # noqa: F401
     from agents.views import dead_letter_topics
-    from app.orm import evented_topics
+    from app.topology import evented_topics
     from app.relay import DLQ_TOPIC, ensure_topics
 
     await ensure_topics(settings, [*evented_topics(), DLQ_TOPIC, *dead_letter_topics(settings.app_id)])
@@ -227,11 +227,12 @@ async def outbox_status(settings: Settings) -> None:
     """Print pending outbox rows and the age of the oldest."""
     import asyncpg
 
+    from app.outbox import LAG_SQL
+
     await check_database(settings)
     conn = await asyncpg.connect(settings.asyncpg_dsn)
     try:
-        count, oldest = await conn.fetchrow(
-            "SELECT count(*), EXTRACT(epoch FROM clock_timestamp() - min(occurred_at)) FROM outbox")
+        count, oldest = await conn.fetchrow(LAG_SQL)
     finally:
         await conn.close()
     print(f"pending rows: {count}\noldest: {float(oldest or 0):.3f} s")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import faust
 
 from app.retries import retries_of
+from app.schemas import dlq_topic
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,6 @@ class Outgoing:
     partition: int | None
     headers: Headers
     timestamp: float | None = None  # seconds; None: now
-
-
-def dlq_topic(source_topic: str) -> str:
-    """The dead-letter topic of a source topic."""
-    return f"{source_topic}.dlq"
 
 
 def dead_letter(source_topic: str, msg: Incoming, exc: BaseException) -> Outgoing:

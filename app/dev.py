@@ -172,10 +172,11 @@ async def watch(settings: Settings, children: list[subprocess.Popen[bytes]],
     tty = sys.stdout.isatty()
     try:
         while for_seconds <= 0 or time.monotonic() - started < for_seconds:
-            # Outbox ids handed out count the events written (a rolled-back id is counted too).
+            # Entity events written: each key's sequence counts its events (outbox ids do not:
+            # the capture trigger draws more than one per update). Access events are left out.
             written, pending, oldest = await conn.fetchrow(
-                "SELECT (SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM outbox_id_seq), "
-                "count(*), EXTRACT(epoch FROM clock_timestamp() - min(occurred_at)) FROM outbox")
+                "SELECT (SELECT coalesce(sum(seq), 0) FROM event_sequences), count(*) FILTER "
+                "(WHERE op <> 'read'), EXTRACT(epoch FROM clock_timestamp() - min(occurred_at)) FROM outbox")
             line = (f"events written {written:>8}  published {written - pending:>8}  "
                     f"outbox lag {pending:>6} rows / {float(oldest or 0):6.2f} s")
             print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
@@ -14,39 +13,6 @@ from app.schemas import EventSchema, load
 #: Version of the envelope format itself (the fields around `data`).
 MESSAGE_VERSION = 1
 CONTENT_TYPE = "application/avro"
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-@dataclass
-class Event:
-    """One event: the envelope fields and the entity state in `data` (None on delete)."""
-
-    event_id: str
-    schema_version: int
-    service: str
-    entity: str
-    key: str
-    op: str
-    occurred_at: datetime
-    sequence: int
-    data: dict[str, Any] | None
-    message_version: int = MESSAGE_VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def record(self) -> dict[str, Any]:
-        """The Avro record of this event."""
-        return {
-            "event_id": self.event_id,
-            "message_version": self.message_version,
-            "schema_version": self.schema_version,
-            "service": self.service,
-            "entity": self.entity,
-            "key": self.key,
-            "op": self.op,
-            "occurred_at": self.occurred_at,
-            "sequence": self.sequence,
-            "data": self.data,
-        }
 
 
 def encode(schema: EventSchema, record: dict[str, Any]) -> bytes:

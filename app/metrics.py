@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.orm import evented_topics
+from app.topology import evented_topics
 
 if TYPE_CHECKING:
     from agents.views import View
@@ -273,7 +273,7 @@ class Sources:
 
     def dead_letters(self) -> dict[tuple[str, str], int]:
         """(stage, dead-letter topic) -> messages dead-lettered by this worker."""
-        from app.deadletter import dlq_topic
+        from app.schemas import dlq_topic
         from app.relay import DLQ_TOPIC
 
         out = {("relay", DLQ_TOPIC): self.relay.stats.dead_lettered if self.relay is not None else 0}

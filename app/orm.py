@@ -64,43 +64,6 @@ class EventedBase(AsyncAttrs, DeclarativeBase):
     __extension_field__: ClassVar[str | None] = None
 
 
-def legacy_modes(overrides: dict[tuple[str, int], str] | None = None) -> dict[str, dict[int, str]]:
-    """entity -> {older version: how it is served}, from the models and the overrides."""
-    out: dict[str, dict[int, str]] = {}
-    for mapper in EventedBase.registry.mappers:
-        model = mapper.class_
-        if model.__extends__ is None:
-            out[model.__entity__] = dict(model.__legacy__)
-    for (entity, version), mode in (overrides or {}).items():
-        out.setdefault(entity, {})[version] = mode
-    return out
-
-
-def current_version(entity: str) -> int:
-    """The schema version the root model of `entity` writes."""
-    for mapper in EventedBase.registry.mappers:
-        model = mapper.class_
-        if model.__extends__ is None and model.__entity__ == entity:
-            return model.__schema_version__
-    raise LookupError(f"no evented model for entity {entity!r}")
-
-
-def evented_topics() -> list[str]:
-    """Every topic events go to: each root entity's current and older versions, access events."""
-    from app.schemas import topic_name
-
-    topics = {topic_name("access", 1)}
-    for mapper in EventedBase.registry.mappers:
-        model = mapper.class_
-        if model.__extends__ is None:
-            current = topic_name(model.__entity__, model.__schema_version__)
-            # Its dead letters: of down-conversion, or of the cache agent when there is none.
-            topics.update((current, f"{current}.dlq"))
-            if model.__legacy__:
-                topics.update(topic_name(model.__entity__, v) for v in model.__legacy__)
-    return sorted(topics)
-
-
 #: True while the ORM writes (a flush, an ORM bulk statement), whose values were checked
 #: against the schema: `Database` refuses entity-table writes outside it (`UneventedWrite`).
 #: Set and read in the same greenlet (SQLAlchemy runs the sync flush, and the cursor hooks,

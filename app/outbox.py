@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from app.schemas import topic_name
+from app.schemas import ACCESS_TOPIC
 
 #: Outbox shards: relays divide them among themselves (app/relay.py).
 SHARDS = 16
@@ -56,6 +56,9 @@ DDL = [
 ]
 CHANNEL = "outbox"
 
+#: Pending rows and the age of the oldest, in seconds: the relay's lag gauge and `outbox status`.
+LAG_SQL = "SELECT count(*), EXTRACT(epoch FROM clock_timestamp() - min(occurred_at)) FROM outbox"
+
 _ACCESS = text("""
 INSERT INTO outbox (topic, entity, schema_version, key, op, service, sequence, occurred_at, data)
 VALUES (:topic, :entity, 1, :entity, 'read', :service, 0, :first_at, CAST(:data AS json))""")
@@ -73,7 +76,7 @@ def record_access(conn: Connection, service: str,
                   batches: dict[tuple[str, str | None], dict[str, Any]]) -> None:
     """Write one `access-v1` outbox row per entity read (and service it was read for)."""
     conn.execute(_ACCESS, [
-        {"topic": topic_name("access", 1), "entity": entity, "service": service,
+        {"topic": ACCESS_TOPIC, "entity": entity, "service": service,
          "first_at": batch.pop("first_at"), "data": json.dumps(batch)}
         for (entity, _), batch in batches.items()
     ])

@@ -29,9 +29,9 @@ from aiokafka.partitioner import DefaultPartitioner  # type: ignore[import-untyp
 
 from app.convert import convert_record
 from app.events import encode_message, schema_for_topic
-from app.schemas import load, topic_name
-from app.orm import current_version, evented_topics, legacy_modes
-from app.outbox import CHANNEL, SHARDS
+from app.schemas import load
+from app.topology import dual_publish_targets, evented_topics
+from app.outbox import CHANNEL, LAG_SQL, SHARDS
 from app.roles import WORKER
 from app.settings import Settings
 
@@ -56,7 +56,6 @@ SELECT count(DISTINCT pid) FROM pg_locks
 WHERE locktype = 'advisory' AND classid = $1 AND objsubid = 2 AND granted
   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
 _DELETE = "DELETE FROM outbox WHERE id = ANY($1::bigint[])"
-_LAG = "SELECT count(*), EXTRACT(epoch FROM clock_timestamp() - min(occurred_at)) FROM outbox"
 
 
 @dataclass
@@ -148,11 +147,7 @@ class Relay:
         self.settings = settings
         self.topics = topics if topics is not None else evented_topics()
         # topic -> older versions the relay publishes too ("dual-publish" legacy mode).
-        self.dual: dict[str, tuple[int, ...]] = {
-            topic_name(entity, current_version(entity)): tuple(sorted(
-                (v for v, mode in modes.items() if mode == "dual-publish"), reverse=True))
-            for entity, modes in legacy_modes(settings.legacy_overrides()).items()
-        }
+        self.dual: dict[str, tuple[int, ...]] = dual_publish_targets(settings)
         self.stats = RelayStats()
         self._standby_poll = standby_poll
         self._shard_count = shards
@@ -277,7 +272,7 @@ class Relay:
                 self.stats.published += len(rows)
                 self.stats.batches += 1
             if now - lag_checked > 1.0:
-                count, oldest = await conn.fetchrow(_LAG)
+                count, oldest = await conn.fetchrow(LAG_SQL)
                 self.stats.pending_rows, self.stats.oldest_seconds = count, float(oldest or 0.0)
                 lag_checked = now
             if len(rows) < self.settings.relay_batch:

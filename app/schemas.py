@@ -57,6 +57,15 @@ def topic_name(entity: str, version: int) -> str:
     return f"{entity}-v{version}"
 
 
+def dlq_topic(source_topic: str) -> str:
+    """The dead-letter topic of a source topic."""
+    return f"{source_topic}.dlq"
+
+
+#: The topic of access events (reads), raised by every service.
+ACCESS_TOPIC = "access-v1"
+
+
 def field_type(record: dict[str, Any], name: str) -> Any:
     """The type of field `name` of an Avro record, with a `["null", T]` union reduced to T."""
     for field in record["fields"]:

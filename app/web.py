@@ -592,10 +592,9 @@ class WebViews:
 
     def models(self) -> dict[str, type[EventedBase]]:
         """Entity name -> root model."""
-        from app.orm import EventedBase
+        from app.topology import root_models
 
-        return {mapper.class_.__entity__: mapper.class_ for mapper in EventedBase.registry.mappers
-                if mapper.class_.__extends__ is None}
+        return {model.__entity__: model for model in root_models()}
 
     @property
     def opened_repository(self) -> CacheRepository | None:

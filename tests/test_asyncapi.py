@@ -17,7 +17,7 @@ from referencing import Registry
 
 from app.asyncapi import AVRO_SCHEMA_FORMAT, build_document
 from app.events import ce_headers, schema_for_topic
-from app.orm import current_version, evented_topics, legacy_modes
+from app.topology import current_version, evented_topics, legacy_modes
 from app.relay import DLQ_TOPIC
 from app.schemas import SCHEMA_DIR, field_type, topic_name
 from app.settings import Settings

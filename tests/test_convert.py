@@ -7,7 +7,8 @@ import pytest
 
 from agents.downconvert import convert_batch
 from agents.entity_pass import decode_all
-from app.deadletter import Incoming, dlq_topic
+from app.deadletter import Incoming
+from app.schemas import dlq_topic
 from app.convert import CONVERTERS, ConversionError, Converter, chain, convert_record, orders_v2_to_v1
 from app.events import decode, downconvert, encode_message
 from app.relay import to_messages

@@ -14,7 +14,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import update
 
-from app.deadletter import dlq_topic
+from app.schemas import dlq_topic
 from app.events import encode_message
 from app.orm import Database
 from app.relay import Relay, to_messages

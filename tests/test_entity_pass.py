@@ -5,7 +5,7 @@ from typing import Any
 
 from agents.downconvert import Downconvert
 from agents.entity_pass import decode_all
-from app.deadletter import dlq_topic
+from app.schemas import dlq_topic
 from app.events import encode_message
 from app.schemas import load
 from tests.test_convert import v2_record

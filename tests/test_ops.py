@@ -29,7 +29,8 @@ from app.embedded import free_port
 from app.health import AgentWatch, Watchdog, WatchdogPolicy, await_chain, await_leaf
 from app.main import create_app
 from app.metrics import AgentProgress, PartitionOffsets, ProgressSensor, agent_lag
-from app.orm import Database, evented_topics
+from app.orm import Database
+from app.topology import evented_topics
 from app.relay import ensure_topics
 from app.settings import Settings
 from models import Order

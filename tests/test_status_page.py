@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 
 from app.embedded import free_port
-from app.orm import Database, evented_topics
+from app.orm import Database
+from app.topology import evented_topics
 from app.relay import ensure_topics
 from app.settings import Settings
 from models import Order

@@ -22,7 +22,8 @@ from sqlalchemy import delete
 from yarl import URL
 
 from app.embedded import free_port
-from app.orm import Database, evented_topics
+from app.orm import Database
+from app.topology import evented_topics
 from app.relay import ensure_topics
 from app.settings import Settings
 from app.web import HttpError, WebViews, bad, order_key, prefers_html

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from app.orm import Database, evented_topics
+from app.orm import Database
+from app.topology import evented_topics
 from app.relay import ensure_topics
 from app.settings import Settings
 from tests.processes import ROOT, stop
