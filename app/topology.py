@@ -68,4 +68,5 @@ def downconvert_targets(settings: Settings) -> dict[str, list[int]]:
 def dual_publish_targets(settings: Settings) -> dict[str, tuple[int, ...]]:
     """current topic -> the older versions the relay publishes too, for every entity."""
     dual = _versions_served_by(DUAL_PUBLISH, settings)
-    return {current_topic(entity): tuple(dual.get(entity, ())) for entity in legacy_modes(settings.legacy_overrides())}
+    entities = legacy_modes(settings.legacy_overrides())
+    return {current_topic(entity): tuple(dual.get(entity, ())) for entity in entities}

