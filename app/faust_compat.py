@@ -43,15 +43,14 @@ def set_agent_error_handler(agent: Any, handler: Callable[..., Any]) -> None:
     agent._on_error = handler
 
 
-def supervisor_actors(agent: Any) -> list[Any] | None:
-    """The agent's live actors as its supervisor tracks them (`_services`), or None.
-
-    The supervisor drops a crashed actor from that list and adds its replacement; the agent's
-    own `_actors` keeps the crashed one.
-    """
+def agent_actors(agent: Any) -> list[Any]:
+    """The agent's current actors: its supervisor's list (`_services`), which drops a replaced
+    actor; before the supervisor exists, the agent's own `_actors`."""
     supervisor = agent.supervisor
     services = getattr(supervisor, "_services", None) if supervisor is not None else None
-    return list(services) if services is not None else None
+    if services is not None:
+        return list(services)
+    return list(getattr(agent, "_actors", ()))
 
 
 async def send_to_node(admin: "AIOKafkaAdminClient", node: int, request: Any) -> Any:

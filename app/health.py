@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import faust
 from mode import Service
 
-from app.faust_compat import supervisor_actors
+from app.faust_compat import agent_actors
 from app.metrics import AgentProgress, ProgressSensor, agent_lag, agent_topics, partition_offsets
 from app.retries import retries_of
 
@@ -107,10 +107,7 @@ class AgentWatch:
 
 def actors_of(agent: AgentT) -> list[ActorRefT]:
     """The agent's current actors (the supervisor's list: replaced ones are dropped from it)."""
-    services = supervisor_actors(agent)
-    if services is not None:
-        return services
-    return list(getattr(agent, "_actors", ()))
+    return agent_actors(agent)
 
 
 def is_running(actor: ActorRefT) -> bool:
