@@ -139,12 +139,16 @@ def _on_load(target: EventedBase, context: Any) -> None:
         access.add(plan.root_entity, plan.key_of(target), context.session.info.get("on_behalf_of"))
 
 
+def root_models() -> list[type[EventedBase]]:
+    """The models that raise events under their own entity (not extensions)."""
+    return [m.class_ for m in EventedBase.registry.mappers if m.class_.__extends__ is None]
+
+
 def install_capture(conn: Connection) -> None:
     """Create or replace the capture trigger of every entity table (`capture_sql`)."""
-    for mapper in EventedBase.registry.mappers:
-        if mapper.class_.__extends__ is None:
-            for statement in capture_sql(mapper.class_):
-                conn.exec_driver_sql(statement)
+    for model in root_models():
+        for statement in capture_sql(model):
+            conn.exec_driver_sql(statement)
 
 
 _installed = False

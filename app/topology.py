@@ -2,20 +2,20 @@
 
 The relay, the stream agents, the CLI, the AsyncAPI document and the metrics read these
 facts here instead of each walking the model registry (or building topic names) itself.
+`root_models` lives in app/orm.py, next to the base, which installs the capture triggers
+with it; it is re-exported here.
 """
 from __future__ import annotations
 
-from app.orm import EventedBase
+from app.orm import root_models
 from app.schemas import ACCESS_TOPIC, dlq_topic, topic_name
 from app.settings import LEGACY_MODES, Settings
 
+__all__ = ["DOWNCONVERT", "DUAL_PUBLISH", "current_topic", "current_version", "downconvert_targets",
+           "dual_publish_targets", "evented_topics", "legacy_modes", "root_models"]
+
 #: How an older schema version of an entity is served.
 DUAL_PUBLISH, DOWNCONVERT = LEGACY_MODES
-
-
-def root_models() -> list[type[EventedBase]]:
-    """The models that raise events under their own entity (not extensions)."""
-    return [m.class_ for m in EventedBase.registry.mappers if m.class_.__extends__ is None]
 
 
 def legacy_modes(overrides: dict[tuple[str, int], str] | None = None) -> dict[str, dict[int, str]]:
