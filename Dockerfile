@@ -28,7 +28,7 @@ RUN /opt/venv/bin/pip install --no-deps .
 
 FROM python:3.11-slim
 # The venv holds the dependencies and the package metadata; the code runs from /app, first
-# on PYTHONPATH, because app.schemas finds schemas/ next to the app package (SCHEMA_DIR).
+# on PYTHONPATH, because app.wire.schemas finds schemas/ next to the app package (SCHEMA_DIR).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \

@@ -20,12 +20,12 @@ import faust
 
 from agents.batching import WITHIN, take_ready
 from app.cache import CacheRepository, connect_redis
-from app.deadletter import dead_letter, incoming, produce_all
-from app.events import decode
-from app.orm import Database
+from app.wire.deadletter import dead_letter, incoming, produce_all
+from app.wire.codec import decode
+from app.capture import Database
 from app.retries import Retries, retries_of
-from app.roles import WORKER
-from app.schemas import EventSchema, load
+from app.capture.roles import WORKER
+from app.wire.schemas import EventSchema, load
 from app.settings import Settings
 from app.topology import downconvert_targets, root_models
 from app.views import plain_state

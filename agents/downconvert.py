@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from faust.types import EventT
 
 from agents.entity_pass import Decoded
-from app.deadletter import Incoming, Outgoing, dead_letter, incoming
-from app.events import downconvert_record
+from app.wire.deadletter import Incoming, Outgoing, dead_letter, incoming
+from app.wire.codec import downconvert_record
 from app.topology import current_version, downconvert_targets
-from app.schemas import EventSchema, dlq_topic, load
+from app.wire.schemas import EventSchema, dlq_topic, load
 from app.settings import Settings
 
 #: Called after each produced batch with (source topic, events converted, events dead-lettered).

@@ -25,9 +25,9 @@ import faust
 from faust.types import EventT
 
 from agents.batching import BATCH, WITHIN, take_ready
-from app.deadletter import Outgoing, produce_all
-from app.events import decode
-from app.schemas import EventSchema, load
+from app.wire.deadletter import Outgoing, produce_all
+from app.wire.codec import decode
+from app.wire.schemas import EventSchema, load
 
 #: A decoded event record, or why the message could not be decoded.
 Decoded = dict[str, Any] | Exception
@@ -36,7 +36,7 @@ Decoded = dict[str, Any] | Exception
 class Job(Protocol):
     """One stream job run on every batch of an entity's current topic."""
 
-    #: The pipeline stage it counts as in metrics and on the status page (`app.metrics.STAGES`).
+    #: The pipeline stage it counts as in metrics and on the status page (`app.ops.metrics.STAGES`).
     stage: str
 
     def run(self, events: Sequence[EventT], records: Sequence[Decoded]) -> list[Outgoing]:

@@ -31,8 +31,8 @@ from faust.types import EventT
 
 from agents.batching import BATCH, WITHIN, take_ready
 from agents.entity_pass import Decoded, Job
-from app.deadletter import Outgoing, dead_letter, incoming, produce_all
-from app.schemas import dlq_topic, field_type, load, non_null
+from app.wire.deadletter import Outgoing, dead_letter, incoming, produce_all
+from app.wire.schemas import dlq_topic, field_type, load, non_null
 from app.settings import Settings
 from app.views import (
     WINDOW_KEEP,

@@ -1,4 +1,4 @@
 """`python -m app <command>`: the operator's entry point."""
-from app.cli import main
+from app.cli.main import main
 
 main()

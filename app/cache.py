@@ -2,7 +2,7 @@
 
 Redis key `entity:<entity>:<key>` holds the JSON `{"sequence": n, "state": {...}}`, or the
 tombstone `{"sequence": n, "deleted": true}` (with a TTL) for a deleted or missing entity.
-`state` is the aggregate's data exactly as its events carry it (`app.entities.state_sql`):
+`state` is the aggregate's data exactly as its events carry it (`app.capture.entities.state_sql`):
 root columns plus extensions nested (an order's `shipping`), no sensitive columns, and
 timestamps as epoch microseconds (ints), like the Avro `timestamp-micros` fields.
 
@@ -39,8 +39,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import text
 from sqlalchemy.sql.elements import TextClause
 
-from app.entities import plan_for, state_sql
-from app.orm import Database, EventedBase
+from app.capture.entities import plan_for, state_sql
+from app.capture import Database, EventedBase
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,12 @@ import faust
 from mode import Service
 
 import models  # noqa: F401  # the entity models, so the relay and agents know their topics
+from models import customer_api
 from agents import cache, downconvert, entity_pass, views
-from app import ops, owner_api, web
-from app.metrics import DownconvertCounts
-from app.relay import Relay
+from app.ops import endpoints as ops
+from app.web import views as web
+from app.ops.metrics import DownconvertCounts
+from app.outbox.relay import Relay
 from app.settings import Settings
 from app.transport import App, DirectTopic
 
@@ -51,8 +53,8 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset=settings.consumer_auto_offset_reset,
         **({"consumer_group_instance_id": settings.group_instance_id} if settings.group_instance_id else {}),
     )
-    downconverted = DownconvertCounts()  # counted by the agents, exported by app.ops
-    app.views, apply_order_events = views.install(app, settings)  # type: ignore[attr-defined]  # served by app/web.py
+    downconverted = DownconvertCounts()  # counted by the agents, exported by app.ops.endpoints
+    app.views, apply_order_events = views.install(app, settings)  # type: ignore[attr-defined]  # served by app/web/views.py
     # One pass over each current topic runs every job that reads it (agents/entity_pass.py).
     jobs: dict[tuple[str, int], list[entity_pass.Job]] = {
         key: [job] for key, job in downconvert.jobs(settings, counted=downconverted).items()}
@@ -63,7 +65,7 @@ def create_app(settings: Settings) -> faust.App:
     app.entity_cache = cache.install(app, settings) if settings.redis_url else None  # type: ignore[attr-defined]
     web_views = web.install(app, settings)
     # The demo mounts the customers service's public methods (the owner's HTTP interface).
-    owner = owner_api.install(app, settings)
+    owner = customer_api.install(app, settings)
     # The relay runs here unless operators run it as its own process (`python -m app relay`).
     relay = Relay(settings) if settings.relay_in_worker else None
 

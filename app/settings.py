@@ -74,14 +74,14 @@ class Settings:
     # out. "" = dynamic membership. See the README (Restart) for what Tansu does with it.
     group_instance_id: str = ""
     # The web server: seconds a request may take to send its headers / its body, and the most
-    # connections open at once (app/http_guard.py); past them the client gets 408 / 503.
+    # connections open at once (app/web/http.py); past them the client gets 408 / 503.
     http_header_timeout: float = 5.0
     http_body_timeout: float = 10.0
     http_max_connections: int = 256
     # Seconds an agent may retry one batch, or finish nothing while its input has lag, before
-    # `/health/ready` reports it stuck (it is not restarted for that: see app/health.py).
+    # `/health/ready` reports it stuck (it is not restarted for that: see app/ops/health.py).
     stuck_after: float = 30.0
-    # PostgreSQL roles (app/roles.py): service `orders` is role `<prefix>orders`.
+    # PostgreSQL roles (app/capture/roles.py): service `orders` is role `<prefix>orders`.
     db_role_prefix: str = "mse_"
     # service -> its own URL (env `DATABASE_URL_<SERVICE>`), connecting as its role; a service
     # without one uses `database_url` (and so that URL's role and its rights).

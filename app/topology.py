@@ -7,8 +7,8 @@ with it; it is re-exported here.
 """
 from __future__ import annotations
 
-from app.orm import root_models
-from app.schemas import ACCESS_TOPIC, dlq_topic, topic_name
+from app.capture.base import root_models
+from app.wire.schemas import ACCESS_TOPIC, dlq_topic, topic_name
 from app.settings import LEGACY_MODES, Settings
 
 __all__ = ["DOWNCONVERT", "DUAL_PUBLISH", "current_topic", "current_version", "downconvert_targets",

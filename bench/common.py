@@ -25,9 +25,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import models  # noqa: F401  # registers the demo models on EventedBase
-from app.embedded import EmbeddedBroker, EmbeddedPostgres
+from app.embedded.servers import EmbeddedBroker, EmbeddedPostgres
 from app.orm import Database
-from app.relay import Message, to_messages
+from app.outbox.relay import Message, to_messages
 from app.settings import Settings
 from models.order import STATUSES
 

@@ -46,9 +46,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
-from app.embedded import EmbeddedRedis
-from app.events import decode
-from app.schemas import load
+from app.embedded.servers import EmbeddedRedis
+from app.wire.codec import decode
+from app.wire.schemas import load
 from bench.common import (Config, Env, Line, LoopMonitor, TailReader, execute, median, note, percentile,
                           process_cpu, settle, spread)
 from bench.workers import (Child, app_worker_argv, child_env, create_topics, faust_worker, round_broker,

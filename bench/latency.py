@@ -18,7 +18,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from app.orm import Database
-from app.relay import Relay
+from app.outbox.relay import Relay
 from bench.common import (Config, Env, Line, LoopMonitor, TailReader, create_topic, median, note,
                           paced, percentile, sample_message, settle)
 from models import Order

@@ -38,7 +38,7 @@ from typing import Any
 
 import aiohttp
 
-from app.embedded import EmbeddedBroker, free_port
+from app.embedded.servers import EmbeddedBroker, free_port
 from app.orm import Database
 from app.views import minute_of
 from bench.common import (Config, Env, Line, LoopMonitor, TailReader, execute, median, note, process_cpu, settle,

@@ -25,10 +25,10 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.embedded import EmbeddedBroker, EmbeddedRedis, free_port
-from app.events import encode_message
+from app.embedded.servers import EmbeddedBroker, EmbeddedRedis, free_port
+from app.wire.codec import encode_message
 from app.orm import Database
-from app.schemas import load
+from app.wire.schemas import load
 from bench.common import SERVER_PIDS, Env, TailReader, execute, note, paced, percentile
 from models import Order
 from models.order import STATUSES

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.cache import connect_redis, decode_entry
-from app.events import schema_for_topic
+from app.wire.codec import schema_for_topic
 from chaos.agreement import Snapshot, order_matches, orders_per_minute, snapshot, v1_matches, view_mismatches
 from chaos.promises import check_topic
 from chaos.topiclog import TopicLog, count_messages

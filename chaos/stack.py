@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
-from app.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedRedis, free_port
+from app.embedded.servers import EmbeddedBroker, EmbeddedPostgres, EmbeddedRedis, free_port
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +151,7 @@ class Stack:
 
     async def _prepare(self) -> None:
         import models  # noqa: F401  # the entity models
-        from app.cli import create_topics
+        from app.cli.main import create_topics
         from app.orm import Database
 
         db = Database(self.settings.database_url, record_reads=False)

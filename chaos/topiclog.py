@@ -9,7 +9,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from app.events import decode, schema_for_topic
+from app.wire.codec import decode, schema_for_topic
 
 
 @dataclass(frozen=True)

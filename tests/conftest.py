@@ -13,11 +13,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import models  # noqa: F401  # registers the demo models on EventedBase
-from app.embedded import EmbeddedBroker, EmbeddedPostgres
-from app import roles
-from app.cli import init_db
+from app.embedded.servers import EmbeddedBroker, EmbeddedPostgres
+from app.capture import roles
+from app.cli.main import init_db
 from app.orm import Database, EventedBase
-from app.relay import Relay
+from app.outbox.relay import Relay
 from app.settings import Settings
 from tests.waiting import until
 
@@ -138,7 +138,7 @@ def redis_url(run_dir: Path) -> Iterator[str]:
     if url:
         yield url
         return
-    from app.embedded import EmbeddedRedis
+    from app.embedded.servers import EmbeddedRedis
 
     server = EmbeddedRedis.start(run_dir / "redis")
     try:

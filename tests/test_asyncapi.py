@@ -15,11 +15,11 @@ import jsonschema
 import pytest
 from referencing import Registry
 
-from app.asyncapi import AVRO_SCHEMA_FORMAT, build_document
-from app.events import ce_headers, schema_for_topic
+from app.ops.asyncapi import AVRO_SCHEMA_FORMAT, build_document
+from app.wire.codec import ce_headers, schema_for_topic
 from app.topology import current_version, evented_topics, legacy_modes
-from app.relay import DLQ_TOPIC
-from app.schemas import SCHEMA_DIR, field_type, topic_name
+from app.outbox.relay import DLQ_TOPIC
+from app.wire.schemas import SCHEMA_DIR, field_type, topic_name
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,7 +165,7 @@ def test_event_headers_are_what_the_relay_writes(document: Document) -> None:
 
 
 def test_dead_letter_headers_are_what_the_agent_writes(document: Document) -> None:
-    from app.deadletter import Incoming, dead_letter
+    from app.wire.deadletter import Incoming, dead_letter
 
     source = schema_for_topic("orders-v2")
     original = ce_headers(source, uuid4(), "orders", "update", datetime.now(timezone.utc))
@@ -176,7 +176,7 @@ def test_dead_letter_headers_are_what_the_agent_writes(document: Document) -> No
 
 
 def test_outbox_dead_letter_is_what_the_relay_writes(document: Document) -> None:
-    from app.relay import dead_letter
+    from app.outbox.relay import dead_letter
 
     row = {"id": 9, "topic": "orders-v2", "entity": "orders", "schema_version": 2, "key": "7",
            "event_id": uuid4(), "op": "update", "service": "orders", "occurred_at": datetime.now(timezone.utc),

@@ -17,10 +17,10 @@ from sqlalchemy import select, update
 
 from agents.cache import Refresh, apply_all, refreshes
 from app.cache import CacheRepository, connect_redis, decode_entry
-from app.embedded import EmbeddedRedis, free_port
-from app.events import encode_message
+from app.embedded.servers import EmbeddedRedis, free_port
+from app.wire.codec import encode_message
 from app.orm import Database
-from app.schemas import load
+from app.wire.schemas import load
 from app.settings import Settings
 from models import Order, OrderShipping
 from tests.processes import start_worker, stop

@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.compat import check_dir, resolution_problems
-from app.convert import CONVERTERS, Converter
-from app.schemas import SCHEMA_DIR
+from app.wire.compat import check_dir, resolution_problems
+from app.wire.convert import CONVERTERS, Converter
+from app.wire.schemas import SCHEMA_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKEN = Path(__file__).resolve().parent / "fixtures" / "broken_schemas"

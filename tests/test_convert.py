@@ -7,12 +7,12 @@ import pytest
 
 from agents.downconvert import convert_batch
 from agents.entity_pass import decode_all
-from app.deadletter import Incoming
-from app.schemas import dlq_topic
-from app.convert import CONVERTERS, ConversionError, Converter, chain, convert_record, orders_v2_to_v1
-from app.events import decode, downconvert, encode_message
-from app.relay import to_messages
-from app.schemas import load
+from app.wire.deadletter import Incoming
+from app.wire.schemas import dlq_topic
+from app.wire.convert import CONVERTERS, ConversionError, Converter, chain, convert_record, orders_v2_to_v1
+from app.wire.codec import decode, downconvert, encode_message
+from app.outbox.relay import to_messages
+from app.wire.schemas import load
 
 T0 = datetime(2026, 11, 27, 6, 0, 0, 123456, tzinfo=timezone.utc)
 

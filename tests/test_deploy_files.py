@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from app.cli import build_parser
+from app.cli.main import build_parser
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,7 +174,7 @@ def test_final_stage_copies_the_venv_from_the_builder(stages: list[Stage], final
 
 
 def test_final_stage_ships_code_and_schemas(final: Stage) -> None:
-    # app.schemas finds schemas/ next to the app package, so both must land side by side.
+    # app.wire.schemas finds schemas/ next to the app package, so both must land side by side.
     shipped = {}
     for instr in final.all("COPY"):
         flags, sources, dest = copy_parts(instr.args)
@@ -322,7 +322,7 @@ def test_dockerignore_excludes_local_state() -> None:
     for path in (".venv", ".git", ".run", "test-artifacts", ".pytest_cache", ".mypy_cache", ".ruff_cache",
                  "app/__pycache__", "microservice-events-data", "microservice_events.egg-info"):
         assert ignored(path, patterns), f"{path} would be sent to the Docker daemon"
-    for path in ("pyproject.toml", "app/cli.py", "schemas/orders/v2.avsc", "agents", "models"):
+    for path in ("pyproject.toml", "app/cli/main.py", "schemas/orders/v2.avsc", "agents", "models"):
         assert not ignored(path, patterns), f"{path} is needed by the build"
 
 

@@ -9,8 +9,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from app.dev import wipe_state
-from app.embedded import free_port
+from app.cli.dev import wipe_state
+from app.embedded.servers import free_port
 from app.settings import Settings
 from tests.processes import ROOT, app_env
 from tests.waiting import until

@@ -8,9 +8,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.dlq import REDRIVEN_FROM, list_dead_letters, redrive, redrive_group
+from app.cli.dlq import REDRIVEN_FROM, list_dead_letters, redrive, redrive_group
 from app.settings import Settings
-from app.topics import TopicError
+from app.ops.offsets import TopicError
 from tests.kafka import TopicReader
 from tests.processes import run_app
 

@@ -14,11 +14,11 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import update
 
-from app.schemas import dlq_topic
-from app.events import encode_message
+from app.wire.schemas import dlq_topic
+from app.wire.codec import encode_message
 from app.orm import Database
-from app.relay import Relay, to_messages
-from app.schemas import load
+from app.outbox.relay import Relay, to_messages
+from app.wire.schemas import load
 from app.settings import Settings
 from models import Order, OrderShipping
 from tests.kafka import Received, TopicReader
@@ -37,7 +37,7 @@ async def worker(settings: Settings, schema: None, tmp_path_factory: pytest.Temp
 
 
 def free_web_port() -> int:
-    from app.embedded import free_port
+    from app.embedded.servers import free_port
     return free_port()
 
 

@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from app.events import downconvert
+from app.wire.codec import downconvert
 from app.orm import Database
-from app.relay import Relay
-from app.schemas import load
+from app.outbox.relay import Relay
+from app.wire.schemas import load
 from app.settings import Settings
 from models import Order, OrderShipping
 from tests.kafka import TopicReader

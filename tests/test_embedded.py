@@ -1,4 +1,4 @@
-"""Real-server tests for app.embedded: each server is started, used by a real client, then stopped."""
+"""Real-server tests for app.embedded.servers: each server is started, used by a real client, then stopped."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from app.embedded import (
+from app.embedded.servers import (
     EmbeddedBroker,
     EmbeddedPostgres,
     EmbeddedRedis,

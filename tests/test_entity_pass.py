@@ -5,9 +5,9 @@ from typing import Any
 
 from agents.downconvert import Downconvert
 from agents.entity_pass import decode_all
-from app.schemas import dlq_topic
-from app.events import encode_message
-from app.schemas import load
+from app.wire.schemas import dlq_topic
+from app.wire.codec import encode_message
+from app.wire.schemas import load
 from tests.test_convert import v2_record
 
 

@@ -7,7 +7,7 @@ import time
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from app.orm import Database
-from app.relay import Relay
+from app.outbox.relay import Relay
 from app.settings import Settings
 from models import Order, OrderShipping
 from tests.kafka import apache_decode

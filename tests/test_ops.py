@@ -25,13 +25,13 @@ from faust.types import TP
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.embedded import free_port
-from app.health import AgentWatch, Watchdog, WatchdogPolicy, await_chain, await_leaf
+from app.embedded.servers import free_port
+from app.ops.health import AgentWatch, Watchdog, WatchdogPolicy, await_chain, await_leaf
 from app.main import create_app
-from app.metrics import AgentProgress, PartitionOffsets, ProgressSensor, agent_lag
+from app.ops.metrics import AgentProgress, PartitionOffsets, ProgressSensor, agent_lag
 from app.orm import Database
 from app.topology import evented_topics
-from app.relay import ensure_topics
+from app.outbox.relay import ensure_topics
 from app.settings import Settings
 from models import Order
 from tests.http import get_text as get

@@ -9,9 +9,9 @@ from sqlalchemy import DDL, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
-from app import ownership
+from app.capture import ownership
 from app.orm import Database, EventedBase, OwnershipError
-from app.ownership import UneventedWrite
+from app.capture.ownership import UneventedWrite
 from app.settings import Settings
 from models import Customer
 

@@ -10,10 +10,10 @@ from typing import Any
 
 from sqlalchemy import insert, select, text
 
-from app.embedded import EmbeddedBroker, free_port
+from app.embedded.servers import EmbeddedBroker, free_port
 from app.orm import Database
-from app.outbox import SHARDS
-from app.relay import RELAY_LOCK, Relay
+from app.outbox.store import SHARDS
+from app.outbox.relay import RELAY_LOCK, Relay
 from app.settings import Settings
 from app.views import apply_order, plain_state
 from models import Order

@@ -12,7 +12,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 
 from app.cache import connect_redis, decode_entry, encode_entry
-from app.embedded import EmbeddedBroker, EmbeddedRedis, free_port
+from app.embedded.servers import EmbeddedBroker, EmbeddedRedis, free_port
 from app.orm import Database
 from app.settings import Settings
 from models import Order

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from app.embedded import EmbeddedBroker, free_port
+from app.embedded.servers import EmbeddedBroker, free_port
 from app.orm import Database
 from app.settings import Settings
 from models import Order

@@ -20,8 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
 from app.orm import Database, OwnershipError
-from app.ownership import UneventedWrite
-from app.roles import WORKER, role_name, service_url
+from app.capture.ownership import UneventedWrite
+from app.capture.roles import WORKER, role_name, service_url
 from app.settings import Settings
 from models import Customer, Order
 

@@ -13,10 +13,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from app.embedded import free_port
+from app.embedded.servers import free_port
 from app.orm import Database
 from app.topology import evented_topics
-from app.relay import ensure_topics
+from app.outbox.relay import ensure_topics
 from app.settings import Settings
 from models import Order
 from tests.processes import ROOT, start_worker, stop

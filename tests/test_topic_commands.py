@@ -13,10 +13,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.events import encode_message
-from app.schemas import load
+from app.wire.codec import encode_message
+from app.wire.schemas import load
 from app.settings import Settings
-from app.topics import (
+from app.ops.offsets import (
     LAG_CAVEAT,
     TopicError,
     archive_topic,

@@ -13,7 +13,7 @@ import pytest
 from chaos.checker import Report, count_messages
 from chaos.faults import Fault, faults
 from chaos.run import Session
-from app.schemas import dlq_topic
+from app.wire.schemas import dlq_topic
 from tests.chaos.conftest import ROWS
 from tests.processes import ROOT
 

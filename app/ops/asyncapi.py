@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from app.settings import Settings
 
 if TYPE_CHECKING:
-    from app.schemas import EventSchema
+    from app.wire.schemas import EventSchema
 
 ASYNCAPI_VERSION = "3.0.0"
 AVRO_SCHEMA_FORMAT = "application/vnd.apache.avro+json;version=1.9.0"
@@ -88,8 +88,8 @@ def _package_version() -> str:
 def _channels(settings: Settings) -> list[Channel]:
     """Every topic, in a stable order: per entity current, older versions, DLQ; then access, outbox DLQ."""
     import models  # noqa: F401  # registers the entity models whose topics the document lists
-    from app.relay import DLQ_TOPIC
-    from app.schemas import ACCESS_TOPIC, dlq_topic, load
+    from app.outbox.relay import DLQ_TOPIC
+    from app.wire.schemas import ACCESS_TOPIC, dlq_topic, load
     from app.topology import DOWNCONVERT, DUAL_PUBLISH, current_version, legacy_modes
 
     out: list[Channel] = []
@@ -210,9 +210,9 @@ def _header(description: str, **schema: Any) -> Schema:
 
 
 def _ce_headers(schema: EventSchema) -> dict[str, Schema]:
-    """The CloudEvents binary-mode headers of `schema`'s topic, as `app.events.ce_headers` writes them."""
-    from app.events import CONTENT_TYPE
-    from app.schemas import field_type
+    """The CloudEvents binary-mode headers of `schema`'s topic, as `app.wire.codec.ce_headers` writes them."""
+    from app.wire.codec import CONTENT_TYPE
+    from app.wire.schemas import field_type
 
     ops = field_type(schema.raw, "op")["symbols"]
     return {
@@ -283,7 +283,7 @@ def _dead_letter_message(source: EventSchema) -> Schema:
 
 
 def _outbox_dead_letter_message() -> Schema:
-    """An outbox row the relay could not encode (app/relay.py `dead_letter`), as JSON."""
+    """An outbox row the relay could not encode (app/outbox/relay.py `dead_letter`), as JSON."""
     return {
         "name": "outbox.dead-letter",
         "title": "Outbox dead letter",

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from app.settings import Settings
-from app.topics import TopicError, make_consumer, read_to_end, topic_partitions
+from app.ops.offsets import TopicError, make_consumer, read_to_end, topic_partitions
 
 Headers = list[tuple[str, bytes]]
 DLQ_PREFIX = "dlq_"

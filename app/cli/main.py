@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from app.settings import Settings
 
 if TYPE_CHECKING:
-    from app.schemas import EventSchema
+    from app.wire.schemas import EventSchema
 
 
 class StartupError(RuntimeError):
@@ -76,11 +76,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = Settings.from_env()
     try:
         if args.command == "dev":
-            from app.dev import run_dev
+            from app.cli.dev import run_dev
             sys.exit(run_dev(settings, demo=args.demo, rate=args.rate, data_dir=args.data_dir,
                              for_seconds=args.for_seconds))
         if args.command == "schemas":
-            from app.compat import run_check
+            from app.wire.compat import run_check
             sys.exit(run_check(Path(args.dir) if args.dir else None))
         if args.command == "asyncapi":
             sys.exit(write_asyncapi(settings, args.out))
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "outbox":
             asyncio.run(outbox_status(settings))
         elif args.command == "demo":
-            from app.demo import run_demo
+            from models.demo import run_demo
             asyncio.run(run_demo(settings, rate=args.rate, count=args.count))
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -119,7 +119,7 @@ def write_asyncapi(settings: Settings, out: str | None) -> int:
     """Print the AsyncAPI document, or write it to `out`; needs no server."""
     import json
 
-    from app.asyncapi import build_document
+    from app.ops.asyncapi import build_document
 
     text = json.dumps(build_document(settings), indent=2) + "\n"
     if out is None:
@@ -172,7 +172,7 @@ async def create_topics(settings: Settings) -> None:
     import models  # noqa: F401
     from agents.views import dead_letter_topics
     from app.topology import evented_topics
-    from app.relay import DLQ_TOPIC, ensure_topics
+    from app.outbox.relay import DLQ_TOPIC, ensure_topics
 
     await ensure_topics(settings, [*evented_topics(), DLQ_TOPIC, *dead_letter_topics(settings.app_id)])
 
@@ -195,8 +195,8 @@ async def init_db(settings: Settings) -> list[str]:
     (`DATABASE_URL_<SERVICE>`) becomes its role's password. Returns the roles.
     """
     import models  # noqa: F401
-    from app import roles
-    from app.orm import Database, EventedBase
+    from app.capture import roles
+    from app.capture import Database, EventedBase
 
     await check_database(settings)
     try:
@@ -217,7 +217,7 @@ async def init_db(settings: Settings) -> list[str]:
 async def run_relay(settings: Settings) -> None:
     """Run the relay until interrupted."""
     import models  # noqa: F401
-    from app.relay_process import serve
+    from app.cli.relay import serve
 
     await check_all(settings)
     await serve(settings)
@@ -227,7 +227,7 @@ async def outbox_status(settings: Settings) -> None:
     """Print pending outbox rows and the age of the oldest."""
     import asyncpg
 
-    from app.outbox import LAG_SQL
+    from app.outbox.store import LAG_SQL
 
     await check_database(settings)
     conn = await asyncpg.connect(settings.asyncpg_dsn)
@@ -242,8 +242,8 @@ async def dlq_command(settings: Settings, args: argparse.Namespace) -> int:
     """`dlq list` / `dlq redrive`; a topic or letter problem is one line and exit 1."""
     from aiokafka.errors import KafkaError
 
-    from app.dlq import LIST_HEADER, list_dead_letters, redrive
-    from app.topics import TopicError
+    from app.cli.dlq import LIST_HEADER, list_dead_letters, redrive
+    from app.ops.offsets import TopicError
 
     logging.getLogger("aiokafka").setLevel(logging.WARNING)  # keep the output to what was asked
     await check_broker(settings)
@@ -269,7 +269,7 @@ async def topic_command(settings: Settings, args: argparse.Namespace) -> int:
     """`topic consumers` / `topic archive`; a topic problem is one line and exit 1."""
     from aiokafka.errors import KafkaError
 
-    from app.topics import TopicError, archive_topic, format_group_offsets, group_offsets
+    from app.ops.offsets import TopicError, archive_topic, format_group_offsets, group_offsets
 
     logging.getLogger("aiokafka").setLevel(logging.WARNING)  # keep the output to what was asked
     await check_broker(settings)
@@ -293,8 +293,8 @@ async def replay_command(settings: Settings, _args: argparse.Namespace) -> int:
     """`replay`; a refusal (a worker still running) is one line and exit 1."""
     from aiokafka.errors import KafkaError
 
-    from app.replay import replay
-    from app.topics import TopicError
+    from app.cli.replay import replay
+    from app.ops.offsets import TopicError
 
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     await check_broker(settings)
@@ -310,9 +310,9 @@ async def replay_command(settings: Settings, _args: argparse.Namespace) -> int:
 
 def archive_schema(topic: str, override: str | None) -> EventSchema:
     """The schema to decode `topic` with: `entity:version` when given, else from `<entity>-v<N>`."""
-    from app.events import schema_for_topic
-    from app.schemas import load
-    from app.topics import TopicError
+    from app.wire.codec import schema_for_topic
+    from app.wire.schemas import load
+    from app.ops.offsets import TopicError
 
     try:
         if override:

@@ -905,7 +905,7 @@ class EmbeddedBroker(_Server):
         return True
 
 
-if __name__ == "__main__":  # pragma: no cover - manual smoke test: python -m app.embedded
+if __name__ == "__main__":  # pragma: no cover - manual smoke test: python -m app.embedded.servers
     base = Path(tempfile.mkdtemp(prefix="embedded-"))
     t0 = time.monotonic()
     with (

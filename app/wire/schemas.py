@@ -9,7 +9,7 @@ from typing import Any
 
 import fastavro
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"  # schemas/ beside app/
 
 
 @dataclass(frozen=True)

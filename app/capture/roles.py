@@ -27,7 +27,7 @@ from sqlalchemy import Connection, Table, text
 from sqlalchemy.engine import make_url
 
 if TYPE_CHECKING:
-    from app.orm import EventedBase
+    from app.capture.base import EventedBase
 
 #: The role of the stream worker (relay, cache agent, `/entities`); not an entity owner.
 WORKER = "worker"

@@ -55,14 +55,14 @@ from sqlalchemy.exc import DataError, SQLAlchemyError
 from yarl import URL
 
 from agents.views import View
-from app.http_guard import prefers_html
-from app.roles import WORKER as WORKER_ROLE
+from app.web.http import prefers_html
+from app.capture.roles import WORKER as WORKER_ROLE
 from app.settings import Settings
 from app.views import MINUTE
 
 if TYPE_CHECKING:
     from app.cache import CacheRepository
-    from app.orm import Database, EventedBase
+    from app.capture import Database, EventedBase
 
 log = logging.getLogger(__name__)
 
@@ -617,7 +617,7 @@ class WebViews:
             if self._repository is None:
                 # Imported here: only this endpoint needs Redis and a database pool.
                 from app.cache import CacheRepository, connect_redis
-                from app.orm import Database
+                from app.capture import Database
 
                 # Repository reads are plain SQL, not ORM reads: no access log to run.
                 self._db = Database(self.settings.database_url_for(WORKER_ROLE),

@@ -8,7 +8,7 @@ from uuid import UUID
 
 import fastavro
 
-from app.schemas import EventSchema, load
+from app.wire.schemas import EventSchema, load
 
 #: Version of the envelope format itself (the fields around `data`).
 MESSAGE_VERSION = 1
@@ -64,7 +64,7 @@ def downconvert(value: bytes, source: EventSchema, target: int) -> tuple[bytes, 
 def downconvert_record(record: dict[str, Any], source: EventSchema, target: int
                        ) -> tuple[bytes, list[tuple[str, bytes]]]:
     """`downconvert` of an already decoded `source` record (the stream job decodes once for all jobs)."""
-    from app.convert import convert_record
+    from app.wire.convert import convert_record
 
     if record["schema_version"] != source.version:
         raise ValueError(f"message says schema_version {record['schema_version']} "

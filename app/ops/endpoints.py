@@ -1,10 +1,10 @@
 """Operations endpoints of the worker: `/metrics`, `/health/live`, `/health/ready`, `/status`.
 
-- `GET /metrics`: Prometheus text format from the app's own registry (`app.metrics`).
+- `GET /metrics`: Prometheus text format from the app's own registry (`app.ops.metrics`).
 - `GET /health/live`: 200 `{"status": "live", ...}` whenever the event loop answers.
 - `GET /health/ready`: 200 `{"status": "ready"}` once tables are recovered, no rebalance is
   under way and the relay holds a PostgreSQL connection, and no agent is failing or stuck
-  (see `app.health`); else 503 `{"error": "not ready", "reasons": [...]}`, each reason naming
+  (see `app.ops.health`); else 503 `{"error": "not ready", "reasons": [...]}`, each reason naming
   the part and the error (`agent refresh_cache_orders: stuck: retrying the same batch ...`).
 - `GET /status`: HTML page with a live chart; `GET /status.json`: its data.
 - `GET /asyncapi.json`: the AsyncAPI document of the topics (what `python -m app asyncapi` prints).
@@ -22,15 +22,15 @@ from faust.web import Request, Response
 from faust.web import View as FaustView
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from app.health import Watchdog, WatchdogPolicy, not_ready
-from app.metrics import DownconvertCounts, ProgressSensor, Sources, new_registry
+from app.ops.health import Watchdog, WatchdogPolicy, not_ready
+from app.ops.metrics import DownconvertCounts, ProgressSensor, Sources, new_registry
 from app.settings import Settings
-from app.status_page import StatusHistory, page, status_body
+from app.ops.status_page import StatusHistory, page, status_body
 
 if TYPE_CHECKING:
     from app.cache import CacheStats
-    from app.relay import Relay
-    from app.web import WebViews
+    from app.outbox.relay import Relay
+    from app.web.views import WebViews
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def _pages(app: faust.App, ops: Ops, settings: Settings) -> None:
 
         async def get(self, request: Request, **_: Any) -> Response:
             async def answer() -> Response:
-                from app.asyncapi import build_document  # the document is built only when asked for
+                from app.ops.asyncapi import build_document  # the document is built only when asked for
 
                 return self.json(build_document(settings), headers={"Cache-Control": "no-cache"})
             return await guarded(self, request, answer)

@@ -1,7 +1,7 @@
 """`python -m app schemas check`: every schema parses and every older version can be served.
 
 For each entity and each pair of versions newer N -> older M, either a converter chain
-(`app.convert.CONVERTERS`) takes N down to M — then every data field of each step's target
+(`app.wire.convert.CONVERTERS`) takes N down to M — then every data field of each step's target
 that the step does not produce must resolve from the same-named field of its source, and the
 envelope must resolve as a whole — or, without a converter chain, the whole M schema must be
 able to read N data by Avro schema resolution (reader = older, writer = newer).
@@ -22,7 +22,7 @@ from typing import Any
 
 import fastavro
 
-from app.convert import CONVERTERS, ConversionError, Converter, chain
+from app.wire.convert import CONVERTERS, ConversionError, Converter, chain
 
 PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
 NAMED = frozenset({"record", "enum", "fixed"})
@@ -295,7 +295,7 @@ def load_dir(schema_dir: Path) -> tuple[dict[str, dict[int, Any]], list[str]]:
 
 
 def check_dir(schema_dir: Path, converters: Mapping[tuple[str, int, int], Converter] | None = None) -> Report:
-    """Parse and check a schema directory (default converters: `app.convert.CONVERTERS`)."""
+    """Parse and check a schema directory (default converters: `app.wire.convert.CONVERTERS`)."""
     schemas, parse_problems = load_dir(schema_dir)
     report = check_schemas(schemas, converters)
     report.problems = parse_problems + report.problems
@@ -304,7 +304,7 @@ def check_dir(schema_dir: Path, converters: Mapping[tuple[str, int, int], Conver
 
 def run_check(schema_dir: Path | None = None) -> int:
     """The `schemas check` command: print the report; 0 when all is well, 1 otherwise."""
-    from app.schemas import SCHEMA_DIR
+    from app.wire.schemas import SCHEMA_DIR
 
     directory = SCHEMA_DIR if schema_dir is None else schema_dir
     if not directory.is_dir():

@@ -33,7 +33,7 @@ from aiokafka.protocol.admin import DeleteGroupsRequest
 
 from app.faust_compat import send_to_node
 from app.settings import Settings
-from app.topics import TopicError, delete_topics, make_admin
+from app.ops.offsets import TopicError, delete_topics, make_admin
 
 # Kafka error codes of DeleteGroups that are not failures of the replay.
 GROUP_ID_NOT_FOUND = 69

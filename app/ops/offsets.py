@@ -19,8 +19,8 @@ import fastavro.write
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from app.events import decode
-from app.schemas import EventSchema
+from app.wire.codec import decode
+from app.wire.schemas import EventSchema
 from app.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ def fresh_state_refusal(settings: Settings) -> str | None:
 
 def wipe_state(run: Path) -> list[str]:
     """Delete what an earlier embedded run left under `run`; returns what was there."""
-    from app.embedded import EmbeddedPostgres
+    from app.embedded.servers import EmbeddedPostgres
 
     found = [name for name in STATE_DIRS if (run / name).exists()]
     if "postgres" in found:
@@ -54,8 +54,8 @@ def wipe_state(run: Path) -> list[str]:
 
 def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_seconds: float) -> int:
     """Run the whole system until Ctrl-C (or `for_seconds`); every child is stopped by PID."""
-    from app.cli import StartupError, check_all, init_db
-    from app.embedded import EmbeddedBroker, EmbeddedPostgres, EmbeddedRedis
+    from app.cli.main import StartupError, check_all, init_db
+    from app.embedded.servers import EmbeddedBroker, EmbeddedPostgres, EmbeddedRedis
 
     refusal = fresh_state_refusal(settings)
     if refusal is not None:
@@ -92,9 +92,9 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
         full = Settings.from_env(env)
         asyncio.run(check_all(full))
         made = asyncio.run(init_db(full))
-        # Each child connects as its service's role (app/roles.py), not as the admin that
+        # Each child connects as its service's role (app/capture/roles.py), not as the admin that
         # created the tables; URLs the user set are kept.
-        from app.roles import service_url
+        from app.capture.roles import service_url
         for role in made:
             service = role.removeprefix(full.db_role_prefix)
             env.setdefault(f"DATABASE_URL_{service.upper()}", service_url(full.database_url, role))

@@ -15,8 +15,8 @@ import signal
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from app.metrics import RelayCollector
-from app.relay import Relay
+from app.ops.metrics import RelayCollector
+from app.outbox.relay import Relay
 from app.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -6,15 +6,15 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from app.schemas import ACCESS_TOPIC
+from app.wire.schemas import ACCESS_TOPIC
 
-#: Outbox shards: relays divide them among themselves (app/relay.py).
+#: Outbox shards: relays divide them among themselves (app/outbox/relay.py).
 SHARDS = 16
 
 #: Idempotent DDL. `event_sequences` holds the per-aggregate sequence: its row lock
 #: serializes writers of one aggregate, and it outlives a delete, so a re-created key
 #: keeps counting up instead of restarting at 1 behind events consumers already applied.
-#: `xact` and `outbox_id` are the capture trigger's (app/entities.py `capture_sql`): the
+#: `xact` and `outbox_id` are the capture trigger's (app/capture/entities.py `capture_sql`): the
 #: transaction that last wrote the key's event, and that event's outbox row.
 DDL = [
     """CREATE TABLE IF NOT EXISTS event_sequences (
@@ -50,7 +50,7 @@ DDL = [
        BEGIN PERFORM pg_notify('outbox', ''); RETURN NULL; END $$""",
     "DROP TRIGGER IF EXISTS outbox_notify ON outbox",
     # Not for rows the capture triggers write (trigger depth 1): they notify once per
-    # transaction themselves (app/entities.py `capture_sql`).
+    # transaction themselves (app/capture/entities.py `capture_sql`).
     """CREATE TRIGGER outbox_notify AFTER INSERT ON outbox
        FOR EACH STATEMENT WHEN (pg_trigger_depth() < 1) EXECUTE FUNCTION outbox_notify()""",
 ]

@@ -2,7 +2,7 @@
 
 A converter names only the data fields whose meaning changed (renamed, split, unit change);
 every other field of the target version is carried over by name, as Avro schema resolution
-would. `app.compat` checks that each carried field really resolves.
+would. `app.wire.compat` checks that each carried field really resolves.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from app.schemas import load
+from app.wire.schemas import load
 
 Data = dict[str, Any]
 MAX_EXACT_CENTS = 2**53

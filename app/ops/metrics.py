@@ -47,7 +47,7 @@ from app.topology import evented_topics
 if TYPE_CHECKING:
     from agents.views import View
     from app.cache import CacheStats
-    from app.relay import Relay, RelayStats
+    from app.outbox.relay import Relay, RelayStats
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ class Sources:
     not_ready: Callable[[], list[str]]
     #: Agents that currently have a running actor.
     running: Callable[[], set[str]]
-    #: agent -> why it is stuck (retrying one batch, or no progress with lag; app.health).
+    #: agent -> why it is stuck (retrying one batch, or no progress with lag; app.ops.health).
     stuck: Callable[[], dict[str, str]] = dict
 
     def stage_totals(self) -> dict[str, int]:
@@ -272,8 +272,8 @@ class Sources:
 
     def dead_letters(self) -> dict[tuple[str, str], int]:
         """(stage, dead-letter topic) -> messages dead-lettered by this worker."""
-        from app.schemas import dlq_topic
-        from app.relay import DLQ_TOPIC
+        from app.wire.schemas import dlq_topic
+        from app.outbox.relay import DLQ_TOPIC
 
         out = {("relay", DLQ_TOPIC): self.relay.stats.dead_lettered if self.relay is not None else 0}
         for topic, count in self.downconverted.dead_lettered.items():

@@ -43,14 +43,14 @@ import faust
 from mode import Service
 
 from app.faust_compat import agent_actors
-from app.metrics import AgentProgress, ProgressSensor, agent_lag, agent_topics, partition_offsets
+from app.ops.metrics import AgentProgress, ProgressSensor, agent_lag, agent_topics, partition_offsets
 from app.retries import retries_of
 
 if TYPE_CHECKING:
     from faust.types import AgentT
     from faust.types.agents import ActorRefT
 
-    from app.relay import Relay
+    from app.outbox.relay import Relay
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from mode import Service
 
-from app.metrics import STAGES, Sources, agent_lag, agent_topics, partition_offsets
+from app.ops.metrics import STAGES, Sources, agent_lag, agent_topics, partition_offsets
 
 #: Seconds of history the page shows.
 HISTORY = 120

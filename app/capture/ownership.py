@@ -19,7 +19,7 @@ from sqlalchemy import inspect
 from sqlalchemy.orm import InstrumentedAttribute, mapped_column, undefer
 
 if TYPE_CHECKING:
-    from app.orm import EventedBase
+    from app.capture.base import EventedBase
 
 #: Key under which `_on_load` notes, in an instance's __dict__, which service loaded it.
 LOADED_BY = "_evented_loaded_by"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import faust
 
 from app.retries import retries_of
-from app.schemas import dlq_topic
+from app.wire.schemas import dlq_topic
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The outbox relay: publishes committed outbox rows to Kafka in outbox order, then deletes them.
 
 The outbox is split into `SHARDS` shards by a hash of the aggregate key (a column PostgreSQL
-generates, app/outbox.py). Each relay publishes the shards whose advisory locks it holds, in
+generates, app/outbox/store.py). Each relay publishes the shards whose advisory locks it holds, in
 outbox order, so per-key order holds however many relays run. Relays balance themselves: each
 counts the live relays (one membership lock per relay, visible in `pg_locks`) and holds at
 most its fair share (ceil(shards / relays)), giving extra shards back between batches (after
@@ -27,12 +27,12 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner  # type: ignore[import-untyped]
 
-from app.convert import convert_record
-from app.events import encode_message, schema_for_topic
-from app.schemas import load
+from app.wire.convert import convert_record
+from app.wire.codec import encode_message, schema_for_topic
+from app.wire.schemas import load
 from app.topology import dual_publish_targets, evented_topics
-from app.outbox import CHANNEL, LAG_SQL, SHARDS
-from app.roles import WORKER
+from app.outbox.store import CHANNEL, LAG_SQL, SHARDS
+from app.capture.roles import WORKER
 from app.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Column, DateTime, inspect
 from sqlalchemy.sql.elements import ClauseElement
 
-from app.schemas import EventSchema, load, non_null, record_fields
+from app.wire.schemas import EventSchema, load, non_null, record_fields
 
 if TYPE_CHECKING:
-    from app.orm import EventedBase
+    from app.capture.base import EventedBase
 
 LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
@@ -256,7 +256,7 @@ def capture_sql(root: type["EventedBase"]) -> list[str]:
     on the outbox, and `service` is the entity's owner, the one role PostgreSQL lets write the
     table, whatever the connection claims.
     """
-    from app.ownership import owner_of
+    from app.capture.ownership import owner_of
 
     plan = plan_for(root)
     out: list[str] = []
