@@ -19,12 +19,10 @@ from typing import Any
 import faust
 
 from agents.batching import WITHIN, take_ready
-from app.cache import CacheRepository, connect_redis
+from app.cache import CacheRepository, CacheResource
 from app.wire.deadletter import dead_letter, incoming, produce_all
 from app.wire.codec import decode
-from app.capture import Database
 from app.retries import Retries, retries_of
-from app.capture.roles import WORKER
 from app.wire.schemas import EventSchema, load
 from app.settings import Settings
 from app.topology import downconvert_targets, root_models
@@ -60,36 +58,6 @@ def refreshes(schema: EventSchema, values: Sequence[bytes | None]
     return out, poison
 
 
-class CacheResource:
-    """The worker's cache repository, opened on first use and closed with the worker."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._repo: CacheRepository | None = None
-
-    @property
-    def opened(self) -> CacheRepository | None:
-        """The repository if it has been opened, without opening it (for metrics scrapes)."""
-        return self._repo
-
-    @property
-    def repo(self) -> CacheRepository:
-        """The repository (Redis client and database pool are created lazily)."""
-        if self._repo is None:
-            self._repo = CacheRepository(
-                connect_redis(self.settings.redis_url),
-                Database(self.settings.database_url_for(WORKER), service=self.settings.service_name,
-                         record_reads=False))
-        return self._repo
-
-    async def close(self) -> None:
-        """Close the Redis client and the database pool."""
-        if self._repo is not None:
-            await self._repo.redis.aclose()
-            await self._repo.db.close()
-            self._repo = None
-
-
 async def apply_all(repo: CacheRepository, batch: list[Refresh], *, stage: str = "cache",
                     retries: Retries | None = None) -> None:
     """Apply a batch in one script call per chunk, retrying with backoff until Redis took it all."""
@@ -100,15 +68,14 @@ async def apply_all(repo: CacheRepository, batch: list[Refresh], *, stage: str =
     await (retries or Retries()).until_done(stage, lambda: repo.apply_many(updates))
 
 
-def install(app: faust.App, settings: Settings) -> CacheResource:
-    """Declare one cache-refresh agent per root entity's current topic."""
-    resource = CacheResource(settings)
+def install(app: faust.App, settings: Settings, resource: CacheResource) -> None:
+    """Declare one cache-refresh agent per root entity's current topic, writing through
+    `resource` (the worker's one repository, shared with `/entities`)."""
     # Poison on a topic the down-converter reads is dead-lettered by it; here only the rest.
     downconverted = set(downconvert_targets(settings))
     for model in root_models():
         schema = load(model.__entity__, model.__schema_version__)
         _declare(app, resource, schema, dead_letters=schema.entity not in downconverted)
-    return resource
 
 
 def _declare(app: faust.App, resource: CacheResource, schema: EventSchema, *, dead_letters: bool) -> None:

@@ -22,7 +22,6 @@ import logging
 import time
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import faust
@@ -32,8 +31,10 @@ from faust.types import EventT
 from agents.batching import BATCH, WITHIN, take_ready
 from agents.entity_pass import Decoded, Job
 from app.wire.deadletter import Outgoing, dead_letter, incoming, produce_all
-from app.wire.schemas import dlq_topic, field_type, load, non_null
+from app.wire.schemas import field_type, load, non_null
 from app.settings import Settings
+from app.web.tables import View
+from app.topology import changelog_topic, updates_topic
 from app.views import (
     WINDOW_KEEP,
     BadUpdate,
@@ -50,16 +51,6 @@ from app.views import (
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class View:
-    """A table as the web layer shows it."""
-
-    table: faust.Table
-    kind: str
-    present: Any  # stored value -> what readers see (None: hidden)
-
-
-AGGREGATES = ("customer_orders", "orders_by_status", "orders_per_minute")
 #: The (entity, schema version) whose topic stage 1 reads.
 SOURCE = ("orders", 2)
 
@@ -86,11 +77,6 @@ def write_as(event: Any, table: faust.Table, key: str, value: Any) -> None:
         table[key] = value
 
 
-def dead_letter_topics(app_id: str) -> list[str]:
-    """The dead-letter topics of the repartition topics (created before the worker starts)."""
-    return [dlq_topic(f"{app_id}-{view}-updates") for view in AGGREGATES]
-
-
 def install(app: faust.App, settings: Settings) -> tuple[dict[str, View], Job]:
     """Declare the view tables and the stage-2 agents; returns the tables by name (for the web
     layer) and stage 1, the job to run on every batch of `orders-v2`."""
@@ -99,7 +85,7 @@ def install(app: faust.App, settings: Settings) -> tuple[dict[str, View], Job]:
     def table(name: str) -> faust.Table:
         # Raw string keys: the changelog partition of a key is then the partition its
         # source event had, so Faust's router finds the owner of a key by its hash.
-        changelog = app.topic(f"{settings.app_id}-{name}-changelog", key_type=str, key_serializer="raw",
+        changelog = app.topic(changelog_topic(settings.app_id, name), key_type=str, key_serializer="raw",
                               value_serializer="json", partitions=partitions, compacting=True,
                               acks=False, internal=True)
         t = app.Table(name, default=None, partitions=partitions, key_type=str,
@@ -117,7 +103,7 @@ def install(app: faust.App, settings: Settings) -> tuple[dict[str, View], Job]:
     def updates(view: str, *, raw: bool = False) -> faust.TopicT:
         # Stage 1 sends JSON; stage 2 reads raw bytes and validates them itself, so poison
         # is dead-lettered instead of crashing the agent (Faust's decode error would).
-        return app.topic(f"{settings.app_id}-{view}-updates", partitions=partitions, internal=True,
+        return app.topic(updates_topic(settings.app_id, view), partitions=partitions, internal=True,
                          key_type=None if raw else str, key_serializer="raw",
                          value_serializer="raw" if raw else "json")
 

@@ -40,7 +40,9 @@ from sqlalchemy import text
 from sqlalchemy.sql.elements import TextClause
 
 from app.capture.entities import plan_for, state_sql
-from app.capture import Database, EventedBase
+from app.capture.roles import WORKER
+from app.orm import Database, EventedBase
+from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,20 @@ class CacheStats:
     redis_bypassed: int = 0
 
 
+#: What every cached entity's Redis key starts with, after the namespace.
+KEY_PREFIX = "entity:"
+
+
+def entity_key(namespace: str, entity: str, key: Any) -> str:
+    """The Redis key of one cached entity (the layout in the module docstring)."""
+    return f"{namespace}{KEY_PREFIX}{entity}:{key}"
+
+
+def every_entity_key(namespace: str = "") -> str:
+    """A SCAN pattern matching every cached entity's key (replay deletes them)."""
+    return f"{namespace}{KEY_PREFIX}*"
+
+
 def connect_redis(url: str, *, timeout: float = 0.25, max_connections: int = 64,
                   pool_timeout: float = 2.0) -> Redis:
     """A client for the cache: short timeouts and no retries, so an outage never stalls readers.
@@ -198,7 +214,7 @@ class CacheRepository:
 
     def key_of(self, entity: str, key: Any) -> str:
         """The Redis key of an entity."""
-        return f"{self.namespace}entity:{entity}:{key}"
+        return entity_key(self.namespace, entity, key)
 
     async def get(self, model: type[EventedBase], key: Any) -> dict[str, Any] | None:
         """The state of one aggregate of `model`, or None if it does not exist."""
@@ -389,3 +405,37 @@ class CacheRepository:
             if newer is not None:
                 out[key] = newer  # never hand out something older than what the cache holds
         return out
+
+
+class CacheResource:
+    """The worker's one cache repository: opened on first use, closed with the worker.
+
+    `app/main.py` creates it and hands it to the cache agents, `/entities` and the metrics, so
+    a worker keeps one Redis client and pool, and readers share in-flight database loads.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._repo: CacheRepository | None = None
+
+    @property
+    def opened(self) -> CacheRepository | None:
+        """The repository if it has been opened, without opening it (for metrics scrapes)."""
+        return self._repo
+
+    @property
+    def repo(self) -> CacheRepository:
+        """The repository (Redis client and database pool are created lazily)."""
+        if self._repo is None:
+            self._repo = CacheRepository(
+                connect_redis(self.settings.redis_url),
+                Database(self.settings.database_url_for(WORKER), service=self.settings.service_name,
+                         record_reads=False))
+        return self._repo
+
+    async def close(self) -> None:
+        """Close the Redis client and the database pool."""
+        if self._repo is not None:
+            await self._repo.redis.aclose()
+            await self._repo.db.close()
+            self._repo = None

@@ -6,7 +6,7 @@ relies on, and the suite fails in the module that uses it if that changed.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,13 @@ def set_agent_error_handler(agent: Any, handler: Callable[..., Any]) -> None:
     agent._on_error = handler
 
 
+def committed_offsets(consumer: Any) -> Mapping[Any, int | None]:
+    """tp -> the committed offset the consumer read from the broker when the partition was
+    assigned (`Consumer._committed_offset`); the Monitor only knows this worker's own commits,
+    and the metrics need the group's position before the first of them."""
+    return getattr(consumer, "_committed_offset", {})  # type: ignore[no-any-return]
+
+
 def agent_actors(agent: Any) -> list[Any]:
     """The agent's current actors: its supervisor's list (`_services`), which drops a replaced
     actor; before the supervisor exists, the agent's own `_actors`."""
@@ -51,6 +58,20 @@ def agent_actors(agent: Any) -> list[Any]:
     if services is not None:
         return list(services)
     return list(getattr(agent, "_actors", ()))
+
+
+def apply_buffered_changelog(recovery: Any, table: Any) -> None:
+    """Apply the changelog events Faust's recovery received for `table` but still buffers.
+
+    Recovery keeps them in `Recovery.buffers` until `standby_buffer_size` fill up; a web
+    lookup answering from a standby copy (`app/web/staleness.py`) must not miss them. This is
+    the step Faust takes when a buffer fills (`apply_changelog_batch`, then `clear`), for one
+    table. Checked against faust-streaming 0.15.3; call it only on the worker's event loop.
+    """
+    buffer = recovery.buffers.get(table)
+    if buffer:
+        table.apply_changelog_batch(buffer)
+        buffer.clear()
 
 
 async def send_to_node(admin: "AIOKafkaAdminClient", node: int, request: Any) -> Any:

@@ -1,23 +1,43 @@
-"""The Faust app (`faust -A app.main worker -l info`): wires the relay and the agents."""
+"""The Faust app (`faust -A app.main worker -l info`): wiring only.
+
+It declares the agents (`agents/`), the views, the one cache repository, the web views and the
+operations endpoints, and hands each the parts it uses: nothing else in `app/` imports `agents/`.
+"""
 from __future__ import annotations
 
-import faust
 from mode import Service
 
 import models  # noqa: F401  # the entity models, so the relay and agents know their topics
 from models import customer_api
 from agents import cache, downconvert, entity_pass, views
+from app.cache import CacheResource
 from app.ops import endpoints as ops
-from app.web import views as web
+from app.ops.endpoints import Ops
+from app.web import install as web
+from app.web.install import WebViews
+from app.web.tables import View
 from app.ops.metrics import DownconvertCounts
 from app.outbox.relay import Relay
 from app.settings import Settings
 from app.transport import App, DirectTopic
 
 
-def create_app(settings: Settings) -> faust.App:
+class WorkerApp(App):
+    """The worker's Faust app, with what `create_app` wires into it, typed."""
+
+    #: The view tables by name (`agents/views.py`), served by `app/web/`.
+    views: dict[str, View]
+    #: The one cache repository (`entity_cache`: Faust's App already has a `cache` attribute).
+    entity_cache: CacheResource | None
+    #: The `/tables/` and `/entities/` handlers.
+    web_views: WebViews
+    #: Metrics, health, status page and watchdog.
+    ops: Ops
+
+
+def create_app(settings: Settings) -> WorkerApp:
     """A Faust app configured from `settings` (no network I/O until the worker starts)."""
-    app = App(
+    app = WorkerApp(
         settings,
         broker=settings.kafka_broker or "kafka://127.0.0.1:9092",
         web_port=settings.web_port,
@@ -53,17 +73,19 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset=settings.consumer_auto_offset_reset,
         **({"consumer_group_instance_id": settings.group_instance_id} if settings.group_instance_id else {}),
     )
-    downconverted = DownconvertCounts()  # counted by the agents, exported by app.ops.endpoints
-    app.views, apply_order_events = views.install(app, settings)  # type: ignore[attr-defined]  # served by app/web/views.py
+    downconverted = DownconvertCounts()  # counted by the agents, exported by the metrics
+    app.views, apply_order_events = views.install(app, settings)
     # One pass over each current topic runs every job that reads it (agents/entity_pass.py).
     jobs: dict[tuple[str, int], list[entity_pass.Job]] = {
         key: [job] for key, job in downconvert.jobs(settings, counted=downconverted).items()}
     jobs.setdefault(views.SOURCE, []).append(apply_order_events)
     entity_pass.install(app, jobs)
-    # Without Redis there is no cache to keep fresh (reads go to the database).
-    # (`entity_cache`: Faust's App already has a `cache` attribute.)
-    app.entity_cache = cache.install(app, settings) if settings.redis_url else None  # type: ignore[attr-defined]
-    web_views = web.install(app, settings)
+    # Without Redis there is no cache to keep fresh (reads go to the database), and
+    # `/entities` answers 503.
+    app.entity_cache = CacheResource(settings) if settings.redis_url else None
+    if app.entity_cache is not None:
+        cache.install(app, settings, app.entity_cache)
+    app.web_views = web.install(app, settings, app.views, app.entity_cache)
     # The demo mounts the customers service's public methods (the owner's HTTP interface).
     owner = customer_api.install(app, settings)
     # The relay runs here unless operators run it as its own process (`python -m app relay`).
@@ -82,12 +104,12 @@ def create_app(settings: Settings) -> faust.App:
             if relay is not None:
                 relay.stop()
             await owner.close()
-            if app.entity_cache is not None:  # type: ignore[attr-defined]
-                await app.entity_cache.close()  # type: ignore[attr-defined]
+            if app.entity_cache is not None:
+                await app.entity_cache.close()
 
     # /metrics, /health/*, /status and the agent watchdog.
-    app.ops = ops.install(app, settings, relay=relay, downconverted=downconverted,  # type: ignore[attr-defined]
-                          web_views=web_views)
+    app.ops = ops.install(app, settings, relay=relay, downconverted=downconverted, views=app.views,
+                          cache=app.entity_cache)
     return app
 
 

@@ -1,14 +1,11 @@
-"""The public name of the service API (`from app.orm import EventedBase, Database`): DESIGN.md's
-contract, kept stable while the code lives in `app/capture/`."""
-from app.capture import (
-    Database,
-    EventedBase,
-    EventedSession,
-    OwnershipError,
-    SchemaMismatch,
-    UneventedWrite,
-    sensitive_column,
-)
+"""The service API: `from app.orm import EventedBase, Database, sensitive_column`.
+
+DESIGN.md's public contract; the code lives in `app/capture/`, one module per part.
+"""
+from app.capture.base import EventedBase, EventedSession
+from app.capture.database import Database
+from app.capture.entities import SchemaMismatch
+from app.capture.ownership import OwnershipError, UneventedWrite, sensitive_column
 
 __all__ = ["EventedBase", "Database", "EventedSession", "OwnershipError", "SchemaMismatch",
            "UneventedWrite", "sensitive_column"]

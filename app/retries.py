@@ -1,4 +1,8 @@
-"""Retry loops that never give up on a batch, and the record of who is retrying what, since when.
+"""Exponential backoff, retry loops that never give up on a batch, and who is retrying what, since when.
+
+`Backoff` is the one backoff schedule: the agents' batch retries (`Retries.until_done`), the
+relay's reconnects (app/outbox/relay.py) and the watchdog's restarts of a failing agent
+(app/ops/health.py) each use it with their own bounds.
 
 The agents must not lose an event, so a batch Redis or the broker refuses is retried until it
 goes through. That must not be silent: `Retries` keeps, per stage, since when it has been
@@ -18,6 +22,30 @@ from typing import TypeVar
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class Backoff:
+    """Delays doubling from `first` up to `maximum`: `next()` after each failure, `reset()` after a success."""
+
+    def __init__(self, first: float, maximum: float) -> None:
+        self.first = first
+        self.maximum = maximum
+        self.failures = 0
+
+    def delay(self, failures: int) -> float:
+        """The delay after `failures` earlier consecutive failures: first * 2**failures, at most `maximum`."""
+        # Capped exponent: 2.0 ** 1000 is still a float, so a long outage cannot overflow.
+        return min(self.maximum, self.first * 2.0 ** min(failures, 1000))
+
+    def next(self) -> float:
+        """The delay to wait before the next attempt; counts one more failure."""
+        seconds = self.delay(self.failures)
+        self.failures += 1
+        return seconds
+
+    def reset(self) -> None:
+        """An attempt succeeded: the next failure waits `first` again."""
+        self.failures = 0
 
 
 @dataclass
@@ -63,7 +91,7 @@ class Retries:
     async def until_done(self, stage: str, attempt: Callable[[], Awaitable[T]], *,
                          first_backoff: float = 0.05, max_backoff: float = 2.0) -> T:
         """Run `attempt` until it succeeds, with exponential backoff between failures."""
-        backoff = first_backoff
+        backoff = Backoff(first_backoff, max_backoff)
         while True:
             try:
                 result = await attempt()
@@ -73,8 +101,7 @@ class Retries:
                 raise
             except Exception as exc:  # the batch is not acked until it goes through: never lose it
                 self.failed(stage, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, max_backoff)
+                await asyncio.sleep(backoff.next())
                 continue
             self.succeeded(stage)
             return result

@@ -1,9 +1,11 @@
 """Every entity, schema version, legacy mode and topic, from the models: the one place to ask.
 
-The relay, the stream agents, the CLI, the AsyncAPI document and the metrics read these
-facts here instead of each walking the model registry (or building topic names) itself.
-`root_models` lives in app/orm.py, next to the base, which installs the capture triggers
-with it; it is re-exported here.
+The relay, the stream agents, the CLI, replay, the AsyncAPI document and the metrics read
+these facts here instead of each walking the model registry (or building topic names) itself:
+event topics and their dead letters, the relay's dead-letter topic, and the worker's view
+topics (table changelogs and the views' repartition topics). `root_models` lives in
+app/capture/base.py, next to the base, which installs the capture triggers with it; it is
+re-exported here.
 """
 from __future__ import annotations
 
@@ -11,8 +13,15 @@ from app.capture.base import root_models
 from app.wire.schemas import ACCESS_TOPIC, dlq_topic, topic_name
 from app.settings import LEGACY_MODES, Settings
 
-__all__ = ["DOWNCONVERT", "DUAL_PUBLISH", "current_topic", "current_version", "downconvert_targets",
-           "dual_publish_targets", "evented_topics", "legacy_modes", "root_models"]
+__all__ = ["AGGREGATES", "DOWNCONVERT", "DUAL_PUBLISH", "RELAY_DLQ_TOPIC", "changelog_topic",
+           "current_topic", "current_version", "downconvert_targets", "dual_publish_targets",
+           "evented_topics", "is_view_topic", "legacy_modes", "root_models", "updates_topic",
+           "view_dead_letter_topics", "worker_topics"]
+
+#: Where the relay dead-letters an outbox row it cannot publish.
+RELAY_DLQ_TOPIC = "outbox.dlq"
+#: The views kept by stage 2 (`agents/views.py`), each fed by its own repartition topic.
+AGGREGATES = ("customer_orders", "orders_by_status", "orders_per_minute")
 
 #: How an older schema version of an entity is served.
 DUAL_PUBLISH, DOWNCONVERT = LEGACY_MODES
@@ -70,3 +79,30 @@ def dual_publish_targets(settings: Settings) -> dict[str, tuple[int, ...]]:
     dual = _versions_served_by(DUAL_PUBLISH, settings)
     entities = legacy_modes(settings.legacy_overrides())
     return {current_topic(entity): tuple(dual.get(entity, ())) for entity in entities}
+
+
+def changelog_topic(app_id: str, table: str) -> str:
+    """The changelog topic of view table `table` of the worker app `app_id`."""
+    return f"{app_id}-{table}-changelog"
+
+
+def updates_topic(app_id: str, view: str) -> str:
+    """The repartition topic stage 1 sends view `view`'s per-partition aggregates on."""
+    return f"{app_id}-{view}-updates"
+
+
+def view_dead_letter_topics(app_id: str) -> list[str]:
+    """The dead-letter topics of the repartition topics (created before the worker starts)."""
+    return [dlq_topic(updates_topic(app_id, view)) for view in AGGREGATES]
+
+
+def is_view_topic(app_id: str, topic: str) -> bool:
+    """Whether `topic` holds view state of `app_id` (a changelog or a repartition topic):
+    what replay deletes so the views rebuild from the event topics."""
+    return topic.startswith(f"{app_id}-") and topic.endswith(("-changelog", "-updates"))
+
+
+def worker_topics(app_id: str) -> list[str]:
+    """Every topic that must exist before the worker starts: event topics and their dead
+    letters, the relay's dead letters, the views' dead letters."""
+    return [*evented_topics(), RELAY_DLQ_TOPIC, *view_dead_letter_topics(app_id)]

@@ -23,7 +23,7 @@ from app.faust_compat import forget_unacked, set_fetch_max_wait
 from app.web.http import Limits, guard
 from app.retries import Retries
 from app.settings import Settings
-from app.ops.offsets import fetched_end_offsets
+from app.kafka import fetched_end_offsets
 
 
 class FetchWaitConsumerThread(driver.AIOKafkaConsumerThread):
@@ -41,7 +41,7 @@ class FetchWaitConsumerThread(driver.AIOKafkaConsumerThread):
         # Faust ends table recovery at these offsets. Tansu's answer is the start of the last
         # record batch, so recovery stopped short and a table could miss the changelog's
         # last writes for good (the fault-injection suite saw an aggregate one off after a
-        # takeover): correct it with a fetch (app.ops.offsets.fetched_end_offsets).
+        # takeover): correct it with a fetch (app.kafka.fetched_end_offsets).
         reported = await super()._highwaters(partitions)
         settings: Settings | None = getattr(self.app, "settings", None)
         if settings is None or self.consumer.in_transaction:

@@ -29,7 +29,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from sqlalchemy import select
 
 from app.cache import CacheRepository, connect_redis
-from app.embedded.servers import EmbeddedRedis
+from app.embedded.redis import EmbeddedRedis
 from app.orm import Database
 from bench.common import Config, Env, Line, LoopMonitor, TailReader, execute, median, note, settle, spread
 from bench.workers import (StreamConfig, app_worker_argv, commit_to_visible, create_topics, faust_worker, fmt_visible,

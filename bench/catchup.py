@@ -36,7 +36,8 @@ import asyncpg
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
-from app.embedded.servers import EmbeddedBroker, free_port
+from app.embedded.broker import EmbeddedBroker
+from app.embedded.process import free_port
 from app.orm import Database
 from bench.common import Config, Env, Line, execute, median, note, process_cpu, settle, spread
 from bench.downconvert import _naive

@@ -25,7 +25,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import models  # noqa: F401  # registers the demo models on EventedBase
-from app.embedded.servers import EmbeddedBroker, EmbeddedPostgres
+from app.embedded.broker import EmbeddedBroker
+from app.embedded.postgres import EmbeddedPostgres
 from app.orm import Database
 from app.outbox.relay import Message, to_messages
 from app.settings import Settings

@@ -46,7 +46,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
-from app.embedded.servers import EmbeddedRedis
+from app.embedded.redis import EmbeddedRedis
 from app.wire.codec import decode
 from app.wire.schemas import load
 from bench.common import (Config, Env, Line, LoopMonitor, TailReader, execute, median, note, percentile,

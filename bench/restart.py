@@ -19,7 +19,8 @@ from pathlib import Path
 
 import aiohttp
 
-from app.embedded.servers import EmbeddedRedis, free_port
+from app.embedded.process import free_port
+from app.embedded.redis import EmbeddedRedis
 from bench.common import Config, Env, Line, median, note, spread
 from bench.workers import Child, app_worker_argv, child_env, create_topics, round_broker, spawn, stop_child
 

@@ -38,7 +38,8 @@ from typing import Any
 
 import aiohttp
 
-from app.embedded.servers import EmbeddedBroker, free_port
+from app.embedded.broker import EmbeddedBroker
+from app.embedded.process import free_port
 from app.orm import Database
 from app.views import minute_of
 from bench.common import (Config, Env, Line, LoopMonitor, TailReader, execute, median, note, process_cpu, settle,

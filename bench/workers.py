@@ -25,7 +25,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.embedded.servers import EmbeddedBroker, EmbeddedRedis, free_port
+from app.embedded.broker import EmbeddedBroker
+from app.embedded.process import free_port
+from app.embedded.redis import EmbeddedRedis
 from app.wire.codec import encode_message
 from app.orm import Database
 from app.wire.schemas import load

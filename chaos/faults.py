@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy import insert
 
 from app.cache import connect_redis
-from app.embedded.servers import EmbeddedPostgres
+from app.embedded.postgres import EmbeddedPostgres
 from app.orm import Database
 from chaos.stack import Stack, StackError, Worker
 from models import Order

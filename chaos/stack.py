@@ -16,7 +16,10 @@ from pathlib import Path
 
 import aiohttp
 
-from app.embedded.servers import EmbeddedBroker, EmbeddedPostgres, EmbeddedRedis, free_port
+from app.embedded.broker import EmbeddedBroker
+from app.embedded.postgres import EmbeddedPostgres
+from app.embedded.process import free_port
+from app.embedded.redis import EmbeddedRedis
 from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,7 +154,7 @@ class Stack:
 
     async def _prepare(self) -> None:
         import models  # noqa: F401  # the entity models
-        from app.cli.main import create_topics
+        from app.cli.preflight import create_topics
         from app.orm import Database
 
         db = Database(self.settings.database_url, record_reads=False)

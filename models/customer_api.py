@@ -19,6 +19,7 @@ from faust.web import Request, Response
 from faust.web import View as FaustView
 
 from app.settings import Settings
+from app.web.http import guarded
 
 OWNER = "customers"
 CUSTOMER_ID = re.compile(r"[0-9]{1,18}\Z")
@@ -104,15 +105,15 @@ def install(app: faust.App, settings: Settings) -> OwnerApi:
         """GET a customer's contact; bearer token of an allowed service required."""
 
         async def get(self, request: Request, **_: Any) -> Response:
-            match = CONTACT_PATH.match(request.path)
-            try:
+            async def answer() -> Response:
+                match = CONTACT_PATH.match(request.path)
                 if match is None:
                     status, body = 404, {"error": "no such method"}
                 else:
                     status, body = await api.contact(request, match["id"])
-            except Exception:  # never a traceback to a caller
-                status, body = 500, {"error": "internal error"}
-            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-            return self.json(body, status=status, headers=headers)
+                headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+                return self.json(body, status=status, headers=headers)
+            # An unexpected error is a bare 500, never a traceback to a caller.
+            return await guarded(self, request, answer, "services")
 
     return api

@@ -7,8 +7,11 @@ from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.orm import EventedBase
+from app.wire.convert import ConversionError, Data, converter
 
 STATUSES = ("pending", "paid", "shipped", "cancelled")
+#: v1 carries the amount as a double: beyond this many cents it would silently change.
+MAX_EXACT_CENTS = 2**53
 
 
 class Order(EventedBase):
@@ -54,3 +57,20 @@ class OrderShipping(EventedBase):
     tracking_number: Mapped[str | None] = mapped_column(String(100), nullable=True)
 
     order: Mapped[Order] = relationship(back_populates="shipping")
+
+
+@converter("orders", 2, 1, produces={"amount", "status", "shipping_address"})
+def orders_v2_to_v1(data: Data) -> Data:
+    """v2 -> v1: cents to units, the status enum to a lowercase string, shipping flattened."""
+    cents = data["amount_cents"]
+    if not isinstance(cents, int):
+        raise ConversionError(f"orders v2 -> v1: amount_cents must be an integer, got {cents!r:.60}")
+    if abs(cents) > MAX_EXACT_CENTS:
+        raise ConversionError(f"orders v2 -> v1: amount_cents {cents} cannot be represented exactly "
+                              "as a v1 double amount")
+    shipping = data.get("shipping")
+    return {
+        "amount": cents / 100,
+        "status": str(data["status"]).lower(),
+        "shipping_address": shipping["address"] if shipping else None,
+    }

@@ -13,9 +13,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import models  # noqa: F401  # registers the demo models on EventedBase
-from app.embedded.servers import EmbeddedBroker, EmbeddedPostgres
+from app.embedded.broker import EmbeddedBroker
+from app.embedded.postgres import EmbeddedPostgres
 from app.capture import roles
-from app.cli.main import init_db
+from app.cli.preflight import init_db
 from app.orm import Database, EventedBase
 from app.outbox.relay import Relay
 from app.settings import Settings
@@ -138,7 +139,7 @@ def redis_url(run_dir: Path) -> Iterator[str]:
     if url:
         yield url
         return
-    from app.embedded.servers import EmbeddedRedis
+    from app.embedded.redis import EmbeddedRedis
 
     server = EmbeddedRedis.start(run_dir / "redis")
     try:

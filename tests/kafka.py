@@ -119,7 +119,7 @@ class TopicReader:
 
     async def read_to_end(self, timeout: float = 30.0) -> list[Received]:
         """Every message up to the topic's end offsets as of now (corrected for Tansu's short ones)."""
-        from app.ops.offsets import fetched_end_offsets
+        from app.kafka import fetched_end_offsets
 
         assert self._consumer is not None
         tps = list(self._consumer.assignment())

@@ -183,6 +183,7 @@ def test_outbox_dead_letter_is_what_the_relay_writes(document: Document) -> None
            "sequence": 3, "data": {"id": 7}}
     letter = dead_letter(row, ValueError("cannot encode"))  # type: ignore[arg-type]
     message = document["channels"][letter.topic]["messages"]["deadLetter"]
+    assert message["headers"]["required"] == [n for n, _ in letter.headers]
     check_headers(message, letter.headers)
     jsonschema.validate(json.loads(letter.value), message["payload"], format_checker=jsonschema.FormatChecker())
 

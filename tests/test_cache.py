@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import selectinload
 
 from app.cache import CacheRepository, connect_redis
-from app.embedded.servers import EmbeddedRedis
+from app.embedded.redis import EmbeddedRedis
 from app.orm import Database
 from models import Customer, Order, OrderShipping
 from tests.waiting import until

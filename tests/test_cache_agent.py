@@ -17,7 +17,8 @@ from sqlalchemy import select, update
 
 from agents.cache import Refresh, apply_all, refreshes
 from app.cache import CacheRepository, connect_redis, decode_entry
-from app.embedded.servers import EmbeddedRedis, free_port
+from app.embedded.process import free_port
+from app.embedded.redis import EmbeddedRedis
 from app.wire.codec import encode_message
 from app.orm import Database
 from app.wire.schemas import load

@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from app.embedded.servers import free_port
+from app.embedded.process import free_port
 from tests.processes import ROOT
 
 

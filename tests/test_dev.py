@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 from app.cli.dev import wipe_state
-from app.embedded.servers import free_port
+from app.embedded.process import free_port
 from app.settings import Settings
 from tests.processes import ROOT, app_env
 from tests.waiting import until

@@ -1,16 +1,20 @@
 """`dlq list` / `dlq redrive` against the session's embedded Tansu broker (fresh topics per test)."""
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from app.cli.dlq import REDRIVEN_FROM, list_dead_letters, redrive, redrive_group
+from app.outbox.relay import dead_letter, ensure_topics
 from app.settings import Settings
-from app.ops.offsets import TopicError
+from app.kafka import TopicError
 from tests.kafka import TopicReader
 from tests.processes import run_app
 
@@ -117,3 +121,47 @@ async def test_redrive_commits_what_it_sent_before_a_letter_it_cannot_redrive(
     letters = {letter.key: redriven for letter, redriven in await list_dead_letters(kafka, dlq)}
     assert letters == {b"k0": True, b"orphan": False}
     assert redrive_group(dlq) == f"{dlq}.redrive"
+
+
+def outbox_row(row_id: int, key: str, op: str, data: dict[str, Any] | None) -> dict[str, Any]:
+    """An orders-v2 outbox row as the relay reads it (asyncpg: UUID, datetime, json as text)."""
+    return {"id": row_id, "topic": "orders-v2", "entity": "orders", "schema_version": 2, "key": key,
+            "event_id": uuid.uuid4(), "op": op, "service": "orders", "occurred_at": datetime.now(timezone.utc),
+            "sequence": 1, "data": None if data is None else json.dumps(data)}
+
+
+async def test_relay_dead_letters_are_listed_and_redriven_like_the_agents(
+        kafka: Settings, topics: tuple[str, str]) -> None:
+    _, dlq = topics
+    await ensure_topics(kafka, ["orders-v2"])
+    key = str(9_500_000_000 + uuid.uuid4().int % 100_000_000)  # a key no other test draws
+    # A delete (data null) of a key nobody wrote: redriving it changes no other test's views.
+    fixed = outbox_row(41, key, "delete", None)
+    still_bad = outbox_row(42, f"{key}-bad", "update", {"id": 1, "amount_cents": "lots"})
+    letters = [dead_letter(fixed, ValueError("cannot encode (fixed since)")),
+               dead_letter(still_bad, ValueError("cannot encode"))]
+    assert all([n for n, _ in letter.headers if n.startswith("dlq_")] ==
+               ["dlq_error_class", "dlq_error_message", "dlq_source_topic", "dlq_outbox_id"] for letter in letters)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all")
+    await producer.start()
+    try:  # one partition, in this order: what precedes the bad one must still be committed
+        for letter in letters:
+            await producer.send_and_wait(dlq, letter.value, key=letter.key, headers=letter.headers, partition=0)
+    finally:
+        await producer.stop()
+
+    listed = await list_dead_letters(kafka, dlq)
+    assert [letter.line().split("\t")[2:] for letter, _ in listed] == [
+        [key, "ValueError", "cannot encode (fixed since)", "outbox row 41 for orders-v2"],
+        [f"{key}-bad", "ValueError", "cannot encode", "outbox row 42 for orders-v2"]]
+
+    async with TopicReader(kafka.bootstrap_servers, "orders-v2") as reader:
+        with pytest.raises(TopicError, match=r"outbox row 42 at .* still cannot be encoded: ValueError"):
+            await redrive(kafka, dlq)
+        [got] = [m for m in await reader.wait_for(lambda ms: any(m.key == key for m in ms)) if m.key == key]
+    # Published as the relay would have: Avro from the .avsc alone, CloudEvents headers, same event id.
+    assert (got.record["event_id"], got.record["op"], got.record["data"]) == (str(fixed["event_id"]), "delete", None)
+    assert got.headers["ce_id"] == str(fixed["event_id"]).encode()
+    assert got.headers[REDRIVEN_FROM] == f"{dlq}:0:{listed[0][0].offset}".encode()
+    # Nothing is lost: the row that still cannot be published stays, not redriven, for the next run.
+    assert [redriven for _, redriven in await list_dead_letters(kafka, dlq)] == [True, False]

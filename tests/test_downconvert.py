@@ -37,7 +37,7 @@ async def worker(settings: Settings, schema: None, tmp_path_factory: pytest.Temp
 
 
 def free_web_port() -> int:
-    from app.embedded.servers import free_port
+    from app.embedded.process import free_port
     return free_port()
 
 

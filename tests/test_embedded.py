@@ -1,4 +1,4 @@
-"""Real-server tests for app.embedded.servers: each server is started, used by a real client, then stopped."""
+"""Real-server tests for app.embedded: each server is started, used by a real client, then stopped."""
 
 from __future__ import annotations
 
@@ -16,14 +16,10 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from app.embedded.servers import (
-    EmbeddedBroker,
-    EmbeddedPostgres,
-    EmbeddedRedis,
-    EmbeddedServerError,
-    free_port,
-    wait_for_port,
-)
+from app.embedded.broker import EmbeddedBroker
+from app.embedded.postgres import EmbeddedPostgres
+from app.embedded.process import EmbeddedServerError, free_port, wait_for_port
+from app.embedded.redis import EmbeddedRedis
 
 
 def pid_gone(pid: int) -> bool:

@@ -25,10 +25,11 @@ from faust.types import TP
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.embedded.servers import free_port
+from app.embedded.process import free_port
 from app.ops.health import AgentWatch, Watchdog, WatchdogPolicy, await_chain, await_leaf
 from app.main import create_app
-from app.ops.metrics import AgentProgress, PartitionOffsets, ProgressSensor, agent_lag
+from app.ops.offsets import PartitionOffsets, agent_lag
+from app.ops.progress import AgentProgress, ProgressSensor
 from app.orm import Database
 from app.topology import evented_topics
 from app.outbox.relay import ensure_topics

@@ -381,7 +381,9 @@ async def test_an_unencodable_outbox_row_reaches_outbox_dlq_and_the_rest_still_p
     body = json.loads(letter.value)
     data = json.loads(body["data"]) if isinstance(body["data"], str) else body["data"]  # the row's json, as stored
     assert (body["key"], body["topic"], data["amount_cents"]) == (bad_key, "orders-v2", "lots")
-    assert letter.headers["source_topic"] == b"orders-v2" and letter.headers["error_class"]
+    # The agents' dead-letter headers: the error named, the topic it was meant for, the row.
+    assert letter.headers["dlq_source_topic"] == b"orders-v2" and letter.headers["dlq_error_class"]
+    assert letter.headers["dlq_error_message"] and letter.headers["dlq_outbox_id"] == str(body["id"]).encode()
     async with TopicReader(settings.bootstrap_servers, "orders-v2") as reader:
         await reader.wait_for(lambda ms: bool(keyed(ms, good.id)))
     await until(lambda: outbox_count(db), lambda n: n == 0, what="outbox drained, dead letter included")

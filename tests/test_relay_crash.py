@@ -10,7 +10,8 @@ from typing import Any
 
 from sqlalchemy import insert, select, text
 
-from app.embedded.servers import EmbeddedBroker, free_port
+from app.embedded.broker import EmbeddedBroker
+from app.embedded.process import free_port
 from app.orm import Database
 from app.outbox.store import SHARDS
 from app.outbox.relay import RELAY_LOCK, Relay

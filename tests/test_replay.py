@@ -12,7 +12,9 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 
 from app.cache import connect_redis, decode_entry, encode_entry
-from app.embedded.servers import EmbeddedBroker, EmbeddedRedis, free_port
+from app.embedded.broker import EmbeddedBroker
+from app.embedded.process import free_port
+from app.embedded.redis import EmbeddedRedis
 from app.orm import Database
 from app.settings import Settings
 from models import Order

@@ -9,7 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from app.embedded.servers import EmbeddedBroker, free_port
+from app.embedded.broker import EmbeddedBroker
+from app.embedded.process import free_port
 from app.orm import Database
 from app.settings import Settings
 from models import Order

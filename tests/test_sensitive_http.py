@@ -22,10 +22,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
 from sqlalchemy import select
 
-from app.embedded.servers import free_port
+from app.embedded.process import free_port
 from app.orm import Database
 from app.settings import Settings
-from app.ops.offsets import fetched_end_offsets
+from app.kafka import fetched_end_offsets
 from models import Customer, Order, OrderShipping
 from tests.kafka import TopicReader
 from tests.processes import start_worker, stop

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from app.embedded.servers import free_port
+from app.embedded.process import free_port
 from app.orm import Database
 from app.topology import evented_topics
 from app.outbox.relay import ensure_topics

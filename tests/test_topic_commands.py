@@ -16,14 +16,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from app.wire.codec import encode_message
 from app.wire.schemas import load
 from app.settings import Settings
-from app.ops.offsets import (
-    LAG_CAVEAT,
-    TopicError,
-    archive_topic,
-    format_group_offsets,
-    group_offsets,
-    read_to_end,
-)
+from app.cli.topics import archive_topic, format_group_offsets, group_offsets
+from app.kafka import LAG_CAVEAT, TopicError, read_to_end
 from tests.processes import run_app
 
 

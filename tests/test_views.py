@@ -17,10 +17,11 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 
-from app.embedded.servers import free_port
+from app.embedded.process import free_port
 from app.orm import Database
 from app.settings import Settings
-from app.ops.offsets import fetched_end_offsets, group_offsets, topic_partitions
+from app.cli.topics import group_offsets
+from app.kafka import fetched_end_offsets, topic_partitions
 from app.views import minute_of, present_count, present_customer, present_order
 from chaos.agreement import orders_per_minute
 from chaos.topiclog import Seen

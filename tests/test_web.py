@@ -21,12 +21,14 @@ from faust.types import TP
 from sqlalchemy import delete
 from yarl import URL
 
-from app.embedded.servers import free_port
+from app.embedded.process import free_port
 from app.orm import Database
 from app.topology import evented_topics
 from app.outbox.relay import ensure_topics
 from app.settings import Settings
-from app.web.views import HttpError, WebViews, bad, order_key, prefers_html
+from app.web.http import HttpError, bad, prefers_html
+from app.web.install import WebViews
+from app.web.tables import order_key
 from models import Customer, Order, OrderShipping
 from tests.processes import start_worker, stop
 from tests.waiting import until

@@ -1,11 +1,6 @@
-"""What a service imports: the evented model base, `Database`, and the errors they raise.
+"""What a service imports, implemented: the evented model base and its listeners (`base`),
+`Database` (`database`), the access log (`access`), entity plans and capture triggers
+(`entities`), ownership checks (`ownership`) and PostgreSQL roles (`roles`).
 
-`app.orm` is the same API under the name DESIGN.md gives it; either import works.
+Services import the public names from `app.orm`, which re-exports them from here.
 """
-from app.capture.base import EventedBase, EventedSession
-from app.capture.database import Database
-from app.capture.entities import SchemaMismatch
-from app.capture.ownership import OwnershipError, UneventedWrite, sensitive_column
-
-__all__ = ["EventedBase", "Database", "EventedSession", "OwnershipError", "SchemaMismatch",
-           "UneventedWrite", "sensitive_column"]

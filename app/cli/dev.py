@@ -42,7 +42,7 @@ def fresh_state_refusal(settings: Settings) -> str | None:
 
 def wipe_state(run: Path) -> list[str]:
     """Delete what an earlier embedded run left under `run`; returns what was there."""
-    from app.embedded.servers import EmbeddedPostgres
+    from app.embedded.postgres import EmbeddedPostgres
 
     found = [name for name in STATE_DIRS if (run / name).exists()]
     if "postgres" in found:
@@ -54,8 +54,10 @@ def wipe_state(run: Path) -> list[str]:
 
 def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_seconds: float) -> int:
     """Run the whole system until Ctrl-C (or `for_seconds`); every child is stopped by PID."""
-    from app.cli.main import StartupError, check_all, init_db
-    from app.embedded.servers import EmbeddedBroker, EmbeddedPostgres, EmbeddedRedis
+    from app.cli.preflight import StartupError, check_all, init_db
+    from app.embedded.broker import EmbeddedBroker
+    from app.embedded.postgres import EmbeddedPostgres
+    from app.embedded.redis import EmbeddedRedis
 
     refusal = fresh_state_refusal(settings)
     if refusal is not None:
@@ -194,11 +196,6 @@ async def watch(settings: Settings, children: list[subprocess.Popen[bytes]],
 
 def stop_process(child: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     """SIGTERM, wait, then SIGKILL: the child is gone when this returns."""
-    if child.poll() is not None:
-        return
-    child.send_signal(signal.SIGTERM)
-    try:
-        child.wait(timeout)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
+    from app.embedded.process import stop_child
+
+    stop_child(child, signal.SIGTERM, timeout)

@@ -1,29 +1,34 @@
-"""`python -m app dlq ...`: list the dead letters of a `<topic>.dlq` topic and redrive them.
+"""`python -m app dlq ...`: list the dead letters of a dead-letter topic and redrive them.
 
-A dead letter (see `agents/downconvert.py`) is the original message with `dlq_error_class`,
-`dlq_error_message`, `dlq_source_topic`, `dlq_source_partition` and `dlq_source_offset`
-headers. Redrive sends the original key, value and headers (without the `dlq_*` ones, plus
-`dlq_redriven_from: <dlq topic>:<partition>:<offset>`) back to the source topic and partition,
-waits for the acks, then commits the position for consumer group `<dlq topic>.redrive`, so the
-next redrive starts after it. A crash between ack and commit sends those letters again on the
-next run (at-least-once); consumers deduplicate by event id, and the header tells copies apart.
+Every dead letter has the `dlq_*` headers of app/wire/deadletter.py: `dlq_error_class`,
+`dlq_error_message`, `dlq_source_topic`, and `dlq_source_partition` + `dlq_source_offset`
+(a message an agent consumed, on `<topic>.dlq`) or `dlq_outbox_id` (an outbox row the relay
+could not publish, as JSON, on `outbox.dlq`). Redrive sends a consumed message's key, value and
+headers (without the `dlq_*` ones) back to the source topic and partition; an outbox row is
+encoded again as the relay would (its topic and the versions dual-published from it, the key
+choosing the partition). Either way with `dlq_redriven_from: <dlq topic>:<partition>:<offset>`.
+It waits for the acks, then commits the position for consumer group `<dlq topic>.redrive`, so
+the next redrive starts after it. A crash between ack and commit sends those letters again on
+the next run (at-least-once); consumers deduplicate by event id, and the header tells copies apart.
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import logging
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
 from app.settings import Settings
-from app.ops.offsets import TopicError, make_consumer, read_to_end, topic_partitions
-
-Headers = list[tuple[str, bytes]]
-DLQ_PREFIX = "dlq_"
-REDRIVEN_FROM = "dlq_redriven_from"
+from app.kafka import TopicError, make_consumer, read_to_end, topic_partitions
+from app.wire.deadletter import (ERROR_CLASS, ERROR_MESSAGE, OUTBOX_ID, REDRIVEN_FROM, SOURCE_OFFSET,
+                                 SOURCE_PARTITION, SOURCE_TOPIC, Headers, Outgoing, outbox_row)
+from app.wire.deadletter import PREFIX as DLQ_PREFIX
 
 
 class DlqError(TopicError):
@@ -65,11 +70,19 @@ class DeadLetter:
 
     @property
     def source_topic(self) -> str | None:
-        return self.header("dlq_source_topic")
+        return self.header(SOURCE_TOPIC)
 
     @property
     def source_partition(self) -> int | None:
-        value = self.header("dlq_source_partition")
+        return self._number(SOURCE_PARTITION)
+
+    @property
+    def outbox_id(self) -> int | None:
+        """The outbox row id when this letter is a row the relay could not publish."""
+        return self._number(OUTBOX_ID)
+
+    def _number(self, name: str) -> int | None:
+        value = self.header(name)
         return int(value) if value is not None and value.isdigit() else None
 
     def redrive_headers(self) -> Headers:
@@ -83,10 +96,13 @@ class DeadLetter:
         def clean(text: str | None) -> str:
             return "-" if text is None else re.sub(r"\s+", " ", text).strip()
 
-        source = ":".join(clean(self.header(f"dlq_source_{part}")) for part in ("topic", "partition", "offset"))
+        if self.outbox_id is not None:
+            source = f"outbox row {self.outbox_id} for {clean(self.source_topic)}"
+        else:
+            source = ":".join(clean(self.header(h)) for h in (SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET))
         key = None if self.key is None else self.key.decode(errors="replace")
-        cells = [str(self.partition), str(self.offset), clean(key), clean(self.header("dlq_error_class")),
-                 clean(self.header("dlq_error_message")), source]
+        cells = [str(self.partition), str(self.offset), clean(key), clean(self.header(ERROR_CLASS)),
+                 clean(self.header(ERROR_MESSAGE)), source]
         if redriven is not None:
             cells.append("redriven" if redriven else "-")
         return "\t".join(cells)
@@ -142,13 +158,38 @@ def redrive_target(letter: DeadLetter, partitions: dict[str, set[int]]) -> tuple
     """
     target = letter.source_topic
     if not target:
-        raise DlqError(f"{letter.position} has no dlq_source_topic header; cannot redrive it")
+        raise DlqError(f"{letter.position} has no {SOURCE_TOPIC} header; cannot redrive it")
     if target == letter.topic:
         raise DlqError(f"{letter.position} names its own dead-letter topic as its source")
     if target not in partitions:
         raise DlqError(f"source topic {target} of {letter.position} does not exist")
     partition = letter.source_partition
     return target, partition if partition in partitions[target] else None
+
+
+def redrive_messages(letter: DeadLetter, partitions: dict[str, set[int]], settings: Settings) -> list[Outgoing]:
+    """What redrive sends for `letter`; DlqError when it cannot be redriven.
+
+    A consumed message goes back as it was (`redrive_target`). An outbox row is encoded again
+    as the relay would now, so a row dead-lettered for a bug since fixed gets published.
+    """
+    target, partition = redrive_target(letter, partitions)
+    if letter.outbox_id is None:
+        return [Outgoing(target, letter.key, letter.value, partition, letter.redrive_headers())]
+    import models  # noqa: F401  # registers the models, whose legacy modes say what is dual-published
+    from app.outbox.relay import to_messages
+    from app.topology import dual_publish_targets
+
+    try:
+        messages = to_messages(outbox_row(letter.value or b"{}"), dual_publish_targets(settings).get(target, ()))
+    except Exception as exc:  # whatever stopped the relay stops the redrive: say which row and why
+        raise DlqError(f"outbox row {letter.outbox_id} at {letter.position} still cannot be encoded: "
+                       f"{type(exc).__name__}: {exc}") from exc
+    missing = sorted({m.topic for m in messages} - set(partitions))
+    if missing:
+        raise DlqError(f"topic {', '.join(missing)} of {letter.position} does not exist")
+    redriven = [(REDRIVEN_FROM, letter.position.encode())]
+    return [Outgoing(m.topic, m.key, m.value, None, m.headers + redriven) for m in messages]
 
 
 async def redrive(settings: Settings, dlq_topic: str) -> list[Redriven]:
@@ -169,7 +210,7 @@ async def redrive(settings: Settings, dlq_topic: str) -> list[Redriven]:
         async with contextlib.aclosing(read_to_end(consumer, tps)) as batches:
             async for batch in batches:
                 letters = [DeadLetter.of(m) for m in batch]
-                sendable, problem = _sendable_prefix(letters, partitions)
+                sendable, problem = _sendable_prefix(letters, partitions, settings)
                 done += await _send_and_commit(producer, consumer, sendable)
                 if problem is not None:
                     raise problem
@@ -179,29 +220,55 @@ async def redrive(settings: Settings, dlq_topic: str) -> list[Redriven]:
         await consumer.stop()
 
 
-def _sendable_prefix(letters: Sequence[DeadLetter], partitions: dict[str, set[int]]
-                     ) -> tuple[list[tuple[DeadLetter, str, int | None]], DlqError | None]:
-    """The letters up to the first that cannot be redriven, with their targets; and its error."""
+def _sendable_prefix(letters: Sequence[DeadLetter], partitions: dict[str, set[int]], settings: Settings
+                     ) -> tuple[list[tuple[DeadLetter, Outgoing]], DlqError | None]:
+    """The letters up to the first that cannot be redriven, with what to send; and its error."""
     out = []
     for letter in letters:
         try:
-            out.append((letter, *redrive_target(letter, partitions)))
+            out += [(letter, message) for message in redrive_messages(letter, partitions, settings)]
         except DlqError as exc:
             return out, exc
     return out, None
 
 
 async def _send_and_commit(producer: AIOKafkaProducer, consumer: AIOKafkaConsumer,
-                           sendable: list[tuple[DeadLetter, str, int | None]]) -> list[Redriven]:
+                           sendable: list[tuple[DeadLetter, Outgoing]]) -> list[Redriven]:
     """Send in order, wait for every ack, then commit each partition past its last letter."""
     if not sendable:
         return []
-    futures = [await producer.send(topic, letter.value, key=letter.key, partition=partition,
-                                   headers=letter.redrive_headers())
-               for letter, topic, partition in sendable]
+    futures = [await producer.send(m.topic, m.value, key=m.key, partition=m.partition, headers=m.headers)
+               for _, m in sendable]
     acks = await asyncio.gather(*futures)
     commit = {}
-    for letter, _, _ in sendable:  # a batch is ordered by partition, then offset
+    for letter, _ in sendable:  # a batch is ordered by partition, then offset
         commit[TopicPartition(letter.topic, letter.partition)] = letter.offset + 1
     await consumer.commit(commit)
-    return [Redriven(letter, ack.topic, ack.partition, ack.offset) for (letter, _, _), ack in zip(sendable, acks, strict=True)]
+    return [Redriven(letter, ack.topic, ack.partition, ack.offset) for (letter, _), ack in zip(sendable, acks, strict=True)]
+
+
+async def dlq_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`dlq list` / `dlq redrive`; a topic or letter problem is one line and exit 1."""
+    from aiokafka.errors import KafkaError
+
+    from app.cli.preflight import check_broker
+
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # keep the output to what was asked
+    await check_broker(settings)
+    try:
+        if args.dlq_command == "list":
+            letters = await list_dead_letters(settings, args.topic, args.limit)
+            print(LIST_HEADER)
+            for letter, redriven in letters:
+                print(letter.line(redriven))
+            print(f"{len(letters)} dead letter(s) listed from {args.topic}", file=sys.stderr)
+        else:
+            done = await redrive(settings, args.topic)
+            for item in done:
+                print(item.line())
+            # An outbox row dual-published goes out as more than one message: count letters.
+            print(f"redriven {len({item.letter.position for item in done})} dead letter(s) from {args.topic}")
+    except (TopicError, KafkaError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -15,6 +15,7 @@ import signal
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from app.cli.preflight import check_all
 from app.ops.metrics import RelayCollector
 from app.outbox.relay import Relay
 from app.settings import Settings
@@ -68,3 +69,11 @@ async def serve(settings: Settings) -> None:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         log.info("relay stopped after publishing %d events", relay.stats.published)
+
+
+async def run_relay(settings: Settings) -> None:
+    """Run the relay until interrupted."""
+    import models  # noqa: F401  # registers the entity models whose topics the relay publishes
+
+    await check_all(settings)
+    await serve(settings)

@@ -22,18 +22,22 @@ reads again too: `orders-v1` gets a second copy of each event, with the same eve
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import for_code
+from aiokafka.errors import KafkaError, for_code
 from aiokafka.protocol.admin import DeleteGroupsRequest
 
+from app.cli.preflight import check_broker
 from app.faust_compat import send_to_node
 from app.settings import Settings
-from app.ops.offsets import TopicError, delete_topics, make_admin
+from app.kafka import TopicError, delete_topics, make_admin
+from app.topology import is_view_topic
 
 # Kafka error codes of DeleteGroups that are not failures of the replay.
 GROUP_ID_NOT_FOUND = 69
@@ -65,8 +69,7 @@ class ReplayReport:
 
 def view_topics(app_id: str, topics: list[str]) -> list[str]:
     """The topics holding view state: changelogs and repartition (`-updates`) topics of `app_id`."""
-    prefix = f"{app_id}-"
-    return sorted(t for t in topics if t.startswith(prefix) and t.endswith(("-changelog", "-updates")))
+    return sorted(t for t in topics if is_view_topic(app_id, t))
 
 
 def table_dirs(settings: Settings) -> list[Path]:
@@ -102,13 +105,13 @@ async def delete_group(admin: AIOKafkaAdminClient, group: str) -> bool:
 
 async def delete_cached_entities(redis_url: str, namespace: str = "") -> int:
     """Delete every `<namespace>entity:*` key (SCAN + UNLINK, never KEYS); returns how many."""
-    from app.cache import connect_redis
+    from app.cache import connect_redis, every_entity_key
 
     redis = connect_redis(redis_url, timeout=5)
     deleted = 0
     try:
         batch: list[bytes] = []
-        async for key in redis.scan_iter(match=f"{namespace}entity:*", count=1000):
+        async for key in redis.scan_iter(match=every_entity_key(namespace), count=1000):
             batch.append(key)
             if len(batch) >= 1000:
                 deleted += await redis.unlink(*batch)
@@ -144,3 +147,17 @@ async def replay(settings: Settings) -> ReplayReport:
     if settings.redis_url:
         report.cached_entities = await delete_cached_entities(settings.redis_url)
     return report
+
+
+async def replay_command(settings: Settings) -> int:
+    """`replay`; a refusal (a worker still running) is one line and exit 1."""
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    await check_broker(settings)
+    try:
+        report = await replay(settings)
+    except (TopicError, KafkaError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for line in report.lines():
+        print(line)
+    return 0

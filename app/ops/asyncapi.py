@@ -88,7 +88,7 @@ def _package_version() -> str:
 def _channels(settings: Settings) -> list[Channel]:
     """Every topic, in a stable order: per entity current, older versions, DLQ; then access, outbox DLQ."""
     import models  # noqa: F401  # registers the entity models whose topics the document lists
-    from app.outbox.relay import DLQ_TOPIC
+    from app.topology import RELAY_DLQ_TOPIC as DLQ_TOPIC
     from app.wire.schemas import ACCESS_TOPIC, dlq_topic, load
     from app.topology import DOWNCONVERT, DUAL_PUBLISH, current_version, legacy_modes
 
@@ -154,8 +154,10 @@ def _channels(settings: Settings) -> list[Channel]:
         _event_message(access), EVENT, "the outbox relay, from access-log outbox rows"))
     out.append(Channel(
         DLQ_TOPIC,
-        "Outbox rows the relay could not encode as Avro, as JSON with the error in headers; "
-        "the row leaves the outbox only once this message is acked, so nothing is lost.",
+        "Outbox rows the relay could not encode as Avro, as JSON with why and where from in the "
+        "`dlq_*` headers every dead letter has; the row leaves the outbox only once this message "
+        f"is acked, so nothing is lost. `python -m app dlq list|redrive {DLQ_TOPIC}` (redrive "
+        "encodes the row again and publishes it).",
         _outbox_dead_letter_message(), DEAD_LETTER, "the outbox relay"))
     return out
 
@@ -291,11 +293,13 @@ def _outbox_dead_letter_message() -> Schema:
         "contentType": "application/json",
         "headers": {
             "type": "object",
-            "required": ["error_class", "error_message", "source_topic", "content-type"],
+            "required": ["dlq_error_class", "dlq_error_message", "dlq_source_topic", "dlq_outbox_id",
+                         "content-type"],
             "properties": {
-                "error_class": _header("Class of the encoding error."),
-                "error_message": _header("The error message, at most 1000 characters."),
-                "source_topic": _header("The topic the row was meant for."),
+                "dlq_error_class": _header("Class of the encoding error."),
+                "dlq_error_message": _header("The error message, at most 1000 characters."),
+                "dlq_source_topic": _header("The topic the row was meant for (where redrive publishes it)."),
+                "dlq_outbox_id": _header("The outbox row id.", pattern="^[0-9]+$"),
                 "content-type": _header("The value's media type.", const="application/json"),
             },
         },

@@ -11,9 +11,8 @@
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,14 +22,16 @@ from faust.web import View as FaustView
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from app.ops.health import Watchdog, WatchdogPolicy, not_ready
-from app.ops.metrics import DownconvertCounts, ProgressSensor, Sources, new_registry
+from app.ops.metrics import DownconvertCounts, Sources, new_registry
+from app.ops.progress import ProgressSensor
 from app.settings import Settings
 from app.ops.status_page import StatusHistory, page, status_body
+from app.web.http import guarded
 
 if TYPE_CHECKING:
-    from app.cache import CacheStats
+    from app.cache import CacheResource, CacheStats
     from app.outbox.relay import Relay
-    from app.web.views import WebViews
+    from app.web.tables import View
 
 log = logging.getLogger(__name__)
 
@@ -54,29 +55,21 @@ class Ops:
 
 
 def install(app: faust.App, settings: Settings, *, relay: Relay | None = None,
-            downconverted: DownconvertCounts | None = None, web_views: WebViews | None = None,
-            policy: WatchdogPolicy | None = None) -> Ops:
+            downconverted: DownconvertCounts | None = None, views: Mapping[str, View] | None = None,
+            cache: CacheResource | None = None, policy: WatchdogPolicy | None = None) -> Ops:
     """Add the progress sensor, the watchdog and the ops endpoints to `app`; returns them."""
     progress = ProgressSensor(app)
     app.sensors.add(progress)
     watchdog = Watchdog(app, progress, policy or WatchdogPolicy(stuck_after=settings.stuck_after))
-    resource = getattr(app, "entity_cache", None)
 
     def caches() -> dict[str, CacheStats]:
-        # Only repositories already opened: a scrape must not open clients.
-        # "worker": the cache agent's, which the entity endpoint shares; "web": the entity
-        # endpoint's own, if it opened one.
-        found = {}
-        shared = resource.opened if resource is not None else None
-        if shared is not None:
-            found["worker"] = shared.stats
-        own = web_views.opened_repository if web_views is not None else None
-        if own is not None and own is not shared:
-            found["web"] = own.stats
-        return found
+        # Only a repository already opened: a scrape must not open clients. "worker": the one
+        # the cache agents and the entity endpoint share.
+        opened = cache.opened if cache is not None else None
+        return {"worker": opened.stats} if opened is not None else {}
 
     sources = Sources(app=app, progress=progress, relay=relay, downconverted=downconverted or DownconvertCounts(),
-                      views=getattr(app, "views", {}), caches=caches,
+                      views=views or {}, caches=caches,
                       not_ready=lambda: not_ready(app, relay, watchdog), running=watchdog.running,
                       stuck=watchdog.stuck)
     history = StatusHistory(sources)
@@ -89,15 +82,6 @@ def install(app: faust.App, settings: Settings, *, relay: Relay | None = None,
 
 
 def _pages(app: faust.App, ops: Ops, settings: Settings) -> None:
-    async def guarded(view: FaustView, request: Request, answer: Callable[[], Awaitable[Response]]) -> Response:
-        try:
-            return await answer()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("ops: %s %s failed", request.method, request.rel_url.raw_path)
-            return view.json({"error": "internal error"}, status=500)
-
     @app.page("/metrics", name="mse-metrics")
     class Metrics(FaustView):
         """Prometheus metrics."""
@@ -106,7 +90,7 @@ def _pages(app: faust.App, ops: Ops, settings: Settings) -> None:
             async def answer() -> Response:
                 # Content-Type in headers: aiohttp refuses a charset inside `content_type`.
                 return self.bytes(generate_latest(ops.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-            return await guarded(self, request, answer)
+            return await guarded(self, request, answer, "ops")
 
     @app.page("/health/live", name="mse-health-live")
     class Live(FaustView):
@@ -126,7 +110,7 @@ def _pages(app: faust.App, ops: Ops, settings: Settings) -> None:
                     return self.json({"status": "ready"})
                 return self.json({"error": "not ready", "reasons": reasons}, status=503,
                                  headers={"Retry-After": "1"})
-            return await guarded(self, request, answer)
+            return await guarded(self, request, answer, "ops")
 
     @app.page("/status", name="mse-status")
     class Status(FaustView):
@@ -136,7 +120,7 @@ def _pages(app: faust.App, ops: Ops, settings: Settings) -> None:
             async def answer() -> Response:
                 body = status_body(ops.sources, ops.history, ops.watchdog.states)
                 return self.html(page(body), headers={"Cache-Control": "no-store"})
-            return await guarded(self, request, answer)
+            return await guarded(self, request, answer, "ops")
 
     @app.page("/status.json", name="mse-status-json")
     class StatusJson(FaustView):
@@ -146,7 +130,7 @@ def _pages(app: faust.App, ops: Ops, settings: Settings) -> None:
             async def answer() -> Response:
                 body = status_body(ops.sources, ops.history, ops.watchdog.states)
                 return self.json(body, headers={"Cache-Control": "no-store"})
-            return await guarded(self, request, answer)
+            return await guarded(self, request, answer, "ops")
 
     @app.page("/asyncapi.json", name="mse-asyncapi")
     class AsyncApi(FaustView):
@@ -157,4 +141,4 @@ def _pages(app: faust.App, ops: Ops, settings: Settings) -> None:
                 from app.ops.asyncapi import build_document  # the document is built only when asked for
 
                 return self.json(build_document(settings), headers={"Cache-Control": "no-cache"})
-            return await guarded(self, request, answer)
+            return await guarded(self, request, answer, "ops")

@@ -43,8 +43,9 @@ import faust
 from mode import Service
 
 from app.faust_compat import agent_actors
-from app.ops.metrics import AgentProgress, ProgressSensor, agent_lag, agent_topics, partition_offsets
-from app.retries import retries_of
+from app.ops.offsets import agent_lag, agent_topics, partition_offsets
+from app.ops.progress import AgentProgress, ProgressSensor
+from app.retries import Backoff, retries_of
 
 if TYPE_CHECKING:
     from faust.types import AgentT
@@ -291,7 +292,8 @@ class Watchdog(Service):
     def _may_restart(self, watch: AgentWatch, base: float, now: float) -> bool:
         """Whether enough time passed since the last restart (backing off once failing)."""
         over = watch.attempts - self.policy.max_attempts
-        wait = base if over < 0 else min(self.policy.max_backoff, base * 2 ** (over + 1))
+        # Not a loop: the wait is computed from the restart count kept per agent.
+        wait = base if over < 0 else Backoff(base, self.policy.max_backoff).delay(over + 1)
         return now - watch.last_restart >= wait
 
     async def _restart_dead(self, name: str, agent: AgentT, actors: list[ActorRefT], again: bool) -> None:

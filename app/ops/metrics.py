@@ -1,17 +1,8 @@
 """Prometheus metrics of the worker, read from live stats at scrape time into a per-app registry.
 
 What is counted where:
-- Agents: `ProgressSensor`, a Faust sensor (`app.sensors.add`), counts the events each agent's
-  streams take in (`on_stream_event_in`) and finish (`on_stream_event_out`, i.e. acked) and
-  the last offset finished per partition; crashes are counted by the agents' `on_error` hook.
-  A stream belongs to the agent whose name is its `prefix` (Faust names agent streams so).
-- Consumer offsets: what Faust exposes without network calls. Highwater is
-  `app.consumer.highwater(tp)` (the high watermark of the consumer's latest fetch response),
-  else the Monitor's `tp_end_offsets`; committed is the Monitor's `tp_committed_offsets`
-  (this worker's commits), else the consumer's `_committed_offset` (read from the broker when
-  the partition was assigned); read is the Monitor's `tp_read_offsets` (last offset handed to
-  streams). Lag = highwater - committed. Tansu reports the high watermark at the start of
-  the last batch, so there lag reads low by up to one producer batch.
+- Agents: `app.ops.progress.ProgressSensor`, a Faust sensor.
+- Consumer offsets and lag: `app.ops.offsets`, from what Faust exposes without network calls.
 - Relay, down-conversion, cache and tables: their own stats objects (`RelayStats`,
   `DownconvertCounts`, `CacheStats`, the view tables), read when Prometheus scrapes.
 
@@ -30,22 +21,22 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import faust
-from faust.sensors import Sensor
-from faust.types import TP, AgentT, EventT, StreamT
+from faust.types import AgentT
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.faust_compat import agent_error_handler, set_agent_error_handler
+from app.ops.offsets import agent_lag, agent_topics, partition_offsets
+from app.ops.progress import ProgressSensor
 from app.topology import evented_topics
 
 if TYPE_CHECKING:
-    from agents.views import View
+    from app.web.tables import View
     from app.cache import CacheStats
     from app.outbox.relay import Relay, RelayStats
 
@@ -61,99 +52,6 @@ CACHE_FIELDS = {
 }
 
 
-# -- counting ------------------------------------------------------------------------------
-
-@dataclass
-class AgentProgress:
-    """What one agent has done; the watchdog reads it and records its restarts here."""
-
-    received: int = 0
-    processed: int = 0
-    errors: int = 0
-    #: time.monotonic() of the last finished event; 0.0 = none yet.
-    last_processed: float = 0.0
-    #: Last offset finished per partition (the agent's own position, not the group's).
-    offsets: dict[TP, int] = field(default_factory=dict)
-    #: reason -> restarts ("crashed": Faust's supervisor after an exception; the rest: the watchdog).
-    restarts: Counter[str] = field(default_factory=Counter)
-    #: Why the watchdog gave up on the agent ("" while it has not).
-    failing: str = ""
-
-    @property
-    def in_flight(self) -> int:
-        """Events taken in and not finished yet."""
-        return max(0, self.received - self.processed)
-
-
-class ProgressSensor(Sensor):
-    """Counts the events each agent takes in and finishes, and each agent's crashes."""
-
-    def __init__(self, app: faust.App, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.app = app
-        self.agents: dict[str, AgentProgress] = {}
-        #: time.monotonic() at install: the idle time of an agent that never finished an event.
-        self.installed_at = time.monotonic()
-        self._not_agents: set[str] = set()
-
-    def progress(self, agent: str) -> AgentProgress:
-        """The counts of `agent` (created on first use)."""
-        found = self.agents.get(agent)
-        if found is None:
-            found = self.agents[agent] = AgentProgress()
-        return found
-
-    def _of(self, stream: StreamT) -> AgentProgress | None:
-        name = stream.prefix
-        found = self.agents.get(name)
-        if found is None and name not in self._not_agents:
-            if name and name in self.app.agents:
-                return self.progress(name)
-            self._not_agents.add(name)  # app.stream() and friends: not an agent's
-        return found
-
-    def on_stream_event_in(self, tp: TP, offset: int, stream: StreamT, event: EventT) -> dict | None:
-        """Count an event an agent's stream took in."""
-        progress = self._of(stream)
-        if progress is not None:
-            progress.received += 1
-        return None
-
-    def on_stream_event_out(self, tp: TP, offset: int, stream: StreamT, event: EventT,
-                            state: dict | None = None) -> None:
-        """Count an event an agent's stream finished (acked)."""
-        progress = self._of(stream)
-        if progress is not None:
-            progress.processed += 1
-            progress.last_processed = time.monotonic()
-            if offset > progress.offsets.get(tp, -1):
-                progress.offsets[tp] = offset
-
-    async def on_start(self) -> None:
-        """Hook the agents' crashes (agents declared after `install`, e.g. by tests, included)."""
-        self.hook_errors()
-
-    def hook_errors(self) -> None:
-        """Count every exception that crashes an actor, through the agent's `on_error` handler."""
-        for agent in self.app.agents.values():
-            previous = agent_error_handler(agent)
-            if getattr(previous, "counts_errors", False):
-                continue
-            set_agent_error_handler(agent, self._error_handler(agent.name, previous))
-
-    def _error_handler(self, name: str, previous: Callable[..., Any] | None) -> Callable[..., Any]:
-        async def on_error(agent: Any, exc: BaseException) -> None:
-            progress = self.progress(name)
-            progress.errors += 1
-            progress.restarts["crashed"] += 1  # Faust's supervisor replaces the actor next
-            log.warning("agent %s crashed (%s: %s); Faust restarts it", name, type(exc).__name__, exc)
-            if previous is not None:
-                await previous(agent, exc)
-
-        on_error.counts_errors = True  # type: ignore[attr-defined]
-        return on_error
-
-
 @dataclass
 class DownconvertCounts:
     """Events down-converted and dead-lettered per source topic (the down-conversion agents' hook)."""
@@ -165,68 +63,6 @@ class DownconvertCounts:
         """Add one produced batch."""
         self.converted[topic] += converted
         self.dead_lettered[topic] += dead_lettered
-
-
-# -- consumer offsets ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PartitionOffsets:
-    """Where the consumer stands in one assigned partition (see the module docstring)."""
-
-    tp: TP
-    highwater: int | None
-    committed: int | None
-    read: int | None
-
-    @property
-    def lag(self) -> int | None:
-        """Messages not committed yet; None while the high watermark is unknown."""
-        if self.highwater is None:
-            return None
-        return max(0, self.highwater - (self.committed or 0))
-
-
-def agent_topics(app: faust.App) -> dict[str, set[str]]:
-    """agent name -> the topics it reads."""
-    return {name: set(agent.get_topic_names()) for name, agent in app.agents.items()}
-
-
-def partition_offsets(app: faust.App, topics: Iterable[str]) -> list[PartitionOffsets]:
-    """Offsets of the assigned partitions of `topics` (no network I/O); [] before the consumer runs."""
-    wanted = set(topics)
-    consumer = app.consumer
-    try:
-        assigned = consumer.assignment()
-    except Exception:  # ConsumerNotStarted: nothing is assigned yet
-        return []
-    monitor = app.monitor
-    committed_by_consumer: Mapping[TP, int | None] = getattr(consumer, "_committed_offset", {})
-    out = []
-    for tp in sorted(tp for tp in assigned if tp.topic in wanted):
-        try:
-            highwater = consumer.highwater(tp)
-        except Exception:  # revoked between assignment() and here
-            highwater = None
-        if highwater is None:
-            highwater = monitor.tp_end_offsets.get(tp)
-        committed = monitor.tp_committed_offsets.get(tp)
-        if committed is None:
-            committed = committed_by_consumer.get(tp)
-        out.append(PartitionOffsets(tp, highwater, committed, monitor.tp_read_offsets.get(tp)))
-    return out
-
-
-def agent_lag(progress: AgentProgress, topics: set[str], offsets: Iterable[PartitionOffsets]) -> int:
-    """Messages in the agent's assigned input partitions it has not finished yet."""
-    total = 0
-    for p in offsets:
-        if p.tp.topic not in topics or p.highwater is None:
-            continue
-        done = progress.offsets.get(p.tp)
-        # After a rebalance the group may be past what this agent did here before.
-        position = max(p.committed or 0, -1 if done is None else done + 1)
-        total += max(0, p.highwater - position)
-    return total
 
 
 def stages_of(agent: AgentT, sources: set[str]) -> tuple[str, ...]:
@@ -249,7 +85,7 @@ class Sources:
     relay: Relay | None
     downconverted: DownconvertCounts
     views: Mapping[str, View]
-    #: label -> CacheStats of each cache repository in this worker (agent's, web's).
+    #: label -> CacheStats of the worker's cache repository ("worker"), once opened.
     caches: Callable[[], dict[str, CacheStats]]
     #: Reasons the worker is not ready ([] = ready).
     not_ready: Callable[[], list[str]]
@@ -273,7 +109,7 @@ class Sources:
     def dead_letters(self) -> dict[tuple[str, str], int]:
         """(stage, dead-letter topic) -> messages dead-lettered by this worker."""
         from app.wire.schemas import dlq_topic
-        from app.outbox.relay import DLQ_TOPIC
+        from app.topology import RELAY_DLQ_TOPIC as DLQ_TOPIC
 
         out = {("relay", DLQ_TOPIC): self.relay.stats.dead_lettered if self.relay is not None else 0}
         for topic, count in self.downconverted.dead_lettered.items():

@@ -15,7 +15,8 @@ from typing import Any
 
 from mode import Service
 
-from app.ops.metrics import STAGES, Sources, agent_lag, agent_topics, partition_offsets
+from app.ops.metrics import STAGES, Sources
+from app.ops.offsets import agent_lag, agent_topics, partition_offsets
 
 #: Seconds of history the page shows.
 HISTORY = 120

@@ -27,10 +27,12 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner  # type: ignore[import-untyped]
 
+from app.retries import Backoff
 from app.wire.convert import convert_record
 from app.wire.codec import encode_message, schema_for_topic
+from app.wire.deadletter import Outgoing, outbox_dead_letter
 from app.wire.schemas import load
-from app.topology import dual_publish_targets, evented_topics
+from app.topology import RELAY_DLQ_TOPIC, dual_publish_targets, evented_topics
 from app.outbox.store import CHANNEL, LAG_SQL, SHARDS
 from app.capture.roles import WORKER
 from app.settings import Settings
@@ -43,7 +45,7 @@ RELAY_LOCK = 7325002
 MEMBER_LOCK = 7325003
 #: NOTIFY channel of relay membership changes (a relay joined, or gave shards back).
 RELAYS_CHANNEL = "outbox_relays"
-DLQ_TOPIC = "outbox.dlq"
+DLQ_TOPIC = RELAY_DLQ_TOPIC  # the name topology gives it
 # Kafka's default partitioner (murmur2 of the key), as Java clients and aiokafka's send() use.
 _PARTITIONER = DefaultPartitioner()
 
@@ -111,16 +113,10 @@ def to_messages(row: asyncpg.Record | dict[str, Any], dual: tuple[int, ...] = ()
     return messages
 
 
-def dead_letter(row: asyncpg.Record, exc: BaseException) -> Message:
-    """A row that cannot be encoded, as JSON on the outbox dead-letter topic (nothing is lost)."""
-    body = {k: (str(v) if k in ("event_id", "occurred_at") else v) for k, v in dict(row).items()}
-    headers = [
-        ("error_class", type(exc).__name__.encode()),
-        ("error_message", str(exc)[:1000].encode()),
-        ("source_topic", str(row["topic"]).encode()),
-        ("content-type", b"application/json"),
-    ]
-    return Message(DLQ_TOPIC, str(row["key"]).encode(), json.dumps(body).encode(), headers)
+def dead_letter(row: asyncpg.Record, exc: BaseException) -> Outgoing:
+    """A row that cannot be encoded, on the outbox dead-letter topic in the agents' dead-letter
+    format (app/wire/deadletter.py), as JSON `python -m app dlq redrive` can publish again."""
+    return outbox_dead_letter(DLQ_TOPIC, row, exc)
 
 
 async def ensure_topics(settings: Settings, topics: list[str]) -> None:
@@ -163,18 +159,15 @@ class Relay:
 
     async def run(self) -> None:
         """Relay until stopped, reconnecting with backoff after database or broker failures."""
-        backoff = 0.1
+        backoff = Backoff(0.1, 5.0)
         while not self._stopping.is_set():
             try:
                 await self._run_once()
-                backoff = 0.1
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                self._failed(exc)
-            except Exception as exc:  # broker errors (KafkaError subclasses) and the unexpected
+                backoff.reset()
+            except Exception as exc:  # database (OSError, asyncpg's), broker (KafkaError) and the unexpected
                 self._failed(exc)
             if not self._stopping.is_set():
-                await self._sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await self._sleep(backoff.next())
 
     def _failed(self, exc: BaseException) -> None:
         self.stats.errors += 1
@@ -287,7 +280,7 @@ class Relay:
         Messages go out as one record batch per topic-partition (aiokafka's batch API): the
         per-message `send()` path costs more than encoding the event itself.
         """
-        messages: list[Message] = []
+        messages: list[Message | Outgoing] = []
         for row in rows:
             try:
                 messages.extend(to_messages(row, self.dual.get(row["topic"], ())))

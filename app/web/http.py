@@ -14,6 +14,10 @@ connection that sent half its headers open indefinitely (slowloris). Here:
   after its first byte (or after the connection opened) gets 408 and the connection closes.
   **Body read time**: the middleware reads a request body within `body_timeout` seconds.
 - **Open connections**: past `max_connections`, a new connection gets 503 and is closed.
+- **Handler errors** (`HttpError`, `guarded`): a view raises `HttpError` for an error answer;
+  `guarded`, the one guard every page handler runs in, turns it into its JSON answer and any
+  other exception into a bare 500 `{"error": "internal error"}`, the traceback logged here and
+  never sent to the caller.
 
 Trap: aiohttp has no public hook for the request handler or its parse errors, so
 `GuardedRunner._make_server` builds the server itself with our handler class, and the handler
@@ -27,16 +31,20 @@ import html
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
+
+if TYPE_CHECKING:
+    from faust.web import Request, Response
+    from faust.web import View as FaustView
 
 log = logging.getLogger(__name__)
 
@@ -334,3 +342,39 @@ def guard(web_driver: Any, limits: Limits) -> None:
     """Harden a Faust aiohttp web driver before it starts: our runner, middleware and limits."""
     web_driver.web_app.middlewares.append(error_middleware(limits))
     web_driver._runner = GuardedRunner(web_driver.web_app, limits=limits, access_log=None)
+
+
+# -- handler errors ------------------------------------------------------------------------
+
+class HttpError(Exception):
+    """An error answer: status, message and extra JSON fields."""
+
+    def __init__(self, status: int, error: str, headers: Mapping[str, str] | None = None,
+                 **extra: Any) -> None:
+        """An answer with `status`, JSON `{"error": error, **extra}` and `headers`."""
+        super().__init__(error)
+        self.status, self.error, self.headers, self.extra = status, error, dict(headers or {}), extra
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of the answer."""
+        return {"error": self.error, **self.extra}
+
+
+def bad(param: str, problem: str) -> HttpError:
+    """A 400 naming the parameter at fault."""
+    return HttpError(400, f"{param}: {problem}", parameter=param)
+
+
+async def guarded(view: FaustView, request: Request, answer: Callable[[], Awaitable[Response]],
+                  where: str = "web") -> Response:
+    """`answer()`; an HttpError becomes its JSON answer, anything else a bare 500 logged as `where`."""
+    try:
+        return await answer()
+    except HttpError as exc:
+        return view.json(exc.body(), status=exc.status, headers=exc.headers or None)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        # Logged here with the traceback; the caller gets none of it.
+        log.exception("%s: %s %s failed", where, request.method, request.rel_url.raw_path)
+        return view.json({"error": "internal error"}, status=500)

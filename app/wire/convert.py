@@ -13,7 +13,6 @@ from typing import Any
 from app.wire.schemas import load
 
 Data = dict[str, Any]
-MAX_EXACT_CENTS = 2**53
 
 
 class ConversionError(ValueError):
@@ -31,27 +30,22 @@ class Converter:
     step: Callable[[Data], Data]
 
 
-def orders_v2_to_v1(data: Data) -> Data:
-    """v2 -> v1: cents to units, the status enum to a lowercase string, shipping flattened."""
-    cents = data["amount_cents"]
-    if not isinstance(cents, int):
-        raise ConversionError(f"orders v2 -> v1: amount_cents must be an integer, got {cents!r:.60}")
-    if abs(cents) > MAX_EXACT_CENTS:
-        # v1 carries a double: beyond 2**53 cents the amount would silently change.
-        raise ConversionError(f"orders v2 -> v1: amount_cents {cents} cannot be represented exactly "
-                              "as a v1 double amount")
-    shipping = data.get("shipping")
-    return {
-        "amount": cents / 100,
-        "status": str(data["status"]).lower(),
-        "shipping_address": shipping["address"] if shipping else None,
-    }
+#: (entity, from, to) -> its step; each model module registers its own with `converter`
+#: (`models/order.py` holds `orders_v2_to_v1`, beside `Order`).
+CONVERTERS: dict[tuple[str, int, int], Converter] = {}
 
 
-CONVERTERS: dict[tuple[str, int, int], Converter] = {
-    ("orders", 2, 1): Converter("orders", 2, 1, frozenset({"amount", "status", "shipping_address"}),
-                                orders_v2_to_v1),
-}
+def converter(entity: str, source: int, target: int, *, produces: set[str]
+              ) -> Callable[[Callable[[Data], Data]], Callable[[Data], Data]]:
+    """Register the decorated function as the step `entity` v`source` -> v`target`, which sets
+    the data fields `produces` (every other field of the target is carried over by name)."""
+    def register(step: Callable[[Data], Data]) -> Callable[[Data], Data]:
+        key = (entity, source, target)
+        if key in CONVERTERS and CONVERTERS[key].step is not step:
+            raise ValueError(f"two converters for {entity} v{source} -> v{target}")
+        CONVERTERS[key] = Converter(entity, source, target, frozenset(produces), step)
+        return step
+    return register
 
 
 def chain(entity: str, source: int, target: int,

@@ -1,0 +1,97 @@
+"""What runs before a command starts: configuration and reachability checks, topic creation, init-db.
+
+Every failure is one `StartupError` line naming the server and its address, not a traceback.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from app.settings import Settings
+
+
+class StartupError(RuntimeError):
+    """A server the command needs is unreachable; the message names it and its address."""
+
+
+def require(settings: Settings, field: str, env: str) -> None:
+    """Fail with one line when a URL the command needs is not configured."""
+    if not getattr(settings, field):
+        raise StartupError(f"{env} is not set (or use `python -m app dev`, which starts embedded servers)")
+
+
+async def check_database(settings: Settings) -> None:
+    """Connect once, so an unreachable database is one clear line instead of a traceback."""
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(settings.asyncpg_dsn, timeout=5)
+    except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+        raise StartupError(f"cannot reach PostgreSQL at {_where(settings.database_url)}: {exc}") from None
+    await conn.close()
+
+
+async def check_broker(settings: Settings) -> None:
+    """Fetch metadata once, so an unreachable broker is one clear line."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaError
+
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=5000)
+    # aiokafka logs its own ERROR for each failed connection attempt; the StartupError below
+    # says the same in one line, so its logger is quiet for the check.
+    quiet = logging.getLogger("aiokafka")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        raise StartupError(f"cannot reach the Kafka broker at {settings.kafka_broker}: {exc}") from None
+    finally:
+        await producer.stop()
+        quiet.setLevel(level)
+
+
+async def create_topics(settings: Settings) -> None:
+    """Create the event topics (and dead-letter topics) the worker consumes and produces."""
+    import models  # noqa: F401  # registers the entity models whose topics are created
+    from app.outbox.relay import ensure_topics
+    from app.topology import worker_topics
+
+    await ensure_topics(settings, worker_topics(settings.app_id))
+
+
+async def check_all(settings: Settings) -> None:
+    """Check the database and the broker before starting anything that needs both."""
+    await check_database(settings)
+    await check_broker(settings)
+
+
+def _where(url: str) -> str:
+    """host:port/db of a database URL, without credentials."""
+    return url.rsplit("@", 1)[-1]
+
+
+async def init_db(settings: Settings) -> list[str]:
+    """Create tables and the outbox, and the services' roles with their privileges.
+
+    Runs as `DATABASE_URL`'s role, which owns the tables. A password in a service's own URL
+    (`DATABASE_URL_<SERVICE>`) becomes its role's password. Returns the roles.
+    """
+    import models  # noqa: F401  # registers the entity models whose tables are created
+    from app.capture import roles
+    from app.orm import Database, EventedBase
+
+    await check_database(settings)
+    try:
+        passwords = roles.role_passwords(dict(settings.service_database_urls), settings.db_role_prefix)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    # The tables' owner, provisioning: no service's SQL filter applies to it.
+    db = Database(settings.database_url, record_reads=False, sql_filter=False)
+    try:
+        await db.create_all()
+        async with db.engine.begin() as conn:
+            return await conn.run_sync(lambda c: roles.provision(
+                c, EventedBase, settings.db_role_prefix, passwords))
+    finally:
+        await db.close()

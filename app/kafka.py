@@ -1,0 +1,127 @@
+"""Kafka clients the commands and the transport share.
+
+A consumer that reads by manual assignment (group joins are slow on Tansu), an admin client,
+`read_to_end` and `fetched_end_offsets`, which cope with Tansu's "latest offset" answer being
+the start of the last batch rather than the true end, and `delete_topics`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Mapping
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: How long a fetch may return nothing, once the end offsets are reached, before we call it the end.
+IDLE_MS = 250
+#: How long reading may make no progress while still short of the end offsets.
+STALL_SECONDS = 30.0
+#: Printed under lag figures: they rest on the broker's end offsets.
+LAG_CAVEAT = ("note: end offsets are the broker's \"latest offset\" answers; Tansu answers with the start "
+              "of the last batch, so there the end and the lag may be short by up to one batch")
+
+
+class TopicError(RuntimeError):
+    """A topic command cannot go on; the message says why in one line."""
+
+
+def make_consumer(settings: Settings, group_id: str | None = None) -> AIOKafkaConsumer:
+    """A consumer for manual `assign()`: no auto-commit; positions start at the committed offset
+    of `group_id` (when given) or at the beginning."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, group_id=group_id, enable_auto_commit=False,
+        auto_offset_reset="earliest", fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
+    )
+
+
+def make_admin(settings: Settings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=10_000)
+
+
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Every partition of `topic` (fresh metadata), or TopicError if there is no such topic."""
+    await consumer.topics()  # refreshes the metadata of all topics, without auto-creating any
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        raise TopicError(f"topic {topic} does not exist")
+    return [TopicPartition(topic, p) for p in sorted(partitions)]
+
+
+async def fetched_end_offsets(bootstrap: str, reported: Mapping[TopicPartition, int], *,
+                              timeout: float = 15.0) -> dict[TopicPartition, int]:
+    """End offsets corrected by a fetch: the high watermark of a fetch from the reported end.
+
+    Tansu answers ListOffsets(latest) with the start of the partition's last record batch, so
+    `end_offsets()` can be short by up to one batch (see LAG_CAVEAT); its fetch responses
+    carry the true high watermark. On Kafka both agree and this costs one fetch. A partition
+    whose fetch does not answer within `timeout` keeps its reported end.
+    """
+    ends = {tp: end for tp, end in reported.items() if end is not None}
+    if not ends:
+        return dict(reported)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10)
+    await consumer.start()
+    try:
+        consumer.assign(list(ends))
+        for tp, end in ends.items():
+            consumer.seek(tp, end)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending = set(ends)
+        while pending and loop.time() < deadline:
+            await consumer.getmany(*pending, timeout_ms=50, max_records=1)
+            for tp in list(pending):
+                highwater = consumer.highwater(tp)
+                if highwater is not None:
+                    ends[tp] = max(ends[tp], highwater)
+                    pending.discard(tp)
+        if pending:
+            log.warning("no fetch answer for %s in %.0f s: keeping the reported end offsets", sorted(pending), timeout)
+    finally:
+        await consumer.stop()
+    return {**reported, **ends}
+
+
+async def read_to_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition], *, idle_ms: int = IDLE_MS,
+                      stall_seconds: float = STALL_SECONDS) -> AsyncGenerator[list[ConsumerRecord], None]:
+    """Batches of messages from the consumer's positions in `tps` to the end of each partition.
+
+    The end is reached when every position is at or past the end offsets taken at the start
+    *and* a fetch waiting `idle_ms` returns nothing: Tansu's end offsets can stop a batch short
+    of the true end, so stopping exactly at them would miss messages. Each batch is ordered by
+    partition, then offset.
+    """
+    ends = await consumer.end_offsets(tps)
+    loop = asyncio.get_running_loop()
+    last_progress = loop.time()
+    while True:
+        fetched = await consumer.getmany(*tps, timeout_ms=idle_ms)
+        batch = [record for tp in sorted(fetched) for record in fetched[tp]]
+        if batch:
+            last_progress = loop.time()
+            yield batch
+            continue
+        positions = {tp: await consumer.position(tp) for tp in tps}
+        short = [tp for tp in tps if positions[tp] < ends[tp]]
+        if not short:
+            return
+        if loop.time() - last_progress > stall_seconds:
+            where = ", ".join(f"{tp.topic}[{tp.partition}] at {positions[tp]} < {ends[tp]}" for tp in short)
+            raise TopicError(f"no progress for {stall_seconds:.0f} s short of the end: {where}")
+
+
+async def delete_topics(admin: AIOKafkaAdminClient, topics: list[str]) -> None:
+    """Delete `topics` with a started admin client; TopicError naming the first the broker refused."""
+    from aiokafka.errors import for_code
+
+    if not topics:
+        return
+    response = await admin.delete_topics(topics)
+    for name, code, *_ in response.topic_error_codes:
+        if code:
+            raise TopicError(f"the broker did not delete topic {name}: {for_code(code).__name__}")
