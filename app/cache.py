@@ -18,6 +18,9 @@ Traps:
   event of that key: run Redis with `noeviction`, or set `state_ttl` to bound that staleness.
 - Redis down: reads fall back to the database and stop trying Redis for
   `redis_retry_interval`; `apply` raises, so the agent retries the event instead of losing it.
+
+Over 300 lines on purpose: the key layout, the Lua scripts, the entry format and the
+repository make one consistency argument (the traps above), checked by reading them together.
 """
 from __future__ import annotations
 

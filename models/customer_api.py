@@ -19,7 +19,7 @@ from faust.web import Request, Response
 from faust.web import View as FaustView
 
 from app.settings import Settings
-from app.web.http import guarded
+from app.web.errors import guarded
 
 OWNER = "customers"
 CUSTOMER_ID = re.compile(r"[0-9]{1,18}\Z")

@@ -14,7 +14,7 @@ from typing import Any
 
 import faust
 
-from app.ops.health import WatchdogPolicy
+from app.ops.watchdog import WatchdogPolicy
 from app.main import create_app
 from app.settings import Settings
 

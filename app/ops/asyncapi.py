@@ -6,6 +6,9 @@ worker), `access-v1`, and the dead-letter topics. Messages carry the `.avsc` of 
 as an Avro payload schema, the CloudEvents binary-mode headers as a JSON Schema, and a string
 Kafka key. `python -m app asyncapi [--out FILE]` prints or writes it; the web layer may serve
 `build_document()` as `/asyncapi.json`.
+
+Over 300 lines on purpose: it is one document, built top-down (channels, then messages, then
+header schemas), and reads best in one file.
 """
 from __future__ import annotations
 

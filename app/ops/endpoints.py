@@ -4,7 +4,7 @@
 - `GET /health/live`: 200 `{"status": "live", ...}` whenever the event loop answers.
 - `GET /health/ready`: 200 `{"status": "ready"}` once tables are recovered, no rebalance is
   under way and the relay holds a PostgreSQL connection, and no agent is failing or stuck
-  (see `app.ops.health`); else 503 `{"error": "not ready", "reasons": [...]}`, each reason naming
+  (see `app.ops.health` and `app.ops.watchdog`); else 503 `{"error": "not ready", "reasons": [...]}`, each reason naming
   the part and the error (`agent refresh_cache_orders: stuck: retrying the same batch ...`).
 - `GET /status`: HTML page with a live chart; `GET /status.json`: its data.
 - `GET /asyncapi.json`: the AsyncAPI document of the topics (what `python -m app asyncapi` prints).
@@ -21,12 +21,13 @@ from faust.web import Request, Response
 from faust.web import View as FaustView
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from app.ops.health import Watchdog, WatchdogPolicy, not_ready
+from app.ops.health import not_ready
+from app.ops.watchdog import Watchdog, WatchdogPolicy
 from app.ops.metrics import DownconvertCounts, Sources, new_registry
 from app.ops.progress import ProgressSensor
 from app.settings import Settings
 from app.ops.status_page import StatusHistory, page, status_body
-from app.web.http import guarded
+from app.web.errors import guarded
 
 if TYPE_CHECKING:
     from app.cache import CacheResource, CacheStats

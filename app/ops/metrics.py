@@ -91,7 +91,7 @@ class Sources:
     not_ready: Callable[[], list[str]]
     #: Agents that currently have a running actor.
     running: Callable[[], set[str]]
-    #: agent -> why it is stuck (retrying one batch, or no progress with lag; app.ops.health).
+    #: agent -> why it is stuck (retrying one batch, or no progress with lag; app.ops.watchdog).
     stuck: Callable[[], dict[str, str]] = dict
 
     def stage_totals(self) -> dict[str, int]:

@@ -17,7 +17,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import DataError, SQLAlchemyError
 
 from app.settings import Settings
-from app.web.http import HttpError, bad
+from app.web.errors import HttpError, bad
 from app.web.params import check_key, parse_query, path_segments
 
 if TYPE_CHECKING:

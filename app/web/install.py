@@ -31,7 +31,7 @@ from faust.web import View as FaustView
 
 from app.settings import Settings
 from app.web.entities import EntityReads
-from app.web.http import guarded
+from app.web.errors import guarded
 from app.web.params import check_key, parse_int, parse_query, path_segments
 from app.web.routing import MAX_LAG_DIGITS, KeyLookups
 from app.web.staleness import Staleness

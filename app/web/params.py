@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import unquote_to_bytes
 
-from app.web.http import HttpError, bad, prefers_html
+from app.web.errors import HttpError, bad, prefers_html
 
 MAX_KEY_LENGTH = 200
 KEY_CHARS = re.compile(r"[A-Za-z0-9._:-]+\Z")

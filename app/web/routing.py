@@ -19,7 +19,7 @@ from faust.web import Request, Response
 from faust.web import View as FaustView
 from yarl import URL
 
-from app.web.http import HttpError
+from app.web.errors import HttpError
 from app.web.staleness import Staleness
 from app.web.tables import TableReads, View
 

@@ -20,7 +20,7 @@ from yarl import URL
 
 from app.settings import Settings
 from app.views import MINUTE
-from app.web.http import HttpError
+from app.web.errors import HttpError
 from app.web.pages import render_index, render_listing
 from app.web.params import check_key, parse_int, wants_html
 

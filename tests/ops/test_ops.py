@@ -26,7 +26,8 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.embedded.process import free_port
-from app.ops.health import AgentWatch, Watchdog, WatchdogPolicy, await_chain, await_leaf
+from app.ops.actors import await_chain, await_leaf
+from app.ops.watchdog import AgentWatch, Watchdog, WatchdogPolicy
 from app.main import create_app
 from app.ops.offsets import PartitionOffsets, agent_lag
 from app.ops.progress import AgentProgress, ProgressSensor

@@ -8,7 +8,7 @@ from agents.entity_pass import decode_all
 from app.wire.schemas import dlq_topic
 from app.wire.codec import encode_message
 from app.wire.schemas import load
-from tests.test_convert import v2_record
+from tests.wire.test_convert import v2_record
 
 
 class FakeMessage:

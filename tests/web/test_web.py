@@ -26,7 +26,7 @@ from app.orm import Database
 from app.topology import evented_topics
 from app.outbox.relay import ensure_topics
 from app.settings import Settings
-from app.web.http import HttpError, bad, prefers_html
+from app.web.errors import HttpError, bad, prefers_html
 from app.web.install import WebViews
 from app.web.tables import order_key
 from models import Customer, Order, OrderShipping

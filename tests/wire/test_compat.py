@@ -10,8 +10,8 @@ from app.wire.compat import check_dir, resolution_problems
 from app.wire.convert import CONVERTERS, Converter
 from app.wire.schemas import SCHEMA_DIR
 
-ROOT = Path(__file__).resolve().parent.parent
-BROKEN = Path(__file__).resolve().parent / "fixtures" / "broken_schemas"
+ROOT = Path(__file__).resolve().parents[2]
+BROKEN = Path(__file__).resolve().parents[1] / "fixtures" / "broken_schemas"
 
 
 def record(name: str, *fields: dict[str, Any]) -> dict[str, Any]:

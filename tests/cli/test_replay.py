@@ -20,7 +20,7 @@ from app.settings import Settings
 from models import Order
 from tests.kafka import TopicReader
 from tests.processes import ROOT, app_env, start_worker, stop
-from tests.test_rocksdb_tables import fetch
+from tests.agents.test_rocksdb_tables import fetch
 from tests.waiting import until
 
 FORGED_SEQUENCE = 10**9  # higher than any real sequence: no replayed event can overwrite it

@@ -22,8 +22,8 @@ from app.outbox.relay import DLQ_TOPIC
 from app.wire.schemas import SCHEMA_DIR, field_type, topic_name
 from app.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
-SPEC = Path(__file__).resolve().parent / "fixtures" / "asyncapi" / "3.0.0.json"
+ROOT = Path(__file__).resolve().parents[2]
+SPEC = Path(__file__).resolve().parents[1] / "fixtures" / "asyncapi" / "3.0.0.json"
 
 Document = dict[str, Any]
 

@@ -16,7 +16,7 @@ from app.topology import evented_topics
 from app.outbox.relay import ensure_topics
 from app.settings import Settings
 from tests.processes import ROOT, stop
-from tests.test_web import Worker, create_orders, get, spawn, visible
+from tests.web.test_web import Worker, create_orders, get, spawn, visible
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"
@@ -30,7 +30,7 @@ async def worker(settings: Settings, schema: None, redis_url: str,
     """A worker with tables of its own."""
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: run scripts/ensure-chromium (make test does)")
-    await ensure_topics(settings, evented_topics())  # before the worker subscribes: see tests/test_web.py
+    await ensure_topics(settings, evented_topics())  # before the worker subscribes: see tests/web/test_web.py
     log = tmp_path_factory.mktemp("browser-worker") / "worker.log"
     w = await spawn(settings, log, f"mse-browser-{uuid.uuid4().hex[:8]}", redis_url)
     yield w
