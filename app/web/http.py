@@ -37,6 +37,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
+from app.faust_compat import set_web_runner
 from app.web.errors import error_body, error_response, prefers_html
 
 
@@ -267,4 +268,4 @@ class GuardedRunner(web.AppRunner):
 def guard(web_driver: Any, limits: Limits) -> None:
     """Harden a Faust aiohttp web driver before it starts: our runner, middleware and limits."""
     web_driver.web_app.middlewares.append(error_middleware(limits))
-    web_driver._runner = GuardedRunner(web_driver.web_app, limits=limits, access_log=None)
+    set_web_runner(web_driver, GuardedRunner(web_driver.web_app, limits=limits, access_log=None))
