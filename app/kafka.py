@@ -11,7 +11,8 @@ import logging
 from collections.abc import AsyncGenerator, Mapping
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
 
 from app.settings import Settings
 
@@ -113,6 +114,22 @@ async def read_to_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition], *, 
         if loop.time() - last_progress > stall_seconds:
             where = ", ".join(f"{tp.topic}[{tp.partition}] at {positions[tp]} < {ends[tp]}" for tp in short)
             raise TopicError(f"no progress for {stall_seconds:.0f} s short of the end: {where}")
+
+
+async def ensure_topics(settings: Settings, topics: list[str]) -> None:
+    """Create missing topics with the configured partition count (auto-create would pick its own)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if missing:
+            try:
+                await admin.create_topics([NewTopic(t, settings.topic_partitions, 1) for t in missing])
+            except TopicAlreadyExistsError:
+                pass  # another worker created it first
+    finally:
+        await admin.close()
 
 
 async def delete_topics(admin: AIOKafkaAdminClient, topics: list[str]) -> None:

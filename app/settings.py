@@ -81,6 +81,15 @@ class Settings:
     # Seconds an agent may retry one batch, or finish nothing while its input has lag, before
     # `/health/ready` reports it stuck (it is not restarted for that: see app/ops/health.py).
     stuck_after: float = 30.0
+    # Inbox consumers (app/inbox/): events applied per transaction (when the handler allows
+    # batches), attempts of a failing event before it is dead-lettered, how long applied event
+    # ids are kept (longer than any redelivery: README, Inbox) and how often they are pruned.
+    inbox_batch: int = 100
+    inbox_max_attempts: int = 5
+    inbox_retention_s: float = 7 * 24 * 3600.0
+    inbox_prune_interval_s: float = 60.0
+    # The port the billing service (`python -m app billing`) serves /metrics, /health, /status on.
+    billing_web_port: int = 6070
     # PostgreSQL roles (app/capture/roles.py): service `orders` is role `<prefix>orders`.
     db_role_prefix: str = "mse_"
     # service -> its own URL (env `DATABASE_URL_<SERVICE>`), connecting as its role; a service
@@ -118,6 +127,11 @@ class Settings:
             http_header_timeout=float(env.get("HTTP_HEADER_TIMEOUT_S", "5")),
             http_body_timeout=float(env.get("HTTP_BODY_TIMEOUT_S", "10")),
             http_max_connections=int(env.get("HTTP_MAX_CONNECTIONS", "256")),
+            inbox_batch=int(env.get("INBOX_BATCH", "100")),
+            inbox_max_attempts=int(env.get("INBOX_MAX_ATTEMPTS", "5")),
+            inbox_retention_s=float(env.get("INBOX_RETENTION_S", str(7 * 24 * 3600))),
+            inbox_prune_interval_s=float(env.get("INBOX_PRUNE_INTERVAL_S", "60")),
+            billing_web_port=int(env.get("BILLING_WEB_PORT", "6070")),
             db_role_prefix=env.get("DB_ROLE_PREFIX", "mse_"),
             service_database_urls=tuple(sorted(
                 (name.removeprefix("DATABASE_URL_").lower(), url) for name, url in env.items()

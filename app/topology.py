@@ -15,7 +15,7 @@ from app.settings import LEGACY_MODES, Settings
 
 __all__ = ["AGGREGATES", "DOWNCONVERT", "DUAL_PUBLISH", "RELAY_DLQ_TOPIC", "changelog_topic",
            "current_topic", "current_version", "downconvert_targets", "dual_publish_targets",
-           "evented_topics", "is_view_topic", "legacy_modes", "root_models", "updates_topic",
+           "evented_topics", "inbox_dead_letter_topic", "is_view_topic", "legacy_modes", "root_models", "updates_topic",
            "view_dead_letter_topics", "worker_topics"]
 
 #: Where the relay dead-letters an outbox row it cannot publish.
@@ -106,3 +106,9 @@ def worker_topics(app_id: str) -> list[str]:
     """Every topic that must exist before the worker starts: event topics and their dead
     letters, the relay's dead letters, the views' dead letters."""
     return [*evented_topics(), RELAY_DLQ_TOPIC, *view_dead_letter_topics(app_id)]
+
+
+def inbox_dead_letter_topic(source_topic: str, consumer: str) -> str:
+    """Where inbox consumer `consumer` dead-letters what it cannot apply from `source_topic`:
+    its own topic, so one consumer's failures are told apart from the worker's."""
+    return dlq_topic(f"{source_topic}.{consumer}")

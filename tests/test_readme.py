@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from app.cli.main import build_parser
-from app.outbox.relay import ensure_topics
+from app.kafka import ensure_topics
 from app.settings import Settings
 from tests.processes import ROOT, app_env
 

@@ -12,6 +12,7 @@ from sqlalchemy.orm import configure_mappers
 from app.capture import ownership
 from app.capture.access import AccessLog
 from app.capture.base import CAPTURING, EventedBase, EventedSession, install_capture, install_listeners
+from app.inbox import store as inbox
 from app.outbox import store as outbox
 
 
@@ -77,10 +78,11 @@ class Database:
                 raise
 
     async def create_all(self) -> None:
-        """Create the entity tables, the outbox and its triggers, and the capture triggers (idempotent)."""
+        """Create the entity tables, the outbox and its triggers, the inbox, and the capture triggers (idempotent)."""
         async with self.engine.begin() as conn:
             await conn.run_sync(EventedBase.metadata.create_all)
             await conn.run_sync(outbox.install)
+            await conn.run_sync(inbox.install)
             await conn.run_sync(install_capture)
 
     async def close(self) -> None:

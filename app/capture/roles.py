@@ -137,6 +137,21 @@ def grant_sql(base: type["EventedBase"], prefix: str, extra: tuple[str, ...] = (
                 f"CREATE POLICY {policy} ON event_sequences FOR ALL TO {role} "
                 f"USING (entity = ANY({owned_sql})) WITH CHECK (entity = ANY({owned_sql}))",
             ]
+    # The inbox (app/inbox/store.py): each service reads and writes only the rows of consumers
+    # named after it, so one service cannot mark another's events as applied.
+    out += [
+        "REVOKE ALL ON inbox, inbox_keys FROM PUBLIC, " + role_list,
+        "ALTER TABLE inbox ENABLE ROW LEVEL SECURITY",
+        "ALTER TABLE inbox_keys ENABLE ROW LEVEL SECURITY",
+    ]
+    for service in writers:
+        role = _q(roles[service])
+        mine = f"(consumer = {_lit(service)} OR starts_with(consumer, {_lit(service + '.')}))"
+        policy = _q(f"inbox_of_{roles[service]}")
+        out.append(f"GRANT SELECT, INSERT, UPDATE, DELETE ON inbox, inbox_keys TO {role}")
+        for table in ("inbox", "inbox_keys"):
+            out += [f"DROP POLICY IF EXISTS {policy} ON {table}",
+                    f"CREATE POLICY {policy} ON {table} FOR ALL TO {role} USING {mine} WITH CHECK {mine}"]
     return out
 
 

@@ -117,6 +117,8 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
                       RELAY_WEB_PORT=str(full.relay_web_port + i if full.relay_web_port else 0))
         if demo:
             spawn("demo", "-m", "app", "demo", "--rate", str(rate))
+            # The consuming side: invoices from the demo's orders, through the inbox.
+            spawn("billing", "-m", "app", "billing")
         print(banner(full, run, children, names, fresh=not settings.kafka_broker), flush=True)
         ended = asyncio.run(watch(full, children, for_seconds))
         if ended is None:
@@ -156,6 +158,8 @@ def banner(settings: Settings, run: Path, children: list[subprocess.Popen[bytes]
         if name.startswith("relay") and settings.relay_web_port:
             port = settings.relay_web_port + (int(name.split("-")[1]) - 1 if "-" in name else 0)
             web = f"metrics http://127.0.0.1:{port}/metrics, "
+        if name == "billing" and settings.billing_web_port:
+            web = f"status http://127.0.0.1:{settings.billing_web_port}/status.json, "
         lines.append(f"  {name:<11} pid {child.pid}, {web}log {run / f'{name}.log'}")
     if fresh:
         lines.append("  state       empty at every start: the embedded broker keeps nothing (see README)")

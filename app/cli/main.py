@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     outbox = sub.add_parser("outbox", help="outbox commands")
     outbox_sub = outbox.add_subparsers(dest="outbox_command", required=True)
     outbox_sub.add_parser("status", help="pending rows and the age of the oldest")
+    sub.add_parser("billing", help="the billing demo service: keeps one invoice per paid order from "
+                                   "orders-v2 through the transactional inbox; /metrics and /health on BILLING_WEB_PORT")
     demo = sub.add_parser("demo", help="a demo service writing orders through the ORM")
     demo.add_argument("--rate", type=float, default=20.0, help="writes per second")
     demo.add_argument("--count", type=int, default=0, help="stop after this many writes (0: never)")
@@ -104,6 +106,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "outbox":
             from app.cli.outbox import outbox_status
             asyncio.run(outbox_status(settings))
+        elif args.command == "billing":
+            require(settings, "kafka_broker", "KAFKA_BROKER")
+            from models.billing import run_billing  # importing `models` registers every model
+            asyncio.run(check_all(settings))
+            asyncio.run(run_billing(settings))
         elif args.command == "demo":
             from models.demo import run_demo
             asyncio.run(run_demo(settings, rate=args.rate, count=args.count))

@@ -54,7 +54,7 @@ async def check_broker(settings: Settings) -> None:
 async def create_topics(settings: Settings) -> None:
     """Create the event topics (and dead-letter topics) the worker consumes and produces."""
     import models  # noqa: F401  # registers the entity models whose topics are created
-    from app.outbox.relay import ensure_topics
+    from app.kafka import ensure_topics
     from app.topology import worker_topics
 
     await ensure_topics(settings, worker_topics(settings.app_id))

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
+from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 from app.cli.preflight import check_all
 from app.ops.metrics import RelayCollector
+from app.ops.process_web import process_web, start_web
 from app.outbox.relay import Relay
 from app.settings import Settings
 
@@ -28,26 +29,12 @@ def relay_web(relay: Relay) -> web.Application:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RelayCollector(relay.stats))
 
-    async def metrics(_: web.Request) -> web.Response:
-        # prometheus_client's Content-Type carries a charset parameter, which aiohttp's
-        # content_type argument refuses: set the header itself.
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def live(_: web.Request) -> web.Response:
-        return web.json_response({"live": True})
-
-    async def ready(_: web.Request) -> web.Response:
+    def ready() -> tuple[bool, dict[str, Any]]:
         stats = relay.stats
-        body = {"ready": stats.connected, "active": stats.active, "shards": list(stats.shards),
-                "published": stats.published, "pending_rows": stats.pending_rows, "last_error": stats.last_error}
-        return web.Response(status=200 if stats.connected else 503, text=json.dumps(body),
-                            content_type="application/json")
+        return stats.connected, {"active": stats.active, "shards": list(stats.shards), "published": stats.published,
+                                 "pending_rows": stats.pending_rows, "last_error": stats.last_error}
 
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/health/live", live)
-    app.router.add_get("/health/ready", ready)
-    return app
+    return process_web(registry, ready)
 
 
 async def serve(settings: Settings) -> None:
@@ -58,10 +45,7 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, relay.stop)
     runner: web.AppRunner | None = None
     if settings.relay_web_port:
-        runner = web.AppRunner(relay_web(relay), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, settings.web_host, settings.relay_web_port).start()
-        log.info("relay web server on http://%s:%d", settings.web_host, settings.relay_web_port)
+        runner = await start_web(relay_web(relay), settings.web_host, settings.relay_web_port, "relay")
     try:
         await relay.run()
     finally:

@@ -23,10 +23,9 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner  # type: ignore[import-untyped]
 
+from app.kafka import ensure_topics
 from app.retries import Backoff
 from app.wire.convert import convert_record
 from app.wire.codec import encode_message, schema_for_topic
@@ -117,22 +116,6 @@ def dead_letter(row: asyncpg.Record, exc: BaseException) -> Outgoing:
     """A row that cannot be encoded, on the outbox dead-letter topic in the agents' dead-letter
     format (app/wire/deadletter.py), as JSON `python -m app dlq redrive` can publish again."""
     return outbox_dead_letter(DLQ_TOPIC, row, exc)
-
-
-async def ensure_topics(settings: Settings, topics: list[str]) -> None:
-    """Create missing topics with the configured partition count (auto-create would pick its own)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        missing = [t for t in topics if t not in existing]
-        if missing:
-            try:
-                await admin.create_topics([NewTopic(t, settings.topic_partitions, 1) for t in missing])
-            except TopicAlreadyExistsError:
-                pass  # another worker created it first
-    finally:
-        await admin.close()
 
 
 class Relay:

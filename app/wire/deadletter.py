@@ -5,7 +5,7 @@ One format for every stage. Every dead letter starts with the headers `reason` w
 `dlq_source_partition` and `dlq_source_offset` for a message an agent consumed, or
 `dlq_outbox_id` for an outbox row the relay could not encode or publish. An agent's letter is
 the consumed message, untouched (key, value, its own headers after ours), on
-`<source topic>.dlq`. The relay's is the outbox row as JSON (`content-type:
+`<source topic>.dlq` (an inbox consumer's on `<source topic>.<consumer>.dlq`). The relay's is the outbox row as JSON (`content-type:
 application/json`) on `outbox.dlq`, its `dlq_source_topic` the topic the row was meant for:
 its event never reached a topic, so the row is what can be published again.
 `python -m app dlq list|redrive` read both (app/cli/dlq.py). Agents produce their output (dead
@@ -81,10 +81,11 @@ def reason(exc: BaseException, source_topic: str, *, partition: int | None = Non
     ]
 
 
-def dead_letter(source_topic: str, msg: Incoming, exc: BaseException) -> Outgoing:
-    """The original message, untouched, with why it failed and where it came from in headers."""
+def dead_letter(source_topic: str, msg: Incoming, exc: BaseException, *, to: str | None = None) -> Outgoing:
+    """The original message, untouched, with why it failed and where it came from in headers,
+    on `to` (default `<source topic>.dlq`; an inbox consumer has its own)."""
     headers = reason(exc, source_topic, partition=msg.partition, offset=msg.offset)
-    return Outgoing(dlq_topic(source_topic), msg.key, msg.value, None, headers + list(msg.headers))
+    return Outgoing(to or dlq_topic(source_topic), msg.key, msg.value, None, headers + list(msg.headers))
 
 
 def outbox_dead_letter(topic: str, row: Mapping[str, Any], exc: BaseException) -> Outgoing:

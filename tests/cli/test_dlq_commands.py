@@ -12,7 +12,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from app.cli.dlq import REDRIVEN_FROM, list_dead_letters, redrive, redrive_group
-from app.outbox.relay import dead_letter, ensure_topics
+from app.kafka import ensure_topics
+from app.outbox.relay import dead_letter
 from app.settings import Settings
 from app.kafka import TopicError
 from tests.kafka import TopicReader

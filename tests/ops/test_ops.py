@@ -33,7 +33,7 @@ from app.ops.offsets import PartitionOffsets, agent_lag
 from app.ops.progress import AgentProgress, ProgressSensor
 from app.orm import Database
 from app.topology import evented_topics
-from app.outbox.relay import ensure_topics
+from app.kafka import ensure_topics
 from app.settings import Settings
 from models import Order
 from tests.http import get_text as get

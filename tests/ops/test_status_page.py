@@ -16,7 +16,7 @@ import pytest
 from app.embedded.process import free_port
 from app.orm import Database
 from app.topology import evented_topics
-from app.outbox.relay import ensure_topics
+from app.kafka import ensure_topics
 from app.settings import Settings
 from models import Order
 from tests.processes import ROOT, start_worker, stop

@@ -24,7 +24,7 @@ from yarl import URL
 from app.embedded.process import free_port
 from app.orm import Database
 from app.topology import evented_topics
-from app.outbox.relay import ensure_topics
+from app.kafka import ensure_topics
 from app.settings import Settings
 from app.web.errors import HttpError, bad, prefers_html
 from app.web.install import WebViews

@@ -13,7 +13,7 @@ import pytest
 
 from app.orm import Database
 from app.topology import evented_topics
-from app.outbox.relay import ensure_topics
+from app.kafka import ensure_topics
 from app.settings import Settings
 from tests.processes import ROOT, stop
 from tests.web.test_web import Worker, create_orders, get, spawn, visible

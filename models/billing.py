@@ -1,0 +1,113 @@
+"""The billing service: keeps one invoice per paid order, from the orders events, through the inbox.
+
+It owns `invoices` and never reads the orders table (another service's data): each order
+event carries the order's state, and the inbox (`app.inbox`) applies each event exactly once.
+An order is invoiced while its status is paid or shipped; a cancelled or deleted order's
+invoice is removed. The invoice writes go through the evented ORM in the inbox's transaction,
+so `invoices-v1` events are raised exactly when the order event is applied.
+`python -m app billing` runs it, with `/metrics`, `/health/*` and `/status.json` on
+`BILLING_WEB_PORT`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.inbox.consumer import Inbox
+from app.inbox.events import InboxEvent
+from app.inbox.metrics import InboxCollector
+from app.ops.process_web import process_web, start_web
+from app.orm import Database
+from app.settings import Settings
+from app.topology import current_topic
+from models.invoice import Invoice
+
+SERVICE = "billing"
+#: Order statuses that carry an invoice.
+INVOICED = frozenset({"paid", "shipped"})
+
+
+async def apply_order_event(session: AsyncSession, event: InboxEvent) -> None:
+    """Make the order's invoice match the order's state in `event`."""
+    order_id = int(event.key)
+    invoices = (await session.execute(select(Invoice).where(Invoice.order_id == order_id))).scalars().all()
+    order = event.data
+    if event.op == "delete" or order is None or order["status"] not in INVOICED:
+        for invoice in invoices:
+            await session.delete(invoice)
+        return
+    if not invoices:
+        session.add(Invoice(order_id=order_id, amount_cents=order["amount_cents"], currency=order["currency"]))
+        return
+    for invoice in invoices:  # one, unless something applied an event twice (the checker counts)
+        invoice.amount_cents = order["amount_cents"]
+        invoice.currency = order["currency"]
+
+
+async def check_tables(db: Database) -> None:
+    """One clear line, not a dead letter per event, when `init-db` has not created the tables."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import ProgrammingError
+
+    from app.cli.preflight import StartupError
+
+    try:
+        async with db.engine.connect() as conn:
+            await conn.execute(text("SELECT FROM invoices, inbox, inbox_keys LIMIT 0"))
+    except ProgrammingError as exc:
+        raise StartupError(f"the billing tables are missing or not readable ({exc.orig}): "
+                           "run `python -m app init-db`") from None
+
+
+def billing_inbox(settings: Settings, db: Database) -> Inbox:
+    """The inbox consumer of `orders-v2` that keeps the invoices."""
+    return Inbox(settings, db, SERVICE, [current_topic("orders")], apply_order_event)
+
+
+async def run_billing(settings: Settings) -> None:
+    """Run the billing consumer until SIGTERM or SIGINT.
+
+    The tables come from `python -m app init-db` (as `make dev`, Docker Compose and the tests
+    run it): installing them here would take table locks against the writers on every restart.
+    """
+    db = Database(settings.database_url_for(SERVICE), service=SERVICE)
+    try:
+        await check_tables(db)
+    except BaseException:
+        await db.close()
+        raise
+    inbox = billing_inbox(settings, db)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, inbox.stop)
+    runner = None
+    if settings.billing_web_port:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(InboxCollector(inbox))
+
+        def ready() -> tuple[bool, dict[str, Any]]:
+            return inbox.stats.connected, {"consumer": inbox.name, "last_error": inbox.stats.last_error}
+
+        def status() -> dict[str, Any]:
+            stats = inbox.stats
+            return {"consumer": inbox.name, "topics": inbox.topics, "applied": stats.applied,
+                    "skipped_duplicate": stats.skipped_duplicate, "skipped_old": stats.skipped_old,
+                    "gaps": stats.gaps, "dead_lettered": stats.dead_lettered,
+                    "lag": sum(stats.lag.values()), "lag_by_partition": stats.lag, "connected": stats.connected,
+                    "last_error": stats.last_error}
+
+        runner = await start_web(process_web(registry, ready, status), settings.web_host,
+                                 settings.billing_web_port, SERVICE)
+    try:
+        await inbox.run()
+    finally:
+        if runner is not None:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        await db.close()
