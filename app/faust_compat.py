@@ -10,7 +10,7 @@ so the aiohttp internals those subclasses override or read stay beside them (its
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,13 @@ def forget_unacked(consumer: Any, message: Any) -> None:
     its offset as committable; app/transport.py needs the first without the second.
     """
     consumer._unacked_messages.discard(message)
+
+
+def replace_read_offsets(consumer: Any, offsets: MutableMapping[Any, int | None]) -> None:
+    """Make `offsets` the consumer's `Consumer._read_offset`: the offset its drain loop last
+    delivered per partition, below which it drops fetched messages as already read.
+    `perform_seek` updates it in place after a rebalance, so the replacement stays in use."""
+    consumer._read_offset = offsets
 
 
 def agent_error_handler(agent: Any) -> Callable[..., Any] | None:

@@ -295,3 +295,33 @@ async def test_worker_role_relays_the_outbox_but_reads_no_sensitive_column(
             await conn.execute("UPDATE orders SET status = 'paid'")
     finally:
         await conn.close()
+
+
+async def test_another_service_can_neither_see_nor_forge_the_billing_inbox(
+        attacker: Database, settings: Settings) -> None:
+    billing = Database(role_url(settings, "billing"), service="billing", record_reads=False, sql_filter=False)
+    event_id = str(uuid.uuid4())
+    try:
+        async with billing.session() as s:  # billing marks an event applied, as its inbox does
+            await s.execute(text("INSERT INTO inbox (consumer, event_id, topic, partition, \"offset\") "
+                                 "VALUES ('billing', :id, 'orders-v2', 0, 1)"), {"id": event_id})
+            await s.execute(text("INSERT INTO inbox_keys (consumer, entity, key, sequence) "
+                                 "VALUES ('billing', 'orders', :key, 5) ON CONFLICT DO NOTHING"),
+                            {"key": event_id})
+    finally:
+        await billing.close()
+    async with attacker.session() as s:
+        # Row-level security: billing's rows are invisible to orders, so none is changed.
+        assert (await s.execute(text("SELECT count(*) FROM inbox WHERE consumer = 'billing'"))).scalar_one() == 0
+        wiped = await s.execute(text("UPDATE inbox_keys SET sequence = 0 WHERE consumer = 'billing'"))
+        assert wiped.rowcount == 0
+    # Nor can it mark an event as applied by billing, so billing would skip it.
+    with pytest.raises(DBAPIError) as refused:
+        async with attacker.session() as s:
+            await s.execute(text("INSERT INTO inbox (consumer, event_id, topic, partition, \"offset\") "
+                                 "VALUES ('billing', :id, 'orders-v2', 0, 2)"), {"id": str(uuid.uuid4())})
+    assert sqlstate(refused.value) == INSUFFICIENT_PRIVILEGE
+    # Its own consumers' rows it may write.
+    async with attacker.session() as s:
+        await s.execute(text("INSERT INTO inbox (consumer, event_id, topic, partition, \"offset\") "
+                             "VALUES ('orders.audit', :id, 'orders-v2', 0, 3)"), {"id": str(uuid.uuid4())})
