@@ -1,20 +1,25 @@
-"""The database's truth, and whether views and events agree with it."""
+"""The database's truth, and whether views, events and the billing service's invoices agree with it."""
 from __future__ import annotations
 
 import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import asyncpg
 
 from app.views import WINDOW_KEEP, micros, minute_of, present_count, present_customer, present_order
 from chaos.topiclog import Seen
+from models.billing import INVOICED
 
 STATUSES = ("pending", "paid", "shipped", "cancelled")
+#: The entities the load generator writes: their sequences count its committed writes (the
+#: billing service's `invoices` are written by it, not by the load).
+LOADED_ENTITIES = ("orders", "customers")
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass
@@ -25,10 +30,12 @@ class Snapshot:
     orders: dict[str, dict[str, Any]]     # order id -> expected state
     customers: dict[str, str]             # customer id -> name
     created: dict[str, int] = field(default_factory=dict)  # live order id -> created_at (epoch µs)
+    invoices: list[tuple[str, int, str]] = field(default_factory=list)  # (order id, amount_cents, currency)
 
     @property
     def committed_writes(self) -> int:
-        return sum(sum(keys.values()) for keys in self.sequences.values())
+        """The load generator's committed writes (one sequence each)."""
+        return sum(sum(self.sequences.get(entity, {}).values()) for entity in LOADED_ENTITIES)
 
 
 async def snapshot(dsn: str) -> Snapshot:
@@ -49,9 +56,12 @@ async def snapshot(dsn: str) -> Snapshot:
             } for r in rows}
             created = {str(r["id"]): micros(r["created_at"]) for r in rows}
             customers = {str(r["id"]): r["name"] for r in await conn.fetch("SELECT id, name FROM customers")}
+            # In the same snapshot as the orders: an invoice is compared with the order it was made from.
+            invoices = [(str(r["order_id"]), r["amount_cents"], r["currency"])
+                        for r in await conn.fetch("SELECT order_id, amount_cents, currency FROM invoices")]
     finally:
         await conn.close()
-    return Snapshot(dict(sequences), orders, customers, created)
+    return Snapshot(dict(sequences), orders, customers, created, invoices)
 
 
 def orders_per_minute(events: Iterable[Seen], now: float | None = None) -> dict[int, int]:
@@ -90,6 +100,53 @@ def v1_matches(last: Seen | None, row: dict[str, Any] | None) -> bool:
         return row is None and last.data is None
     return (last.data["amount"] == row["amount_cents"] / 100 and last.data["status"] == row["status"]
             and last.data["customer_id"] == row["customer_id"])
+
+
+@dataclass
+class InvoiceCheck:
+    """The billing service's promise: one invoice per paid or shipped order, with its amount and
+    currency, and none for any other order. Each broken order counts once, on one row."""
+
+    missing: int = 0     # a paid or shipped order without an invoice
+    doubled: int = 0     # an order with more than one invoice (an event applied twice)
+    wrong: int = 0       # a paid or shipped order's one invoice, with another amount or currency
+    unexpected: int = 0  # an invoice of an order neither paid nor shipped, or deleted
+    problems: list[str] = field(default_factory=list)  # every broken order
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_invoices(orders: Mapping[K, Mapping[str, Any]], invoices: Iterable[tuple[K, int, str]],
+                   keys: Iterable[K] | None = None) -> InvoiceCheck:
+    """Compare `invoices` ((order id, amount_cents, currency) rows) with `orders` (order id ->
+    its row's status, amount_cents and currency; an absent order is a deleted one), for the
+    order ids `keys` (default: every order and every invoiced order id)."""
+    by_order: dict[K, list[tuple[K, int, str]]] = defaultdict(list)
+    for invoice in invoices:
+        by_order[invoice[0]].append(invoice)
+    out = InvoiceCheck()
+    if keys is None:
+        keys = [*orders, *(key for key in by_order if key not in orders)]
+    for key in keys:
+        order, got = orders.get(key), by_order.get(key, [])
+        status = "deleted" if order is None else order["status"]
+        if len(got) > 1:
+            out.doubled += 1
+            out.problems.append(f"{status} order {key} has {len(got)} invoices")
+        elif status not in INVOICED:
+            if got:
+                out.unexpected += 1
+                out.problems.append(f"{status} order {key} has an invoice")
+        elif not got:
+            out.missing += 1
+            out.problems.append(f"{status} order {key} has no invoice")
+        elif order is not None and got[0][1:] != (order["amount_cents"], order["currency"]):
+            out.wrong += 1
+            out.problems.append(f"{status} order {key}: invoice {got[0][1]} {got[0][2]} "
+                                f"!= order {order['amount_cents']} {order['currency']}")
+    return out
 
 
 async def view_mismatches(base: str, db: Snapshot, minutes: dict[int, int] | None = None) -> tuple[int, list[str]]:

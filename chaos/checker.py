@@ -9,7 +9,10 @@ Promises (see the fault-injection issue):
 - after the system is quiet, the `orders` view, `customer_orders` (count, totals, last order
   time), `orders_by_status`, `orders_per_minute` (each key once, in the minute of its first
   creation as its first event on `orders-v2` says), the Redis cache and the last `orders-v1`
-  event of each key agree with the database.
+  event of each key agree with the database;
+- the billing service's inbox applies each orders event once: every paid or shipped order has
+  exactly one invoice, with its amount and currency, and no other order has one; and its own
+  writes are events too (`invoices-v1` is checked like the topics above).
 """
 from __future__ import annotations
 
@@ -20,14 +23,15 @@ from typing import Any
 
 from app.cache import connect_redis, decode_entry
 from app.wire.codec import schema_for_topic
-from chaos.agreement import Snapshot, order_matches, orders_per_minute, snapshot, v1_matches, view_mismatches
+from chaos.agreement import (Snapshot, check_invoices, order_matches, orders_per_minute, snapshot, v1_matches,
+                             view_mismatches)
 from chaos.promises import check_topic
 from chaos.topiclog import TopicLog, count_messages
 
 __all__ = ["Checker", "Report", "count_messages"]
 
 SOURCE_TOPICS = ("orders-v2", "customers-v1")
-DERIVED_TOPICS = ("orders-v1",)
+DERIVED_TOPICS = ("orders-v1", "invoices-v1")
 
 
 @dataclass
@@ -48,6 +52,9 @@ class Report:
     view_mismatches: int = 0
     cache_mismatches: int = 0
     v1_mismatches: int = 0
+    invoices_missing: int = 0      # paid or shipped orders without an invoice
+    invoices_doubled: int = 0      # orders with more than one invoice
+    invoice_mismatches: int = 0    # invoices with another amount or currency, or of an unpaid or deleted order
     converge_s: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)  # what was still broken at the last check
@@ -56,7 +63,8 @@ class Report:
     def consistent(self) -> bool:
         """Nothing lost, reordered or invented, every derived store equal to the database."""
         return (self.lost == 0 and self.reordered == 0 and self.phantom == 0 and self.view_mismatches == 0
-                and self.cache_mismatches == 0 and self.v1_mismatches == 0
+                and self.cache_mismatches == 0 and self.v1_mismatches == 0 and self.invoices_missing == 0
+                and self.invoices_doubled == 0 and self.invoice_mismatches == 0
                 and self.writes <= self.committed <= self.writes + self.ambiguous)
 
     @property
@@ -64,7 +72,8 @@ class Report:
         return self.consistent and self.converge_s is not None
 
     HEADER = ("| fault | writes | events | duplicates seen | lost | reordered | view/cache/v1 mismatches "
-              "| time to converge | notes |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+              "| invoices missing/doubled/mismatched | time to converge | notes |\n"
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
 
     def row(self) -> str:
         converge = "never" if self.converge_s is None else f"{self.converge_s:.1f} s"
@@ -72,7 +81,8 @@ class Report:
         if self.ambiguous or self.retried:
             notes = ", ".join(filter(None, [f"{self.retried} retried, {self.ambiguous} ambiguous", notes]))
         return (f"| {self.fault} | {self.writes} | {self.events} | {self.duplicates} | {self.lost} | {self.reordered} "
-                f"| {self.view_mismatches}/{self.cache_mismatches}/{self.v1_mismatches} | {converge} | {notes} |")
+                f"| {self.view_mismatches}/{self.cache_mismatches}/{self.v1_mismatches} "
+                f"| {self.invoices_missing}/{self.invoices_doubled}/{self.invoice_mismatches} | {converge} | {notes} |")
 
 
 class Checker:
@@ -112,6 +122,10 @@ class Checker:
             1 for key in db.sequences.get("orders", {}) if not v1_matches(checks["orders-v1"].last.get(key),
                                                                            db.orders.get(key)))
         report.examples = [e for c in checks.values() for e in c.examples][:5]
+        invoices = check_invoices(db.orders, db.invoices)
+        report.invoices_missing, report.invoices_doubled = invoices.missing, invoices.doubled
+        report.invoice_mismatches = invoices.wrong + invoices.unexpected
+        report.examples += invoices.problems[:5]
         report.cache_mismatches = await self.cache_mismatches(db)
         report.view_mismatches, examples = await view_mismatches(
             view_url, db, orders_per_minute(self.logs["orders-v2"].events))

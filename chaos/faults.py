@@ -6,6 +6,7 @@ restarts only servers the stack started itself.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from sqlalchemy import insert
 from app.cache import connect_redis
 from app.embedded.postgres import EmbeddedPostgres
 from app.orm import Database
-from chaos.stack import Stack, StackError, Worker
+from chaos.stack import Process, Stack, StackError
 from models import Order
 
 Notes = dict[str, Any]
@@ -55,7 +56,7 @@ def kill_worker(times: int = 5, between: float = 1.0, ready_within: float | None
     return act
 
 
-async def restart(worker: Worker, ready_within: float, give_up_after: float = 120.0) -> bool:
+async def restart(worker: Process, ready_within: float, give_up_after: float = 120.0) -> bool:
     """Start `worker` again as a supervisor would: a start that exits (say PostgreSQL is down
     for the moment, and `python -m app worker` refuses to start without it) is retried."""
     loop = asyncio.get_running_loop()
@@ -68,6 +69,30 @@ async def restart(worker: Worker, ready_within: float, give_up_after: float = 12
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(1.0)
+
+
+def kill_billing(times: int = 4, seed: int = 4) -> FaultFn:
+    """SIGKILL the billing service `times` times, each at a random moment 0.2-2 s after it is
+    ready (mid-batch, or between its database commit and its offset commit), restarting it.
+
+    The note "redeliveries skipped" counts events each restarted process found already applied
+    (a kill after a database commit and before its offset commit), as its inbox reports them.
+    """
+    async def act(stack: Stack) -> Notes:
+        rng, billing, killed, skipped = random.Random(seed), stack.billing, 0, 0
+        assert billing is not None
+        for i in range(times + 1):
+            await asyncio.sleep(rng.uniform(0.2, 2.0))
+            if i:  # a restarted process: the previous kill's redeliveries come first
+                status = await billing.status()
+                skipped += status["skipped_duplicate"] if status else 0
+            if i == times:
+                break
+            killed += billing.kill()
+            if not await restart(billing, 60):
+                raise StackError(f"billing not ready after a restart; see {billing.log}")
+        return {"billing kills": killed, "redeliveries skipped": skipped}
+    return act
 
 
 def pause_broker(seconds: float = 20.0) -> FaultFn:
@@ -227,7 +252,8 @@ def storm(parts: list[FaultFn]) -> FaultFn:
 
 
 def faults(*, kills: int = 5, broker_pause: float = 20.0, poison_count: int = 1000,
-           worker_pause: float = 30.0, ready_within: float | None = None) -> dict[str, Fault]:
+           worker_pause: float = 30.0, ready_within: float | None = None,
+           billing_kills: int = 4) -> dict[str, Fault]:
     """Every fault of the suite, by name (`ready_within`: see `kill_worker`)."""
     return {
         "worker-kill": Fault(f"worker SIGKILL + restart x{kills}", kill_worker(kills, ready_within=ready_within)),
@@ -240,6 +266,7 @@ def faults(*, kills: int = 5, broker_pause: float = 20.0, poison_count: int = 10
         "worker-added": Fault("a second worker added during a backlog", add_worker_during_backlog()),
         "two-onto-backlog": Fault("2 workers started together onto a backlog", two_workers_onto_a_backlog(),
                                   workers=2),
+        "billing-kill": Fault(f"billing SIGKILL + restart x{billing_kills}", kill_billing(billing_kills)),
         # All at once: crashes, a frozen broker, a database and a cache restart, and poison.
         "storm": Fault("all at once: worker kills, broker pause, PostgreSQL + Redis restarts, poison",
                        storm([kill_worker(2, ready_within=ready_within), pause_broker(broker_pause / 2),

@@ -48,13 +48,16 @@ class Session:
 
     async def run(self, fault: Fault, *, rate: float = 100.0, warmup: float = 3.0, tail: float = 2.0,
                   converge_timeout: float = 120.0, seed: int = 1) -> Report:
-        """Start workers up to `fault.workers`, write at `rate` while the fault acts, then converge."""
+        """Start workers up to `fault.workers` (and billing, if a fault left it dead), write at
+        `rate` while the fault acts, then converge."""
         while len(self.stack.alive_workers) < fault.workers:
             dead = [w for w in self.stack.workers if not w.alive]
             if dead:
                 await dead[0].start()
             else:
                 await self.stack.add_worker()
+        if self.stack.billing is not None and not self.stack.billing.alive:
+            await self.stack.billing.start(60)
         load = Load(self.stack.settings.database_url, rate=rate, seed=seed)
         writing = asyncio.get_running_loop().create_task(load.run())
         try:
@@ -110,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2, help="times through the fault list (default 2)")
     parser.add_argument("--rate", type=float, default=200.0, help="writes/s in all (default 200)")
     parser.add_argument("--kills", type=int, default=5, help="worker kills per worker-kill fault")
+    parser.add_argument("--billing-kills", type=int, default=4, help="billing kills per billing-kill fault")
     parser.add_argument("--broker-pause", type=float, default=20.0, help="seconds the broker is paused")
     parser.add_argument("--worker-pause", type=float, default=30.0, help="seconds the worker is paused")
     parser.add_argument("--poison", type=int, default=1000, help="poison messages per input topic")
@@ -118,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     catalogue = faults(kills=args.kills, broker_pause=args.broker_pause, poison_count=args.poison,
-                       worker_pause=args.worker_pause)
+                       worker_pause=args.worker_pause, billing_kills=args.billing_kills)
     names = list(catalogue) if args.faults == "all" else args.faults.split(",")
     unknown = [n for n in names if n not in catalogue]
     if unknown:

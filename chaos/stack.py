@@ -1,4 +1,4 @@
-"""A whole system of its own for a fault test: embedded PostgreSQL, Redis and Tansu, and workers.
+"""A whole system of its own for a fault test: embedded PostgreSQL, Redis and Tansu, workers and billing.
 
 Everything here is started by the stack and stopped by PID when it stops, so faults can kill,
 pause and restart any part without touching the machine's shared servers.
@@ -13,6 +13,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -24,6 +25,8 @@ from app.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = b"[^Worker]: Ready"
+#: What `python -m app billing` logs once its web server is up (its inbox starts right after).
+BILLING_READY_LINE = b"billing web server on"
 
 
 class StackError(RuntimeError):
@@ -31,15 +34,23 @@ class StackError(RuntimeError):
 
 
 @dataclass
-class Worker:
-    """One `python -m app worker` process (Faust agents, views, cache refresh and the relay)."""
+class Process:
+    """One `python -m app <command>` process: a worker (Faust agents, views, cache refresh and
+    the relay), or the billing service."""
 
     name: str
     port: int
     log: Path
     env: dict[str, str]
+    command: str = "worker"
+    ready_line: bytes = READY_LINE
     proc: subprocess.Popen[bytes] | None = None
     _log_offset: int = 0
+
+    @property
+    def title(self) -> str:
+        """How errors name it: "worker w1", "billing"."""
+        return self.name if self.name == self.command else f"{self.command} {self.name}"
 
     @property
     def url(self) -> str:
@@ -50,33 +61,33 @@ class Worker:
         return self.proc is not None and self.proc.poll() is None
 
     async def start(self, timeout: float = 90) -> None:
-        """Start the process and return once Faust logs that it is ready."""
+        """Start the process and return once it logs that it is ready."""
         self.spawn()
         if not await self.wait_ready(timeout):
-            raise StackError(f"worker {self.name} not ready in {timeout:.0f} s; see {self.log}")
+            raise StackError(f"{self.title} not ready in {timeout:.0f} s; see {self.log}")
 
     def spawn(self) -> None:
         """Start the process (see `wait_ready`)."""
         self._log_offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "app", "worker"], cwd=ROOT, env=self.env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "app", self.command], cwd=ROOT, env=self.env,
                                          stdout=out, stderr=subprocess.STDOUT)
 
     async def wait_ready(self, timeout: float) -> bool:
-        """Whether Faust logged that it is ready within `timeout` s; StackError if the process exits."""
+        """Whether it logged that it is ready within `timeout` s; StackError if the process exits."""
         assert self.proc is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while READY_LINE not in self.log.read_bytes()[self._log_offset:]:
+        while self.ready_line not in self.log.read_bytes()[self._log_offset:]:
             if self.proc.poll() is not None:
-                raise StackError(f"worker {self.name} exited with {self.proc.returncode}; see {self.log}")
+                raise StackError(f"{self.title} exited with {self.proc.returncode}; see {self.log}")
             if loop.time() > deadline:
                 return False
             await asyncio.sleep(0.1)
         return True
 
     def kill(self) -> bool:
-        """SIGKILL: a crash, with no chance to commit offsets or release the relay lock.
+        """SIGKILL: a crash, with no chance to commit offsets (or a transaction) or release the relay lock.
 
         True if a live process was killed by it (its exit status says SIGKILL), else False.
         """
@@ -109,7 +120,7 @@ class Worker:
             self.kill()
 
     async def live(self) -> bool:
-        """True when the worker's web server answers `/health/live`."""
+        """True when the process's web server answers `/health/live`."""
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
                 async with session.get(f"{self.url}/health/live") as response:
@@ -117,34 +128,48 @@ class Worker:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             return False
 
+    async def status(self) -> dict[str, Any] | None:
+        """The billing service's `/status.json` (its inbox's counts since it started); None if it
+        does not answer."""
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+                async with session.get(f"{self.url}/status.json") as response:
+                    return await response.json() if response.status == 200 else None  # type: ignore[no-any-return]
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return None
+
 
 @dataclass
 class Stack:
-    """Embedded servers plus workers, all of this stack's own."""
+    """Embedded servers plus workers and the billing service, all of this stack's own."""
 
     root: Path
     postgres: EmbeddedPostgres
     redis: EmbeddedRedis
     broker: EmbeddedBroker
     settings: Settings
-    workers: list[Worker] = field(default_factory=list)
+    workers: list[Process] = field(default_factory=list)
+    billing: Process | None = None
 
     @classmethod
     async def start(cls, root: Path) -> Stack:
-        """Start the servers, create the schema and the event topics."""
+        """Start the servers, create the schema and the event topics, then the billing service."""
         root.mkdir(parents=True, exist_ok=True)
         # Acknowledged commits must survive a restart: the load generator counts them as written.
         postgres = EmbeddedPostgres.start(root / "postgres", settings={"synchronous_commit": "on"})
-        redis = broker = None
+        redis = broker = stack = None
         try:
             redis = EmbeddedRedis.start(root / "redis")
             broker = EmbeddedBroker.start(root / "broker")
             settings = Settings(database_url=postgres.url, kafka_broker=broker.url, redis_url=redis.url,
                                 app_id=f"chaos-{uuid.uuid4().hex[:8]}", recovery_consistency_check=False)
             stack = cls(root, postgres, redis, broker, settings)
-            await stack._prepare()
+            await stack._prepare()  # billing refuses to start without its tables
+            await stack._start_billing()
             return stack
         except BaseException:
+            if stack is not None and stack.billing is not None:
+                stack.billing.stop()
             for server in (broker, redis):
                 if server is not None:
                     server.stop()
@@ -164,30 +189,44 @@ class Stack:
             await db.close()
         await create_topics(self.settings)
 
-    def worker_env(self, port: int) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "KAFKA_BROKER")}
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of a `python -m app` process of this stack: its servers, not the machine's."""
+        # A service's own URL (DATABASE_URL_<SERVICE>) would take it to another database.
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("DATABASE_URL", "REDIS_URL", "KAFKA_BROKER") and not k.startswith("DATABASE_URL_")}
         env.update(DATABASE_URL=self.settings.database_url, KAFKA_BROKER=self.settings.kafka_broker,
-                   REDIS_URL=self.settings.redis_url, APP_ID=self.settings.app_id, WEB_PORT=str(port),
-                   FAUST_DATA_DIR=str(self.root / f"faust-{port}"), RECOVERY_CONSISTENCY_CHECK="0",
-                   PYTHONPATH=str(ROOT))
+                   REDIS_URL=self.settings.redis_url, APP_ID=self.settings.app_id, RECOVERY_CONSISTENCY_CHECK="0",
+                   PYTHONPATH=str(ROOT), **extra)
         return env
 
-    async def add_worker(self) -> Worker:
+    def worker_env(self, port: int) -> dict[str, str]:
+        return self.env(WEB_PORT=str(port), FAUST_DATA_DIR=str(self.root / f"faust-{port}"))
+
+    async def add_worker(self) -> Process:
         """Start one more worker of the same app (same consumer group, same relay lock)."""
         port = free_port()
-        worker = Worker(f"w{len(self.workers) + 1}", port, self.root / f"worker-{port}.log", self.worker_env(port))
+        worker = Process(f"w{len(self.workers) + 1}", port, self.root / f"worker-{port}.log", self.worker_env(port))
         self.workers.append(worker)
         await worker.start()
         return worker
 
+    async def _start_billing(self) -> None:
+        """Start the billing service (`python -m app billing`): it consumes `orders-v2` on its own."""
+        port = free_port()
+        self.billing = Process("billing", port, self.root / f"billing-{port}.log",
+                               self.env(BILLING_WEB_PORT=str(port)), command="billing",
+                               ready_line=BILLING_READY_LINE)
+        await self.billing.start(60)
+
     @property
-    def alive_workers(self) -> list[Worker]:
+    def alive_workers(self) -> list[Process]:
         return [w for w in self.workers if w.alive]
 
     def stop(self) -> None:
-        """Stop every worker, then every server, by PID."""
-        for worker in self.workers:
-            worker.stop()
+        """Stop every worker and the billing service, then every server, by PID."""
+        for process in [*self.workers, self.billing]:
+            if process is not None:
+                process.stop()
         self.broker.stop()
         self.redis.stop()
         self.postgres.remove()  # a throw-away cluster: its data goes too (its log stays)

@@ -1,7 +1,9 @@
 """The web server of a process that is not the worker (the relay, an inbox consumer):
-`/metrics`, `/health/live`, `/health/ready` and `/status.json`, on aiohttp."""
+`/metrics`, `/health/live`, `/health/ready`, and `/status` (a page refreshing every 2 s) with
+its data as `/status.json`, on aiohttp."""
 from __future__ import annotations
 
+import html
 import json
 import logging
 from collections.abc import Callable
@@ -42,8 +44,22 @@ def process_web(registry: CollectorRegistry, ready: Readiness,
         async def status_json(_: web.Request) -> web.Response:
             return web.json_response(status())
 
+        async def status_page(_: web.Request) -> web.Response:
+            return web.Response(text=status_html(status()), content_type="text/html")
+
         app.router.add_get("/status.json", status_json)
+        app.router.add_get("/status", status_page)
     return app
+
+
+def status_html(values: dict[str, Any]) -> str:
+    """A small page of `values`, one row each, that reloads itself every 2 s."""
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</td></tr>"
+                   for k, v in values.items())
+    return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">'
+            '<title>status</title><style>body{font:15px/1.5 system-ui,sans-serif;margin:40px;color:#1f2328}'
+            'th{text-align:left;padding-right:16px;color:#57606a}</style></head><body><h1>status</h1>'
+            f"<table>{rows}</table></body></html>")
 
 
 async def start_web(app: web.Application, host: str, port: int, what: str) -> web.AppRunner:

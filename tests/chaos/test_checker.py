@@ -17,7 +17,8 @@ from redis.asyncio import Redis
 
 from app.cache import encode_entry
 from app.views import micros, minute_of
-from chaos.agreement import Snapshot, order_matches, orders_per_minute, v1_matches, view_mismatches
+from chaos.agreement import (Snapshot, check_invoices, order_matches, orders_per_minute, v1_matches,
+                             view_mismatches)
 from chaos.checker import Checker, Report
 from chaos.promises import check_topic
 from chaos.topiclog import Seen
@@ -103,6 +104,43 @@ def test_orders_per_minute_counts_each_key_once_at_its_first_creation() -> None:
               event("3", 1, offset=6, created=NOW - timedelta(hours=2))]  # older than the view keeps
     counts = orders_per_minute(events, now=NOW.timestamp())
     assert counts == {minute_of(micros(NOW)): 1, minute_of(micros(later)): 1}
+
+
+def test_invoices_that_match_the_orders_have_no_problem() -> None:
+    orders = {"1": {"status": "paid", "amount_cents": 250, "currency": "EUR"},
+              "2": {"status": "shipped", "amount_cents": 99, "currency": "USD"},
+              "3": {"status": "pending", "amount_cents": 10, "currency": "EUR"}}
+    check = check_invoices(orders, [("1", 250, "EUR"), ("2", 99, "USD")])
+    assert check.ok and (check.missing, check.doubled, check.wrong, check.unexpected) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("invoices, counts, problem", [
+    ([], (1, 0, 0, 0), "paid order 1 has no invoice"),
+    ([("1", 250, "EUR"), ("1", 250, "EUR")], (0, 1, 0, 0), "paid order 1 has 2 invoices"),
+    ([("1", 250, "USD")], (0, 0, 1, 0), "paid order 1: invoice 250 USD != order 250 EUR"),
+    ([("1", 249, "EUR")], (0, 0, 1, 0), "paid order 1: invoice 249 EUR != order 250 EUR"),
+    ([("1", 250, "EUR"), ("2", 10, "EUR")], (0, 0, 0, 1), "cancelled order 2 has an invoice"),
+    ([("1", 250, "EUR"), ("9", 10, "EUR")], (0, 0, 0, 1), "deleted order 9 has an invoice"),
+    ([("1", 250, "EUR"), ("2", 10, "EUR"), ("2", 10, "EUR")], (0, 1, 0, 0), "cancelled order 2 has 2 invoices"),
+])
+def test_a_missing_doubled_wrong_or_unexpected_invoice_is_reported_on_its_row(
+        invoices: list[tuple[str, int, str]], counts: tuple[int, int, int, int], problem: str) -> None:
+    orders = {"1": {"status": "paid", "amount_cents": 250, "currency": "EUR"},
+              "2": {"status": "cancelled", "amount_cents": 10, "currency": "EUR"}}
+    check = check_invoices(orders, invoices)
+    assert (check.missing, check.doubled, check.wrong, check.unexpected) == counts
+    assert check.problems == [problem]
+
+
+def test_invoices_are_checked_only_for_the_keys_asked_for() -> None:
+    orders = {1: {"status": "paid", "amount_cents": 5, "currency": "EUR"}}
+    check = check_invoices(orders, [(2, 5, "EUR")], keys=[1, 3])  # order 2 is someone else's
+    assert check.problems == ["paid order 1 has no invoice"]
+
+
+def test_the_billing_services_invoices_are_not_counted_as_the_loads_writes() -> None:
+    db = Snapshot({"orders": {"1": 3}, "customers": {"7": 2}, "invoices": {"1": 5}}, {}, {})
+    assert db.committed_writes == 5
 
 
 # -- the views, over HTTP, as the checker reads them from a worker ------------------------------
@@ -207,6 +245,7 @@ def test_a_report_is_consistent_only_when_every_count_is_zero_and_commits_add_up
     good = Report("f", writes=10, ambiguous=1, committed=11)
     assert good.consistent
     for broken in ({"lost": 1}, {"reordered": 1}, {"phantom": 1}, {"view_mismatches": 1},
-                   {"cache_mismatches": 1}, {"v1_mismatches": 1}, {"committed": 9}, {"committed": 12}):
+                   {"cache_mismatches": 1}, {"v1_mismatches": 1}, {"invoices_missing": 1},
+                   {"invoices_doubled": 1}, {"invoice_mismatches": 1}, {"committed": 9}, {"committed": 12}):
         fields: dict[str, Any] = {"writes": 10, "ambiguous": 1, "committed": 11, **broken}
         assert not Report("f", **fields).consistent, broken

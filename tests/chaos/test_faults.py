@@ -9,7 +9,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 
+from app.kafka import topic_partitions
+from app.topology import inbox_dead_letter_topic
 from chaos.checker import Report, count_messages
 from chaos.faults import Fault, faults
 from chaos.run import Session
@@ -22,7 +25,7 @@ ARTIFACTS = ROOT / "test-artifacts"
 RATE = 60.0
 # Restarted workers are killed again 6 s after they start if not ready by then (start-up and
 # recovery are crashed into too); `make chaos` waits for ready every time.
-FAULTS = faults(kills=5, broker_pause=20, poison_count=1000, worker_pause=20, ready_within=6)
+FAULTS = faults(kills=5, broker_pause=20, poison_count=1000, worker_pause=20, ready_within=6, billing_kills=4)
 
 
 @pytest.fixture
@@ -113,6 +116,27 @@ async def views_agree_through_the_second_worker(session: Session, report: Report
     asked = Report(f"views asked of {second.name}", writes=report.writes, ambiguous=report.ambiguous)
     again = await session.checker.converge(asked, second.url, timeout=30)
     assert again.consistent and again.converge_s is not None, (again.row(), again.examples)
+
+
+async def test_billing_killed_four_times_under_load_keeps_one_invoice_per_paid_order(session: Session) -> None:
+    # `run` checks the invoices against the orders: none missing, doubled, wrong or unexpected.
+    report = await run(session, "billing-kill")
+    assert report.notes["billing kills"] == 4, report.notes  # live billing processes that died of SIGKILL
+    billing = session.stack.billing
+    assert billing is not None and billing.alive
+    assert session.checker.logs["invoices-v1"].events, "billing's writes raised no event"
+    # Crashes are no reason to give up on an event: nothing valid was dead-lettered.
+    assert await messages_on(session, inbox_dead_letter_topic("orders-v2", "billing")) == 0
+
+
+async def messages_on(session: Session, topic: str) -> int:
+    """Messages on `topic` (the sum of its partitions' end offsets)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=session.stack.settings.bootstrap_servers)
+    await consumer.start()
+    try:
+        return sum((await consumer.end_offsets(await topic_partitions(consumer, topic))).values())
+    finally:
+        await consumer.stop()
 
 
 async def test_storm_of_every_fault_at_once_loses_nothing(session: Session) -> None:

@@ -26,8 +26,9 @@ from app.orm import Database
 from app.outbox.relay import Relay
 from app.settings import Settings
 from app.topology import inbox_dead_letter_topic
+from chaos.agreement import check_invoices
 from models import Order
-from models.billing import INVOICED, SERVICE
+from models.billing import SERVICE
 from tests.processes import spawn_app, stop, wait_for_log
 from tests.waiting import until
 
@@ -74,26 +75,13 @@ async def write_orders(db: Database, rng: random.Random, ids: list[int], steps: 
 
 
 async def invoice_problems(db: Database, ids: list[int]) -> list[str]:
-    """Missing, doubled, wrong and unexpected invoices of the orders `ids`."""
+    """Missing, doubled, wrong and unexpected invoices of the orders `ids` (the chaos checker's rules)."""
     async with db.engine.connect() as conn:
-        orders = {r[0]: r for r in (await conn.execute(text(
+        orders = {r.id: r._asdict() for r in (await conn.execute(text(
             "SELECT id, status, amount_cents, currency FROM orders WHERE id = ANY(:ids)"), {"ids": ids})).all()}
         invoices = (await conn.execute(text(
             "SELECT order_id, amount_cents, currency FROM invoices WHERE order_id = ANY(:ids)"), {"ids": ids})).all()
-    by_order: dict[int, list[Any]] = {}
-    for invoice in invoices:
-        by_order.setdefault(invoice[0], []).append(invoice)
-    problems = []
-    for order_id in ids:
-        order, got = orders.get(order_id), by_order.get(order_id, [])
-        if order is None or order[1] not in INVOICED:
-            if got:
-                problems.append(f"order {order_id} ({order[1] if order else 'deleted'}) has {len(got)} invoice(s)")
-        elif len(got) != 1:
-            problems.append(f"paid order {order_id} has {len(got)} invoices")
-        elif (got[0][1], got[0][2]) != (order[2], order[3]):
-            problems.append(f"order {order_id}: invoice {got[0][1:]} != order {order[2:]}")
-    return problems
+    return check_invoices(orders, [tuple(i) for i in invoices], ids).problems
 
 
 async def rewind(settings: Settings, group: str, topic: str) -> None:
@@ -151,6 +139,9 @@ async def test_billing_killed_at_random_points_under_load_keeps_exactly_one_invo
             after = (await conn.execute(text("SELECT id, order_id, amount_cents, currency FROM invoices "
                                              "ORDER BY id"))).all()
         assert after == before and seen["applied"] == 0 and seen["dead_lettered"] == 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as response:
+            page = response.read().decode()
+        assert "skipped_duplicate" in page and "billing" in page
     finally:
         writer.cancel()
         stop(billing)
