@@ -14,12 +14,15 @@ import random
 import signal
 import subprocess
 import urllib.request
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiokafka import AIOKafkaConsumer
 from sqlalchemy import select, text
 
+from app.embedded.broker import EmbeddedBroker
 from app.embedded.process import free_port
 from app.kafka import topic_partitions
 from app.orm import Database
@@ -108,8 +111,26 @@ async def dead_letters(settings: Settings, topic: str) -> int:
         await consumer.stop()
 
 
+@pytest.fixture
+async def own_broker(settings: Settings, db: Database, tmp_path: Path) -> AsyncIterator[Settings]:
+    """A broker of the test's own, with a relay publishing to it: `orders-v2` then holds only
+    this test's events (the session's holds other tests' poison and invalid orders)."""
+    broker = EmbeddedBroker.start(tmp_path / "broker")
+    own = settings.with_(kafka_broker=broker.url)
+    relay = Relay(own, standby_poll=0.1)
+    task = asyncio.get_running_loop().create_task(relay.run())
+    try:
+        await until(lambda: relay.stats.active or task.done(), what="relay holds its shards")
+        yield own
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 20)
+        broker.stop()
+
+
 async def test_billing_killed_at_random_points_under_load_keeps_exactly_one_invoice_per_paid_order(
-        settings: Settings, db: Database, relay: Relay, tmp_path: Path) -> None:
+        own_broker: Settings, db: Database, tmp_path: Path) -> None:
+    settings = own_broker
     rng = random.Random(20261204)
     log, port = tmp_path / "billing.log", free_port()
     ids: list[int] = []
