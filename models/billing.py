@@ -33,21 +33,35 @@ SERVICE = "billing"
 INVOICED = frozenset({"paid", "shipped"})
 
 
+async def apply_order_events(session: AsyncSession, events: list[InboxEvent]) -> None:
+    """Make each order's invoice match its state after `events` (in order): one read of the
+    batch's invoices, then the writes the flush sends together."""
+    order_ids = {int(e.key) for e in events}
+    invoices: dict[int, list[Invoice]] = {order_id: [] for order_id in order_ids}
+    for invoice in (await session.execute(select(Invoice).where(Invoice.order_id.in_(order_ids)))).scalars():
+        invoices[invoice.order_id].append(invoice)
+    for event in events:
+        order_id, order = int(event.key), event.data
+        mine = invoices[order_id]
+        if event.op == "delete" or order is None or order["status"] not in INVOICED:
+            for invoice in mine:
+                if invoice in session.new:  # created earlier in this batch
+                    session.expunge(invoice)
+                else:
+                    await session.delete(invoice)
+            mine.clear()
+        elif not mine:
+            mine.append(Invoice(order_id=order_id, amount_cents=order["amount_cents"], currency=order["currency"]))
+            session.add(mine[0])
+        else:
+            for invoice in mine:  # one, unless something applied an event twice (the checker counts)
+                invoice.amount_cents = order["amount_cents"]
+                invoice.currency = order["currency"]
+
+
 async def apply_order_event(session: AsyncSession, event: InboxEvent) -> None:
-    """Make the order's invoice match the order's state in `event`."""
-    order_id = int(event.key)
-    invoices = (await session.execute(select(Invoice).where(Invoice.order_id == order_id))).scalars().all()
-    order = event.data
-    if event.op == "delete" or order is None or order["status"] not in INVOICED:
-        for invoice in invoices:
-            await session.delete(invoice)
-        return
-    if not invoices:
-        session.add(Invoice(order_id=order_id, amount_cents=order["amount_cents"], currency=order["currency"]))
-        return
-    for invoice in invoices:  # one, unless something applied an event twice (the checker counts)
-        invoice.amount_cents = order["amount_cents"]
-        invoice.currency = order["currency"]
+    """`apply_order_events` for one event."""
+    await apply_order_events(session, [event])
 
 
 async def check_tables(db: Database) -> None:
@@ -67,7 +81,7 @@ async def check_tables(db: Database) -> None:
 
 def billing_inbox(settings: Settings, db: Database) -> Inbox:
     """The inbox consumer of `orders-v2` that keeps the invoices."""
-    return Inbox(settings, db, SERVICE, [current_topic("orders")], apply_order_event)
+    return Inbox(settings, db, SERVICE, [current_topic("orders")], batch_handler=apply_order_events)
 
 
 async def run_billing(settings: Settings) -> None:

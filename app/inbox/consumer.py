@@ -49,6 +49,9 @@ from app.wire.schemas import EventSchema
 log = logging.getLogger(__name__)
 
 Handler = Callable[[AsyncSession, InboxEvent], Awaitable[None]]
+#: A handler given every event of a transaction to apply, in order, at once: it can read and
+#: write them with a few statements instead of a few per event.
+BatchHandler = Callable[[AsyncSession, list[InboxEvent]], Awaitable[None]]
 
 
 class SequenceGap(Exception):
@@ -92,17 +95,23 @@ class Inbox:
 
     `name` is the consumer (its Kafka group and its inbox rows); it must be the service's name
     or start with `<service>.`, as the service's role may only touch those inbox rows.
+    `handler(session, event)` is called once per event to apply; `batch_handler(session,
+    events)` instead once per transaction with all of them, in order.
     """
 
     def __init__(self, settings: Settings, db: Database, name: str, topics: Sequence[str],
-                 handler: Handler, *, batch: int | None = None, strict_order: bool = False,
+                 handler: Handler | None = None, *, batch_handler: BatchHandler | None = None,
+                 batch: int | None = None, strict_order: bool = False,
                  max_attempts: int | None = None, retention: float | None = None,
                  schema_of: Callable[[str], EventSchema] = schema_for_topic) -> None:
         self.settings = settings
         self.db = db
         self.name = name
         self.topics = list(topics)
+        if (handler is None) == (batch_handler is None):
+            raise ValueError("give an Inbox exactly one of handler and batch_handler")
         self.handler = handler
+        self.batch_handler = batch_handler
         #: Events per transaction; 1 when the handler must see one event per transaction.
         self.batch = max(1, batch if batch is not None else settings.inbox_batch)
         self.strict_order = strict_order
@@ -167,19 +176,29 @@ class Inbox:
         assert self._consumer is not None
         last_prune = 0.0
         loop = asyncio.get_running_loop()
-        while not self._stopping.is_set():
-            fetched = await self._consumer.getmany(*self._tps, timeout_ms=200, max_records=self.batch)
-            records = [r for tp in sorted(fetched) for r in fetched[tp]]
-            if records:
-                await self._handle(records)
-                await self._consumer.commit(
-                    {tp: rs[-1].offset + 1 for tp, rs in fetched.items() if rs})
-                self.stats.batches += 1
-            self.stats.connected = True
-            await self._update_lag()
-            if loop.time() - last_prune > self.settings.inbox_prune_interval_s:
-                last_prune = loop.time()
-                await self._prune()
+        committing: asyncio.Future[None] | None = None
+        try:
+            while not self._stopping.is_set():
+                fetched = await self._consumer.getmany(*self._tps, timeout_ms=200, max_records=self.batch)
+                records = [r for tp in sorted(fetched) for r in fetched[tp]]
+                if records:
+                    await self._handle(records)
+                    # After the database commit and in order, but the next batch does not wait
+                    # for the broker's answer: a crash before it lands only redelivers events
+                    # the inbox already holds.
+                    if committing is not None:
+                        await committing
+                    committing = asyncio.ensure_future(self._consumer.commit(
+                        {tp: rs[-1].offset + 1 for tp, rs in fetched.items() if rs}))
+                    self.stats.batches += 1
+                self.stats.connected = True
+                await self._update_lag()
+                if loop.time() - last_prune > self.settings.inbox_prune_interval_s:
+                    last_prune = loop.time()
+                    await self._prune()
+        finally:
+            if committing is not None:
+                await asyncio.gather(committing, return_exceptions=True)
 
     async def _handle(self, records: list[ConsumerRecord]) -> None:
         """Apply a fetched batch; returns once every record is applied, skipped or dead-lettered."""
@@ -254,6 +273,7 @@ class Inbox:
                     self.name, [k[0] for k in keyed], [k[1] for k in keyed]))
                 last = {(row[0], row[1]): row[2] for row in rows.all()}
             changed: dict[tuple[str, str], int] = {}
+            apply: list[InboxEvent] = []
             for e in fresh:
                 key = (e.entity, e.key)
                 previous = last.get(key) if e.sequenced else None
@@ -267,10 +287,17 @@ class Inbox:
                     outcome.gaps += 1
                     log.warning("inbox %s: %s %s jumped from sequence %d to %d (%s[%d]@%d)", self.name,
                                 e.entity, e.key, previous, e.sequence, e.topic, e.partition, e.offset)
-                await self.handler(session, e)
-                outcome.applied += 1
+                apply.append(e)
                 if e.sequenced:
                     last[key] = changed[key] = e.sequence
+            if self.batch_handler is not None:
+                if apply:
+                    await self.batch_handler(session, apply)
+            else:
+                assert self.handler is not None
+                for e in apply:
+                    await self.handler(session, e)
+            outcome.applied = len(apply)
             if changed:
                 await conn.exec_driver_sql(store.SAVE_SEQUENCES, (
                     self.name, [k[0] for k in changed], [k[1] for k in changed], list(changed.values())))

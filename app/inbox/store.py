@@ -42,13 +42,17 @@ ON CONFLICT DO NOTHING
 RETURNING event_id"""
 
 #: The last applied sequence of each key of a batch, locked until the transaction ends, so two
-#: instances of one consumer cannot apply events of one key concurrently.
+#: instances of one consumer cannot apply events of one key concurrently. One index lookup per
+#: key, in key order (so lockers never deadlock): a join would let the plan depend on the
+#: table's statistics, and a consumer catching up before the next ANALYZE got a hash join over
+#: all of its keys (bench/inbox.py: 5.5 ms instead of 0.2 ms per batch at 30,000 keys).
 LAST_SEQUENCES = """
-SELECT k.entity, k.key, k.sequence FROM inbox_keys k
-JOIN unnest($2::text[], $3::text[]) AS b(entity, key) ON (k.entity, k.key) = (b.entity, b.key)
-WHERE k.consumer = $1
-ORDER BY k.entity, k.key
-FOR UPDATE OF k"""
+SELECT k.entity, k.key, k.sequence
+FROM (SELECT DISTINCT entity, key FROM unnest($2::text[], $3::text[]) AS u(entity, key) ORDER BY entity, key) AS b
+CROSS JOIN LATERAL (
+    SELECT i.entity, i.key, i.sequence FROM inbox_keys i
+    WHERE i.consumer = $1 AND i.entity = b.entity AND i.key = b.key
+    FOR UPDATE) AS k"""
 
 #: Record the last applied sequence of each key.
 SAVE_SEQUENCES = """

@@ -135,8 +135,9 @@ async def run_inbox(settings: Settings, db: Database, feed: Feed, applied: Appli
     started: list[tuple[Inbox, asyncio.Task[None]]] = []
 
     async def start(name: str | None = None, **kwargs: Any) -> tuple[Inbox, asyncio.Task[None]]:
+        handler = kwargs.pop("handler", applied.handler)
         inbox = Inbox(settings.with_(consumer_fetch_max_wait_ms=10), db, name or f"test.{uuid.uuid4().hex[:8]}",
-                      [feed.topic], kwargs.pop("handler", applied.handler), schema_of=lambda _: ORDERS, **kwargs)
+                      [feed.topic], handler, schema_of=lambda _: ORDERS, **kwargs)
         task = asyncio.get_running_loop().create_task(inbox.run())
         started.append((inbox, task))
         return inbox, task
@@ -279,3 +280,29 @@ async def test_writes_of_the_handler_raise_their_events_only_when_the_event_is_a
         ))).all()
     assert [tuple(r) for r in invoices] == [(40, 1234)]
     assert [(r[1], r[2]) for r in events] == [("create", "billing")]
+
+
+async def test_a_batch_handler_gets_each_transactions_events_in_order_and_a_failing_batch_is_split(
+        feed: Feed, applied: Applied, run_inbox: Any) -> None:
+    calls: list[list[tuple[str, int]]] = []
+
+    async def batch(session: AsyncSession, events: list[InboxEvent]) -> None:
+        calls.append([(e.key, e.sequence) for e in events])
+        for event in events:
+            await applied.handler(session, event)
+
+    applied.fail_once = {"52"}
+    for sequence in (1, 2, 3):
+        for key in ("51", "52"):
+            await feed.event(key, sequence)
+    inbox, task = await run_inbox(handler=None, batch_handler=batch, batch=100)
+    await until(lambda: inbox.stats.applied, lambda n: n == 6, what="6 events applied")
+    await stop_inbox(inbox, task)
+    rows = await applied.rows()
+    assert [(r[1], r[2]) for r in rows] == [("51", 1), ("51", 2), ("51", 3), ("52", 1), ("52", 2), ("52", 3)]
+    # Per key, each call saw the events in order; the batch that failed was retried one by one.
+    for call in calls:
+        for key in ("51", "52"):
+            mine = [seq for k, seq in call if k == key]
+            assert mine == sorted(mine)
+    assert any(len(call) > 1 for call in calls) and any(len(call) == 1 for call in calls)
