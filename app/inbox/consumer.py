@@ -256,22 +256,19 @@ class Inbox:
         outcome = _Outcome()
         async with self.db.session() as session:
             conn = await session.connection()
-            claimed = await conn.exec_driver_sql(store.CLAIM, (
+            keyed = sorted({(e.entity, e.key) for e in events if e.sequenced})
+            rows = (await conn.exec_driver_sql(store.CLAIM_AND_LOCK, (
                 self.name, [e.event_id for e in events], [e.topic for e in events],
-                [e.partition for e in events], [e.offset for e in events]))
-            new = {str(row[0]) for row in claimed.all()}
+                [e.partition for e in events], [e.offset for e in events],
+                [k[0] for k in keyed], [k[1] for k in keyed]))).all()
+            new = {row[1] for row in rows if row[0] == "claimed"}
+            last: dict[tuple[str, str], int] = {(row[1], row[2]): row[3] for row in rows if row[0] == "key"}
             fresh, seen = [], set()
             for e in events:
                 if e.event_id in new and e.event_id not in seen:
                     seen.add(e.event_id)
                     fresh.append(e)
             outcome.duplicates = len(events) - len(fresh)
-            keyed = sorted({(e.entity, e.key) for e in fresh if e.sequenced})
-            last: dict[tuple[str, str], int] = {}
-            if keyed:
-                rows = await conn.exec_driver_sql(store.LAST_SEQUENCES, (
-                    self.name, [k[0] for k in keyed], [k[1] for k in keyed]))
-                last = {(row[0], row[1]): row[2] for row in rows.all()}
             changed: dict[tuple[str, str], int] = {}
             apply: list[InboxEvent] = []
             for e in fresh:
