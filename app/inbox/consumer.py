@@ -58,8 +58,11 @@ class SequenceGap(Exception):
     """With `strict_order`: an event whose key skipped a sequence number."""
 
 
-class _Stopped(Exception):
-    """`stop()` was called while waiting out an outage: leave without committing more."""
+class _Stopped(BaseException):
+    """`stop()` was called while waiting out an outage: leave without committing more.
+
+    A BaseException, so the handler-error paths (`except Exception`) never take it for a
+    failing event and dead-letter a valid one on the way out."""
 
 
 @dataclass
