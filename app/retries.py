@@ -2,7 +2,7 @@
 
 `Backoff` is the one backoff schedule: the agents' batch retries (`Retries.until_done`), the
 relay's reconnects (app/outbox/relay.py) and the watchdog's restarts of a failing agent
-(app/ops/health.py) each use it with their own bounds.
+(app/ops/watchdog.py) each use it with their own bounds.
 
 The agents must not lose an event, so a batch Redis or the broker refuses is retried until it
 goes through. That must not be silent: `Retries` keeps, per stage, since when it has been
