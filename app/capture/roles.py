@@ -12,7 +12,10 @@ PostgreSQL checks them on every statement, whatever the client:
   inserting service and an entity it owns (or be an access event), so no service can forge
   another's events; no service may read the outbox. The per-key sequences of an entity are
   readable and writable only by its owner. The worker's role reads and deletes outbox rows
-  (the relay) and reads the non-sensitive columns of every entity (cache refresh, `/entities`).
+  (the relay) and reads the non-sensitive columns of every entity (cache refresh, `/entities`);
+- the inbox (app/inbox/store.py) is row-level secured by consumer name: a service reads and
+  writes only the rows of its own consumers (`<service>`, `<service>.*`), so it cannot mark
+  another service's events as applied.
 
 Roles are cluster-wide in PostgreSQL; the grants are per database, so `init-db` run against
 several databases of one cluster shares the roles and grants in each.
