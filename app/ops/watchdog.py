@@ -43,6 +43,7 @@ import faust
 from mode import Service
 
 from app.ops.actors import actors_of, await_chain, await_leaf, is_running
+from app.ops.liveness import ConsumerLiveness
 from app.ops.offsets import agent_lag, agent_topics, partition_offsets
 from app.ops.progress import AgentProgress, ProgressSensor
 from app.retries import Backoff, retries_of
@@ -77,6 +78,11 @@ class WatchdogPolicy:
     max_backoff: float = 600.0
     #: Seconds of retrying one batch, or of no progress with lag, before an agent counts as stuck.
     stuck_after: float = 30.0
+    #: Seconds of no fetch before the consumer counts as stalled (`app.ops.liveness`).
+    consumer_stall_after: float = 30.0
+    #: Seconds an input partition's commit may be held by an unprocessed head before it is
+    #: read again from there (`app.transport.FetchWaitConsumer.reseek_held`).
+    reseek_after: float = 5.0
 
     def stall_seconds(self, app: faust.App) -> float:
         """`stall_after`, or its default for `app`."""
@@ -115,6 +121,7 @@ class Watchdog(Service):
         self.policy = policy or WatchdogPolicy()
         self.retries = retries_of(app)
         self.watches: dict[str, AgentWatch] = {}
+        self.liveness = ConsumerLiveness(app, self.policy.consumer_stall_after)
         #: How late the last check woke up: the event loop's responsiveness.
         self.loop_lag = 0.0
 
@@ -128,6 +135,8 @@ class Watchdog(Service):
                 break
             self.loop_lag = max(0.0, time.monotonic() - started - interval)
             try:
+                # Before `check`: a stalled consumer often never lets the worker settle.
+                self.liveness.check()
                 await self.check()
             except asyncio.CancelledError:
                 raise
@@ -143,6 +152,9 @@ class Watchdog(Service):
         """Look at every agent once; restart the dead and the stalled."""
         if not self.settled():
             return
+        reseek = getattr(self.app.consumer, "reseek_held", None)
+        if reseek is not None:
+            await reseek(self.policy.reseek_after)
         now = time.monotonic()
         topics = agent_topics(self.app)
         offsets = partition_offsets(self.app, set().union(*topics.values()) if topics else ())

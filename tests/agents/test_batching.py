@@ -108,3 +108,28 @@ def test_behind_means_more_than_a_batch_waits_in_some_partition() -> None:
     assert not behind(FakeStream({"a": 12, "b": 6}), batch)  # type: ignore[arg-type]
     assert not behind(FakeStream({"a": 15, "b": 6}), batch)  # type: ignore[arg-type]  # 3 wait: not more than the batch
     assert behind(FakeStream({"a": 12, "b": 10}), batch)  # type: ignore[arg-type]  # 4 wait behind offset 5
+
+
+async def test_a_second_take_ready_on_the_same_stream_gets_every_later_event() -> None:
+    # What Faust's supervisor does after an actor crashes: a new actor on the same stream, while
+    # the old generator is not closed yet. Its processor must not stay behind filling a batch
+    # nobody reads: once full it blocked the stream's drainer, and every partition with it.
+    app = make_app("replaced")
+    seen: list[bytes] = []
+    abandoned: list[Any] = []
+
+    @app.agent(app.topic("in", value_serializer="raw"))
+    async def agent(stream: Any) -> None:
+        old = take_ready(stream, 3, (0.001, 0.01))
+        abandoned.append(old)  # kept alive, never closed: as a crashed actor's generator
+        seen.extend(event.value for event in await old.__anext__())
+        async for batch in take_ready(stream, 3, (0.001, 0.01)):
+            seen.extend(event.value for event in batch)
+
+    async with agent.test_context() as ctx:
+        await ctx.put(b"first")
+        await until(lambda: list(seen), lambda s: s == [b"first"], timeout=5, what="the old actor's batch")
+        for i in range(10):  # more than the old processor's batch of 3
+            await ctx.put(b"%d" % i)
+        await until(lambda: list(seen), lambda s: s[1:] == [b"%d" % i for i in range(10)], timeout=10,
+                    what="every event after the replacement")

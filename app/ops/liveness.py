@@ -1,0 +1,122 @@
+"""The consumer's liveness rule: a worker whose Kafka consumer stopped for good exits non-zero.
+
+Faust's worker can log "Worker ready" and then never fetch again: aiokafka's group coordinator
+parks on an error until someone reads it (Faust never does: `app.transport` now does), a
+position reset waits for a commit-refresh task that died, and one stuck partition stops every
+fetch to its node; or Faust's table recovery loop ends on a step timeout and no rebalance
+completes after it. Nothing in the process can restart those pieces (aiokafka's consumer is not
+restartable in place, and Faust builds it once), so the rule's remedy is the process: readiness
+goes 503 naming the cause, the consumer state is logged, and the worker exits with
+`STALL_EXIT_CODE` for its supervisor (Compose `restart:`, Kubernetes, the chaos stack) to start
+it again. Its partitions are read again from their committed offsets (at least once; every
+stage is idempotent), as after a crash.
+
+A stall is one of:
+- a background task of the consumer ended (the fetcher's routine, the coordinator's
+  coordination, heartbeat or commit-refresh task) while the worker runs;
+- the table recovery loop ended while the worker runs;
+- for `stall_after` seconds without a break: an assigned, unpaused partition got no fetch
+  response, no fetch request is out, and the fetcher holds no records waiting to be taken
+  (those mean the agents are the slow part: the watchdog's business). A broker that is down or
+  paused keeps a request out, so an outage is not a stall.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from app.faust_compat import consumer_task_errors, fetch_in_flight, fetch_states, kafka_consumer, recovery_task
+
+log = logging.getLogger(__name__)
+
+#: EX_TEMPFAIL: the stall is the process's, a new one starts clean.
+STALL_EXIT_CODE = 75
+
+
+class ConsumerLiveness:
+    """Finds a stalled consumer (see the module docstring) and ends the process."""
+
+    def __init__(self, app: Any, stall_after: float, *, grace: float = 2.0,
+                 exit: Callable[[int], None] = os._exit) -> None:
+        self.app = app
+        self.stall_after = stall_after
+        #: Seconds between reporting a stall (readiness 503) and exiting.
+        self.grace = grace
+        self._exit = exit
+        #: Why the consumer is stalled ("" while it is not).
+        self.stalled = ""
+        self._stalled_at = 0.0
+        #: When the "no fetch" condition started to hold without a break (None: it does not).
+        self._unfetched_since: float | None = None
+
+    def check(self, now: float | None = None) -> str:
+        """Look once; on a stall, report it and exit after `grace` s. Returns the reason or ""."""
+        now = time.monotonic() if now is None else now
+        if self.app.should_stop:
+            return ""
+        if self.stalled:
+            if now - self._stalled_at >= self.grace:
+                self._end()
+            return self.stalled
+        why = self._why(now)
+        if why:
+            self.stalled, self._stalled_at = why, now
+            log.error("liveness: the consumer is stalled: %s; exiting with %d for the supervisor to "
+                      "restart the worker; consumer state: %s", why, STALL_EXIT_CODE, self._state())
+        return why
+
+    def _why(self, now: float) -> str:
+        recovery = recovery_task(self.app.tables.recovery)
+        if recovery is not None and recovery.done():
+            return "the table recovery loop ended (no rebalance can complete)"
+        consumer = kafka_consumer(self.app)
+        if consumer is None or getattr(consumer, "_closed", True):
+            self._unfetched_since = None
+            return ""
+        ended = consumer_task_errors(consumer)
+        if ended:
+            return "aiokafka's " + ", ".join(f"{name} task {how}" for name, how in sorted(ended.items()))
+        unfetched = self._unfetched(consumer)
+        if not unfetched:
+            self._unfetched_since = None
+            return ""
+        if self._unfetched_since is None:
+            self._unfetched_since = now
+        if now - self._unfetched_since < self.stall_after:
+            return ""
+        names = ", ".join(f"{tp.topic}:{tp.partition}" for tp in sorted(unfetched)[:8])
+        return (f"no fetch response for {self.stall_after:.0f} s on {len(unfetched)} assigned partition(s) "
+                f"({names}) and no fetch request out")
+
+    def _unfetched(self, consumer: Any) -> list[Any]:
+        """Assigned, unpaused partitions with no recent fetch response, while nothing explains it."""
+        try:
+            if fetch_in_flight(consumer):
+                return []
+            states = fetch_states(consumer)
+        except RuntimeError:  # changed under us by the consumer's thread: look again next time
+            return []
+        if any(buffered for _, buffered, _ in states.values()):
+            return []  # the agents have not taken what was fetched: back-pressure, not a stall
+        wall = time.time()
+        return [tp for tp, (paused, _, stamp) in states.items()
+                if not paused and (stamp is None or wall - stamp >= self.stall_after)]
+
+    def _state(self) -> str:
+        try:
+            from app.ops.consumer_state import consumer_state
+        except ImportError:
+            return "(no dump available)"
+        try:
+            return json.dumps(consumer_state(self.app), default=str)
+        except Exception as exc:  # the dump is a diagnostic: never let it stop the exit
+            return f"(dump failed: {exc!r})"
+
+    def _end(self) -> None:
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        self._exit(STALL_EXIT_CODE)
