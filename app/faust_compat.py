@@ -135,7 +135,7 @@ def consumer_task_errors(consumer: "aiokafka.AIOKafkaConsumer") -> dict[str, str
     tasks = {"fetcher": getattr(getattr(consumer, "_fetcher", None), "_fetch_task", None)}
     coordinator = getattr(consumer, "_coordinator", None)
     for name in ("_coordination_task", "_heartbeat_task", "_commit_refresh_task"):
-        tasks[name.strip("_")] = getattr(coordinator, name, None)
+        tasks[name.strip("_").removesuffix("_task")] = getattr(coordinator, name, None)
     ended = {}
     for name, task in tasks.items():
         if task is not None and task.done():
@@ -168,7 +168,8 @@ def fetch_in_flight(consumer: "aiokafka.AIOKafkaConsumer") -> bool:
 
 def recovery_task(recovery: Any) -> Any:
     """The task running Faust's table recovery loop (`Recovery._restart_recovery`, a mode
-    `Service.task`, found among the service's futures by its coroutine's name), or None.
+    `Service.task`, found among the service's futures by its coroutine's name), or None
+    (mode drops a future from `_futures` once it is done).
     The loop `break`s for good on a step timeout (`ServiceStopped`) or raises: no later
     rebalance is then ever completed."""
     for future in list(getattr(recovery, "_futures", ())):

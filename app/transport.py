@@ -57,8 +57,30 @@ class FetchWaitConsumerThread(driver.AIOKafkaConsumerThread):
             check_coordinator_errors(consumer)
         except KafkaError as exc:
             log.warning("consumer: the group coordinator reported %r; it carries on", exc)
-        return await super()._fetch_records(consumer, active_partitions, timeout=timeout,
-                                            max_records=max_records)
+        records = await super()._fetch_records(consumer, active_partitions, timeout=timeout,
+                                               max_records=max_records)
+        # Read in the step that drained the records (a return is not a yield to the loop): a
+        # seek, which runs on this loop too (`seek_marked`), came either before the drain, so
+        # the records are from the sought position, or after, so they are older than it.
+        return Fetched(records, self.consumer.seek_epoch)
+
+    async def seek_marked(self, tp: TP, offset: int) -> None:
+        """Seek `tp` to `offset`, noting the seek in the same step (see `Fetched`)."""
+        self.consumer.mark_sought(ensure_TP(tp))
+        self._ensure_consumer().seek(tp, offset)
+
+    async def seek_to_committed_marked(self) -> dict[TP, int | None]:
+        """aiokafka's `seek_to_committed` for every assigned partition, each seek noted in the
+        step it is made (a fetch may be drained between two partitions' seeks)."""
+        consumer = self._ensure_consumer()
+        committed: dict[TP, int | None] = {}
+        for tp in list(consumer.assignment()):
+            offset = await consumer.committed(tp)
+            committed[ensure_TP(tp)] = offset
+            if offset is not None and offset > 0:  # as aiokafka: 0 and None are not sought
+                self.consumer.mark_sought(ensure_TP(tp))
+                consumer.seek(tp, offset)
+        return committed
 
     async def _highwaters(self, partitions: list[TP]) -> Mapping[TP, int]:
         # Faust ends table recovery at these offsets. Tansu's answer is the start of the last
@@ -75,6 +97,14 @@ class FetchWaitConsumerThread(driver.AIOKafkaConsumerThread):
         return {by_kafka_tp[k]: end for k, end in ends.items()}
 
 
+class Fetched(dict[Any, Any]):
+    """Records of one fetch, with the consumer's seek count when they were drained."""
+
+    def __init__(self, records: Mapping[Any, Any], epoch: int) -> None:
+        super().__init__(records)
+        self.epoch = epoch
+
+
 class _ReadOffsets(defaultdict[TP, "int | None"]):
     """`Consumer._read_offset`, refusing the write for a message a seek overtook.
 
@@ -85,7 +115,7 @@ class _ReadOffsets(defaultdict[TP, "int | None"]):
     offsets, and then the loop records the old message's offset, higher than that. Every
     message fetched again between the two then counted as read, never processed (the storm
     chaos test lost `orders-v1` events and views that way). The write is refused when the
-    message was fetched in an earlier generation or its delivery began before the last seek.
+    message was fetched in an earlier generation or before its partition was last sought.
     """
 
     def __init__(self, consumer: "FetchWaitConsumer") -> None:
@@ -97,8 +127,12 @@ class _ReadOffsets(defaultdict[TP, "int | None"]):
         message = consumer.delivering
         if (message is not None and offset is not None and message.tp == tp and message.offset == offset
                 and (message.generation_id != consumer.app.consumer_generation_id
-                     or consumer.delivering_epoch != consumer.seek_epoch)):
+                     or consumer.sought.get(tp, 0) > consumer.delivering_epoch)):
             return
+        super().__setitem__(tp, offset)
+
+    def reset(self, tp: TP, offset: "int | None") -> None:
+        """Set the read offset after a seek, never refused."""
         super().__setitem__(tp, offset)
 
 
@@ -111,18 +145,23 @@ class FetchWaitConsumer(driver.Consumer):
         super().__init__(*args, **kwargs)
         #: The message the drain loop is handing to the streams now (see `_ReadOffsets`).
         self.delivering: Message | None = None
-        #: Seeks so far, and how many there had been when `delivering`'s delivery began.
+        #: Seeks so far (counted on the consumer thread, in the step each seek is made); per
+        #: partition, the count at its last seek; the count when the batch being delivered
+        #: was drained, and when `delivering` was.
         self.seek_epoch = 0
+        self.sought: dict[TP, int] = {}
+        self.batch_epoch = 0
         self.delivering_epoch = 0
         #: Where each input partition's next commit must start, and what the rule held back.
         self.commit_guard: CommitGuard[TP] = CommitGuard()
-        replace_read_offsets(self, _ReadOffsets(self))
+        self.read_offsets = _ReadOffsets(self)
+        replace_read_offsets(self, self.read_offsets)
         deliver = self.callback
 
         def callback(message: Message) -> Any:
             # Plain function: the message is noted before the drain loop awaits its delivery.
             self.delivering = message
-            self.delivering_epoch = self.seek_epoch
+            self.delivering_epoch = self.batch_epoch
             return deliver(message)
 
         self.callback = callback
@@ -178,9 +217,7 @@ class FetchWaitConsumer(driver.Consumer):
         only after the queue clear (every caller of `perform_seek` calls `resume_flow` after).
         """
         self.stop_flow()
-        self.seek_epoch += 1
         committed = await self.seek_to_committed()
-        self.seek_epoch += 1
         self._read_offset.update({tp: offset if offset is not None and offset >= 0 else None
                                   for tp, offset in committed.items()})
         self._committed_offset.update({ensure_TP(tp): offset if offset else None
@@ -205,20 +242,37 @@ class FetchWaitConsumer(driver.Consumer):
             return await self.highwaters(*tps)
         return await self.earliest_offsets(*tps)
 
+    def mark_sought(self, tp: TP) -> None:
+        """Note a seek of `tp`; call it on the consumer thread, in the step of the seek."""
+        self.seek_epoch += 1
+        self.sought[tp] = self.seek_epoch
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        return await self._thread.call_thread(self._thread.seek_to_committed_marked)  # type: ignore[no-any-return]
+
+    async def _seek(self, partition: TP, offset: int) -> None:
+        # Faust seeks from this thread while the consumer thread may be draining a fetch:
+        # made there, the seek and the drain are ordered (see `Fetched`).
+        await self._thread.call_thread(self._thread.seek_marked, partition, offset)
+
+    async def _wait_next_records(self, timeout: float) -> tuple[Any, Any]:
+        records, active = await super()._wait_next_records(timeout)
+        self.batch_epoch = getattr(records, "epoch", self.seek_epoch)
+        return records, active
+
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Message]]:
         # Faust's loop goes on through a batch fetched before a seek once the flow is active
         # again: those messages would be delivered, and recorded as read, ahead of the ones
-        # the seek reads again. The rest of such a batch is left; the next fetch starts at the
-        # sought position.
-        epoch = self.seek_epoch
+        # the seek reads again. They are left; the fetcher is at the sought position.
         async for tp, message in super().getmany(timeout):
-            if self.seek_epoch != epoch:
-                break
-            yield tp, message
+            if self.sought.get(tp, 0) <= self.batch_epoch:
+                yield tp, message
 
     async def seek(self, partition: TP, offset: int) -> None:
-        self.seek_epoch += 1
-        await super().seek(partition, offset)
+        # Faust's, with a write to the read offsets that is never refused (the message being
+        # delivered may have this very offset).
+        await self._seek(partition, offset)
+        self.read_offsets.reset(ensure_TP(partition), offset if offset else None)
         if self.app.topics.acks_enabled_for(partition.topic):
             self.commit_guard.start_at(ensure_TP(partition), offset)
 
@@ -238,16 +292,14 @@ class FetchWaitConsumer(driver.Consumer):
                 if now - since >= older_than and tp in assigned and tp in guard.base]
         if not held or not self.flow_active or self.app.rebalancing:
             return []
-        self.stop_flow()
-        try:
-            for tp in held:
-                log.warning("consumer: %s: offset %d was never processed while later ones were "
-                            "(acked from %s); reading again from %d", tp, guard.base[tp],
-                            min(self._acked[tp], default=None), guard.base[tp])
-                guard.reseeks += 1
-                await self.seek(tp, guard.base[tp])
-        finally:
-            self.resume_flow()
+        for tp in held:
+            log.warning("consumer: %s: offset %d was never processed while later ones were "
+                        "(acked from %s); reading again from %d", tp, guard.base[tp],
+                        min(self._acked[tp], default=None), guard.base[tp])
+            guard.reseeks += 1
+            # Marked as sought: what the drain loop holds of the partition's older fetch is
+            # left, and its read offset goes back to the base (`_ReadOffsets`).
+            await self.seek(tp, guard.base[tp])
         return held
 
     def _new_consumer_thread(self) -> driver.AIOKafkaConsumerThread:

@@ -20,7 +20,7 @@ from mode import Service
 
 from app.commits import CommitGuard
 from app.settings import Settings
-from app.transport import App, FetchWaitConsumer
+from app.transport import App, Fetched, FetchWaitConsumer
 
 TOPIC = "orders-v2"
 T0 = TP(TOPIC, 0)
@@ -104,7 +104,7 @@ class Recovery:
 
     The log holds offsets 10..19, the group's committed offset is 10, and the fetcher is at 10
     (aiokafka resets an assigned partition to its committed offset). The drain loop (Faust's
-    real `_drain_messages` and `getmany`) delivers into `queue`, an agent's queue: the agents
+    real `_drain_messages`, `getmany` and `_wait_next_records`) delivers into `queue`, an agent's queue: the agents
     do not run until the rebalance ends, as on a busy worker. Then, as `Recovery.
     on_recovery_completed` does: seek, clear every agent queue (`flow_control.resume()`),
     resume the flow; the agents process what is delivered after and ack it.
@@ -120,7 +120,7 @@ class Recovery:
         self.position = 10
         self.fetched = asyncio.Event()
         monkeypatch.setattr(self.app.topics, "acks_enabled_for", lambda topic: topic == TOPIC)
-        monkeypatch.setattr(consumer, "_wait_next_records", self.next_records)
+        monkeypatch.setattr(consumer, "_getmany", self.fetch)
         monkeypatch.setattr(consumer, "seek_to_committed", self.seek_to_committed)
         monkeypatch.setattr(consumer, "_seek", self.seek)
         monkeypatch.setattr(consumer, "highwater", lambda tp: 20)
@@ -129,23 +129,30 @@ class Recovery:
     async def deliver(self, message: Any) -> None:
         self.queue.append(message)
 
-    async def next_records(self, timeout: float) -> tuple[dict[TP, list[ConsumerRecord]], set[TP]]:
-        if not self.consumer.flow_active:
-            await self.consumer.wait(self.consumer.can_resume_flow)
+    async def fetch(self, active_partitions: set[TP], timeout: float) -> Any:
+        """The consumer thread's fetch: records from the position, drained in one step."""
         await asyncio.sleep(0)  # the fetch's round trip
         records = [ConsumerRecord(TOPIC, 0, offset, 0, 0, b"k", b"v", None, 1, 1, ())
                    for offset in range(self.position, min(self.position + self.batch, 20))]
         self.position += len(records)
         self.fetched.set()
-        return {T0: records}, {T0}
+        if isinstance(self.consumer, FetchWaitConsumer):
+            return Fetched({T0: records}, self.consumer.seek_epoch)  # as FetchWaitConsumerThread
+        return {T0: records}
+
+    def move(self, offset: int) -> None:
+        """aiokafka's seek, noted in the same step as our consumer thread does."""
+        self.position = offset
+        if isinstance(self.consumer, FetchWaitConsumer):
+            self.consumer.mark_sought(T0)
 
     async def seek_to_committed(self) -> dict[TP, int]:
-        self.position = 10
         await asyncio.sleep(0)  # OffsetFetch
+        self.move(10)
         return {T0: 10}
 
     async def seek(self, tp: TP, offset: int) -> None:
-        self.position = offset
+        self.move(offset)
 
     async def run(self) -> int | None:
         """Run the sequence; the offset the consumer would commit at the end."""

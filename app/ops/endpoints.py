@@ -8,6 +8,8 @@
   the part and the error (`agent refresh_cache_orders: stuck: retrying the same batch ...`).
 - `GET /status`: HTML page with a live chart; `GET /status.json`: its data.
 - `GET /asyncapi.json`: the AsyncAPI document of the topics (what `python -m app asyncapi` prints).
+- `GET /debug/consumer`: what the Kafka consumer is doing, per partition, fetcher, coordinator
+  and agent (`app.ops.consumer_state`), to diagnose a stall; SIGUSR2 logs the same as one line.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from faust.web import Request, Response
 from faust.web import View as FaustView
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from app.ops.consumer_state import ConsumerStateSignal, consumer_state
 from app.ops.health import not_ready
 from app.ops.watchdog import Watchdog, WatchdogPolicy
 from app.ops.metrics import DownconvertCounts, Sources, new_registry
@@ -61,7 +64,9 @@ def install(app: faust.App, settings: Settings, *, relay: Relay | None = None,
     """Add the progress sensor, the watchdog and the ops endpoints to `app`; returns them."""
     progress = ProgressSensor(app)
     app.sensors.add(progress)
-    watchdog = Watchdog(app, progress, policy or WatchdogPolicy(stuck_after=settings.stuck_after))
+    watchdog = Watchdog(app, progress, policy or WatchdogPolicy(
+        stuck_after=settings.stuck_after, consumer_stall_after=settings.stall_after,
+        reseek_after=settings.reseek_after))
 
     def caches() -> dict[str, CacheStats]:
         # Only a repository already opened: a scrape must not open clients. "worker": the one
@@ -78,6 +83,9 @@ def install(app: faust.App, settings: Settings, *, relay: Relay | None = None,
     # Both start after table recovery, with the app's other services (Faust starts instances as given).
     app.service(watchdog)  # type: ignore[arg-type]
     app.service(history)  # type: ignore[arg-type]
+    # A dependency of the app, not an app service: those start only after table recovery, and a
+    # recovery stalled by a rebalance is one of the things SIGUSR2 is for.
+    app.add_dependency(ConsumerStateSignal(app))
     _pages(app, ops, settings)
     return ops
 
@@ -142,4 +150,13 @@ def _pages(app: faust.App, ops: Ops, settings: Settings) -> None:
                 from app.ops.asyncapi import build_document  # the document is built only when asked for
 
                 return self.json(build_document(settings), headers={"Cache-Control": "no-cache"})
+            return await guarded(self, request, answer, "ops")
+
+    @app.page("/debug/consumer", name="mse-debug-consumer")
+    class DebugConsumer(FaustView):
+        """The consumer-state dump: where each partition's fetching and committing stand."""
+
+        async def get(self, request: Request, **_: Any) -> Response:
+            async def answer() -> Response:
+                return self.json(consumer_state(app), headers={"Cache-Control": "no-store"})
             return await guarded(self, request, answer, "ops")

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from app.ops.consumer_state import consumer_state
 from app.faust_compat import consumer_task_errors, fetch_in_flight, fetch_states, kafka_consumer, recovery_task
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class ConsumerLiveness:
         self._stalled_at = 0.0
         #: When the "no fetch" condition started to hold without a break (None: it does not).
         self._unfetched_since: float | None = None
+        #: Whether the recovery loop's task was seen running (mode forgets a task once it ends).
+        self._recovery_seen = False
 
     def check(self, now: float | None = None) -> str:
         """Look once; on a stall, report it and exit after `grace` s. Returns the reason or ""."""
@@ -71,7 +74,9 @@ class ConsumerLiveness:
 
     def _why(self, now: float) -> str:
         recovery = recovery_task(self.app.tables.recovery)
-        if recovery is not None and recovery.done():
+        if recovery is not None:
+            self._recovery_seen = True
+        if self._recovery_seen and (recovery is None or recovery.done()):
             return "the table recovery loop ended (no rebalance can complete)"
         consumer = kafka_consumer(self.app)
         if consumer is None or getattr(consumer, "_closed", True):
@@ -107,10 +112,6 @@ class ConsumerLiveness:
                 if not paused and (stamp is None or wall - stamp >= self.stall_after)]
 
     def _state(self) -> str:
-        try:
-            from app.ops.consumer_state import consumer_state
-        except ImportError:
-            return "(no dump available)"
         try:
             return json.dumps(consumer_state(self.app), default=str)
         except Exception as exc:  # the dump is a diagnostic: never let it stop the exit

@@ -14,7 +14,10 @@ Families (all `mse_`): relay `relay_published_total`, `relay_batches_total`,
 `dead_letters_total{stage,topic}`, `downconverted_total{topic}`; cache {repository}
 `cache_{hits,misses,fills,refreshes,stale_rejections,redis_errors,db_loads,redis_bypassed}_total`;
 `table_keys{table}`; consumer {topic,partition} `consumer_highwater`,
-`consumer_committed_offset`, `consumer_read_offset`, `consumer_lag`; `ready`.
+`consumer_committed_offset`, `consumer_read_offset`, `consumer_lag`; the commit rule
+(`app/commits.py`) `consumer_commits_past_unacked_total` (must stay 0),
+`consumer_commits_refused_total`, `consumer_reseeks_total`, `consumer_offset_jumps_total{topic,partition}`,
+`consumer_commit_held_seconds{topic,partition}`; `ready`.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import faust
 from faust.types import AgentT
@@ -31,6 +34,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.commits import CommitGuard
 from app.ops.offsets import agent_lag, agent_topics, partition_offsets
 from app.ops.progress import ProgressSensor
 from app.topology import evented_topics
@@ -278,6 +282,30 @@ class OpsCollector(Collector):
             if p.lag is not None:
                 lag.add_metric(labels, p.lag)
         yield from (highwater, committed, read, lag)
+        yield from commit_guard_families(getattr(s.app.consumer, "commit_guard", None))
+
+
+def commit_guard_families(guard: CommitGuard[Any] | None) -> Iterator[Metric]:
+    """What the commit rule (app/commits.py) refused, held and healed on this worker."""
+    if guard is None:
+        return
+    now = time.monotonic()
+    yield CounterMetricFamily("mse_consumer_commits_past_unacked", "Commits made while the committed offset "
+                              "was not the lowest acked one (must stay 0).", value=guard.commits_past_unacked)
+    yield CounterMetricFamily("mse_consumer_commits_refused", "Commits Faust's own rule would have made past "
+                              "an offset no agent finished; held instead.", value=guard.commits_refused)
+    yield CounterMetricFamily("mse_consumer_reseeks", "Input partitions read again from a message no agent "
+                              "finished while later ones were.", value=guard.reseeks)
+    jumps = CounterMetricFamily("mse_consumer_offset_jumps", "Deliveries that skipped offsets (logged, never "
+                                "counted as processed).", labels=["topic", "partition"])
+    for tp, count in sorted(guard.offset_jumps.items()):
+        jumps.add_metric([tp.topic, str(tp.partition)], count)
+    yield jumps
+    held = GaugeMetricFamily("mse_consumer_commit_held_seconds", "How long each input partition's commit has "
+                             "waited for an unprocessed head offset.", labels=["topic", "partition"])
+    for tp, since in sorted(guard.held_since.items()):
+        held.add_metric([tp.topic, str(tp.partition)], now - since)
+    yield held
 
 
 def new_registry(sources: Sources) -> CollectorRegistry:
