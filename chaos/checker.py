@@ -6,13 +6,17 @@ Promises (see the fault-injection issue):
   transaction writes one aggregate, so n counts its committed writes); copies of a message
   carry its event id; no event carries a rolled-back write's marker (a negative amount);
 - per-key order: first copies of a key's events come in increasing sequence order;
+- down-conversion: per partition, the first copies on `orders-v1` are the valid `orders-v2`
+  events, one each, in their offset order (`chaos.copies`);
 - after the system is quiet, the `orders` view, `customer_orders` (count, totals, last order
   time), `orders_by_status`, `orders_per_minute` (each key once, in the minute of its first
   creation as its first event on `orders-v2` says), the Redis cache and the last `orders-v1`
   event of each key agree with the database;
 - the billing service's inbox applies each orders event once: every paid or shipped order has
   exactly one invoice, with its amount and currency, and no other order has one; and its own
-  writes are events too (`invoices-v1` is checked like the topics above).
+  writes are events too (`invoices-v1` is checked like the topics above);
+- no worker commits an offset past a message it did not finish (its
+  `mse_consumer_commits_past_unacked_total`, read by the run at the end of each fault).
 """
 from __future__ import annotations
 
@@ -22,16 +26,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.cache import connect_redis, decode_entry
-from app.wire.codec import schema_for_topic
+from app.wire.codec import downconvert_record, schema_for_topic
 from chaos.agreement import (Snapshot, check_invoices, order_matches, orders_per_minute, snapshot, v1_matches,
                              view_mismatches)
+from chaos.copies import check_copies
 from chaos.promises import check_topic
-from chaos.topiclog import TopicLog, count_messages
+from chaos.topiclog import TopicLog, Validate, count_messages
 
 __all__ = ["Checker", "Report", "count_messages"]
 
 SOURCE_TOPICS = ("orders-v2", "customers-v1")
 DERIVED_TOPICS = ("orders-v1", "invoices-v1")
+#: Down-converted topic -> its source, whose valid events it copies one to one.
+COPIES = {"orders-v1": "orders-v2"}
 
 
 @dataclass
@@ -51,10 +58,11 @@ class Report:
     phantom: int = 0
     view_mismatches: int = 0
     cache_mismatches: int = 0
-    v1_mismatches: int = 0
+    v1_mismatches: int = 0         # keys whose last orders-v1 event differs, v2 events not copied 1:1
     invoices_missing: int = 0      # paid or shipped orders without an invoice
     invoices_doubled: int = 0      # orders with more than one invoice
     invoice_mismatches: int = 0    # invoices with another amount or currency, or of an unpaid or deleted order
+    commits_past_unacked: int = 0  # offset commits past an unfinished message (the workers' own count)
     converge_s: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)  # what was still broken at the last check
@@ -69,7 +77,7 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return self.consistent and self.converge_s is not None
+        return self.consistent and self.converge_s is not None and self.commits_past_unacked == 0
 
     HEADER = ("| fault | writes | events | duplicates seen | lost | reordered | view/cache/v1 mismatches "
               "| invoices missing/doubled/mismatched | time to converge | notes |\n"
@@ -80,6 +88,8 @@ class Report:
         notes = ", ".join(f"{k} {v}" for k, v in self.notes.items() if not k.startswith("_"))
         if self.ambiguous or self.retried:
             notes = ", ".join(filter(None, [f"{self.retried} retried, {self.ambiguous} ambiguous", notes]))
+        if self.commits_past_unacked:
+            notes = ", ".join(filter(None, [f"{self.commits_past_unacked} commits past unacked", notes]))
         return (f"| {self.fault} | {self.writes} | {self.events} | {self.duplicates} | {self.lost} | {self.reordered} "
                 f"| {self.view_mismatches}/{self.cache_mismatches}/{self.v1_mismatches} "
                 f"| {self.invoices_missing}/{self.invoices_doubled}/{self.invoice_mismatches} | {converge} | {notes} |")
@@ -95,8 +105,10 @@ class Checker:
         self.logs: dict[str, TopicLog] = {}
 
     async def start(self) -> Checker:
+        sources = {source: target for target, source in COPIES.items()}
         for topic in (*SOURCE_TOPICS, *DERIVED_TOPICS):
-            self.logs[topic] = await TopicLog(self.bootstrap, topic).start()
+            validate = convertible(topic, sources[topic]) if topic in sources else None
+            self.logs[topic] = await TopicLog(self.bootstrap, topic, validate=validate).start()
         return self
 
     async def stop(self) -> None:
@@ -109,6 +121,8 @@ class Checker:
             log.alive()
             if log.errors:
                 report.notes[f"{log.topic} fetch errors (retried)"] = len(log.errors)
+            if log.gaps:
+                report.notes[f"{log.topic} offsets skipped by the checker's reader"] = ", ".join(log.gaps[:3])
         db = await snapshot(self.dsn)
         report.committed = db.committed_writes
         checks = {topic: check_topic(topic, log.events, db.sequences.get(schema_for_topic(topic).entity, {}))
@@ -122,6 +136,10 @@ class Checker:
             1 for key in db.sequences.get("orders", {}) if not v1_matches(checks["orders-v1"].last.get(key),
                                                                            db.orders.get(key)))
         report.examples = [e for c in checks.values() for e in c.examples][:5]
+        for target, source in COPIES.items():
+            copies = check_copies(self.logs[source].events, self.logs[target].events, source, target)
+            report.v1_mismatches += copies.broken
+            report.examples += copies.examples
         invoices = check_invoices(db.orders, db.invoices)
         report.invoices_missing, report.invoices_doubled = invoices.missing, invoices.doubled
         report.invoice_mismatches = invoices.wrong + invoices.unexpected
@@ -186,3 +204,9 @@ class Checker:
                 report.converge_s = None
                 return report
             await asyncio.sleep(0.5)
+
+
+def convertible(source: str, target: str) -> Validate:
+    """Raises on a `source` record the down-converter would dead-letter instead of copying to `target`."""
+    schema, version = schema_for_topic(source), schema_for_topic(target).version
+    return lambda record: downconvert_record(record, schema, version)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ def kill_worker(times: int = 5, between: float = 1.0, ready_within: float | None
         early = killed = 0
         for i in range(times):
             await asyncio.sleep(between)  # let it work (and commit) a little before the next crash
-            worker = stack.alive_workers[0]
+            worker = await stack.live_worker()  # the supervisor may be starting it again
             # Counted only when a live worker died of it: the note is what happened, not what was asked.
             killed += worker.kill()
             last = i == times - 1
@@ -58,7 +59,8 @@ def kill_worker(times: int = 5, between: float = 1.0, ready_within: float | None
 
 async def restart(worker: Process, ready_within: float, give_up_after: float = 120.0) -> bool:
     """Start `worker` again as a supervisor would: a start that exits (say PostgreSQL is down
-    for the moment, and `python -m app worker` refuses to start without it) is retried."""
+    for the moment, and `python -m app worker` refuses to start without it) is retried (for a
+    supervised process, by the stack)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + give_up_after
     while True:
@@ -69,6 +71,12 @@ async def restart(worker: Process, ready_within: float, give_up_after: float = 1
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(1.0)
+
+
+async def restart_until_ready(worker: Process, timeout: float = 90.0) -> None:
+    """Start `worker` again and wait until it is ready; StackError if it is not within `timeout` s."""
+    if not await restart(worker, timeout):
+        raise StackError(f"{worker.title} not ready {timeout:.0f} s after a restart; see {worker.log}")
 
 
 def kill_billing(times: int = 4, seed: int = 4) -> FaultFn:
@@ -141,6 +149,25 @@ def kill_one_of_two() -> FaultFn:
         first, *_ = stack.alive_workers
         first.kill()
         return {"killed": first.name, "survivor": stack.alive_workers[0].name}
+    return act
+
+
+def rolling_restart(rounds: int = 3, between: float = 1.0, grace: float = 30.0) -> FaultFn:
+    """A rolling restart as users do one, with two workers, `rounds` times: SIGKILL the first and
+    start it again, then SIGTERM the second (a graceful stop: `grace` s before SIGKILL, Compose's
+    `stop_grace_period`) and start it again, each start waited for until the worker is ready."""
+    async def act(stack: Stack) -> Notes:
+        first, second = stack.alive_workers[:2]
+        killed = graceful = 0
+        for _ in range(rounds):
+            await asyncio.sleep(between)
+            killed += first.kill()
+            await restart_until_ready(first)
+            await asyncio.sleep(between)
+            # In a thread: the load generator and the checker's readers share this event loop.
+            graceful += await asyncio.to_thread(second.stop, grace) not in (None, -signal.SIGKILL)
+            await restart_until_ready(second)
+        return {"rounds": rounds, "kills": killed, "graceful stops": graceful}
     return act
 
 
@@ -261,6 +288,8 @@ def faults(*, kills: int = 5, broker_pause: float = 20.0, poison_count: int = 10
         "postgres-restart": Fault("PostgreSQL restart", restart_postgres()),
         "redis-restart": Fault("Redis restart + flush", restart_and_flush_redis()),
         "worker-takeover": Fault("2 workers, one SIGKILLed", kill_one_of_two(), workers=2),
+        "rolling-restart": Fault("rolling restart of 2 workers x3 (SIGKILL one, SIGTERM the other)",
+                                 rolling_restart(), workers=2),
         "poison": Fault(f"{poison_count} poison messages per input topic", poison(poison_count)),
         "worker-pause": Fault(f"worker SIGSTOP {worker_pause:.0f} s (slow consumer)", pause_worker(worker_pause)),
         "worker-added": Fault("a second worker added during a backlog", add_worker_during_backlog()),

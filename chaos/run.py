@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 import time
@@ -15,10 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 import tempfile
 
+import aiohttp
+
 from chaos.checker import Checker, Report
 from chaos.faults import Fault, faults
 from chaos.load import Load
-from chaos.stack import Stack
+from chaos.metrics import count_over
+from chaos.stack import Process, Stack
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,7 @@ class Session:
         self.stack = stack
         self.checker = checker
         self.totals = Report("all")
+        self._exits_noted = 0  # of stack.self_exits, already in a report
 
     @classmethod
     async def start(cls, root: Path) -> Session:
@@ -77,10 +82,49 @@ class Session:
         report.writes, report.ambiguous = self.totals.writes, self.totals.ambiguous
         report.retried, report.rolled_back = stats.retried, stats.rolled_back
         await self.checker.converge(report, self.view_url(), timeout=converge_timeout)
+        if not report.consistent:  # what each consumer was doing when it did not converge
+            report.notes["_consumer state"] = await self.capture_consumer_state()
         if report.consistent:  # then what readers get through the cache must agree too
             report.cache_mismatches += await self.checker.read_through_mismatches(self.stack.settings.database_url)
         report.notes["workers alive"] = len(self.stack.alive_workers)
+        await self.note_workers(report)
         return report
+
+    async def note_workers(self, report: Report) -> None:
+        """Add what the workers did by themselves since the last report: exits (each restarted by
+        the stack), and the commits the live ones made past a message they had not finished."""
+        exits = self.stack.self_exits[self._exits_noted:]
+        self._exits_noted = len(self.stack.self_exits)
+        running = [e for e in exits if not e.while_starting]  # say on a stall it could not heal
+        if running:
+            report.notes["self-restarts"] = f"{len(running)} ({'; '.join(map(str, running))})"
+        if len(running) < len(exits):  # refused to start (say PostgreSQL was down): started again
+            report.notes["failed starts"] = len(exits) - len(running)
+        commits = await count_over(w.url for w in self.stack.alive_workers)
+        report.commits_past_unacked = commits.total
+        report.notes["_commits past unacked exported by"] = commits.exported_by
+        if commits.unanswered:
+            report.notes["/metrics unanswered"] = commits.unanswered
+
+    async def capture_consumer_state(self) -> list[str]:
+        """Write each alive worker's `GET /debug/consumer` to `<root>/consumer-state-<name>-<n>.json`
+        (an error it met instead); the paths written."""
+        async def capture(worker: Process, session: aiohttp.ClientSession) -> str:
+            n = 1
+            while (path := self.stack.root / f"consumer-state-{worker.name}-{n}.json").exists():
+                n += 1
+            try:
+                async with session.get(worker.url + "/debug/consumer") as response:
+                    body = await response.text()
+                    if response.status != 200:
+                        body = json.dumps({"error": f"HTTP {response.status}", "body": body})
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                body = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
+            path.write_text(body)
+            return str(path)
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            return list(await asyncio.gather(*(capture(w, session) for w in self.stack.alive_workers)))
 
     def view_url(self) -> str:
         alive = self.stack.alive_workers

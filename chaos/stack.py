@@ -1,15 +1,20 @@
 """A whole system of its own for a fault test: embedded PostgreSQL, Redis and Tansu, workers and billing.
 
 Everything here is started by the stack and stopped by PID when it stops, so faults can kill,
-pause and restart any part without touching the machine's shared servers.
+pause and restart any part without touching the machine's shared servers. The stack is also
+the workers' supervisor, as Docker Compose's `restart: unless-stopped` or Kubernetes is in
+production: a worker that exits by itself (the worker exits non-zero on a stall it cannot
+heal) is started again a second later, and the exit is counted in `Stack.self_exits`.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +27,8 @@ from app.embedded.postgres import EmbeddedPostgres
 from app.embedded.process import free_port
 from app.embedded.redis import EmbeddedRedis
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = b"[^Worker]: Ready"
@@ -44,8 +51,11 @@ class Process:
     env: dict[str, str]
     command: str = "worker"
     ready_line: bytes = READY_LINE
+    #: Started again by the stack when it exits by itself (see `Stack.self_exits`).
+    supervised: bool = False
     proc: subprocess.Popen[bytes] | None = None
     _log_offset: int = 0
+    _down_on_purpose: bool = False  # kill() or stop(): the supervisor leaves it down
 
     @property
     def title(self) -> str:
@@ -60,6 +70,15 @@ class Process:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def exited_by_itself(self) -> bool:
+        """It was started and has exited, and not by `kill()` or `stop()`."""
+        return self.proc is not None and self.proc.poll() is not None and not self._down_on_purpose
+
+    def logged_ready(self) -> bool:
+        """Whether the current (or last) start logged that it is ready."""
+        return self.ready_line in self.log.read_bytes()[self._log_offset:]
+
     async def start(self, timeout: float = 90) -> None:
         """Start the process and return once it logs that it is ready."""
         self.spawn()
@@ -69,17 +88,19 @@ class Process:
     def spawn(self) -> None:
         """Start the process (see `wait_ready`)."""
         self._log_offset = self.log.stat().st_size if self.log.exists() else 0
+        self._down_on_purpose = False
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "app", self.command], cwd=ROOT, env=self.env,
                                          stdout=out, stderr=subprocess.STDOUT)
 
     async def wait_ready(self, timeout: float) -> bool:
-        """Whether it logged that it is ready within `timeout` s; StackError if the process exits."""
+        """Whether it logged that it is ready within `timeout` s; StackError if the process exits
+        (unless it is supervised: then the stack starts it again, and the wait goes on)."""
         assert self.proc is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self.ready_line not in self.log.read_bytes()[self._log_offset:]:
-            if self.proc.poll() is not None:
+        while not self.logged_ready():
+            if not self.supervised and self.proc.poll() is not None:
                 raise StackError(f"{self.title} exited with {self.proc.returncode}; see {self.log}")
             if loop.time() > deadline:
                 return False
@@ -91,6 +112,7 @@ class Process:
 
         True if a live process was killed by it (its exit status says SIGKILL), else False.
         """
+        self._down_on_purpose = True
         if not self.alive:
             return False
         assert self.proc is not None
@@ -107,17 +129,22 @@ class Process:
             assert self.proc is not None
             self.proc.send_signal(signal.SIGCONT)
 
-    def stop(self) -> None:
-        """SIGTERM (after SIGCONT, in case it is paused); SIGKILL if it has not exited in 5 s."""
+    def stop(self, grace: float = 5.0) -> int | None:
+        """SIGTERM (after SIGCONT, in case it is paused); SIGKILL if it has not exited in `grace` s.
+
+        Returns its exit status (-SIGKILL if it had to be killed), None if it was not running.
+        """
+        self._down_on_purpose = True
         if not self.alive:
-            return
+            return None
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
         self.proc.terminate()
         try:
-            self.proc.wait(5)
+            return self.proc.wait(grace)
         except subprocess.TimeoutExpired:
             self.kill()
+            return self.proc.returncode
 
     async def live(self) -> bool:
         """True when the process's web server answers `/health/live`."""
@@ -139,6 +166,21 @@ class Process:
             return None
 
 
+@dataclass(frozen=True)
+class SelfExit:
+    """A worker that exited by itself, and was started again by the stack."""
+
+    worker: str
+    code: int
+    at: float             # wall-clock time (time.time()) the exit was seen
+    while_starting: bool  # before it logged ready: a start refused (say PostgreSQL was down)
+    log: Path
+
+    def __str__(self) -> str:
+        when = time.strftime("%H:%M:%S", time.localtime(self.at))
+        return f"{self.worker} exit {self.code} at {when}{' while starting' if self.while_starting else ''}"
+
+
 @dataclass
 class Stack:
     """Embedded servers plus workers and the billing service, all of this stack's own."""
@@ -150,6 +192,9 @@ class Stack:
     settings: Settings
     workers: list[Process] = field(default_factory=list)
     billing: Process | None = None
+    #: Every exit of a worker by itself (not by a fault's kill or stop), in order.
+    self_exits: list[SelfExit] = field(default_factory=list)
+    _supervisor: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, root: Path) -> Stack:
@@ -166,6 +211,7 @@ class Stack:
             stack = cls(root, postgres, redis, broker, settings)
             await stack._prepare()  # billing refuses to start without its tables
             await stack._start_billing()
+            stack._supervisor = asyncio.get_running_loop().create_task(stack._supervise())
             return stack
         except BaseException:
             if stack is not None and stack.billing is not None:
@@ -205,7 +251,8 @@ class Stack:
     async def add_worker(self) -> Process:
         """Start one more worker of the same app (same consumer group, same relay lock)."""
         port = free_port()
-        worker = Process(f"w{len(self.workers) + 1}", port, self.root / f"worker-{port}.log", self.worker_env(port))
+        worker = Process(f"w{len(self.workers) + 1}", port, self.root / f"worker-{port}.log", self.worker_env(port),
+                         supervised=True)
         self.workers.append(worker)
         await worker.start()
         return worker
@@ -222,8 +269,40 @@ class Stack:
     def alive_workers(self) -> list[Process]:
         return [w for w in self.workers if w.alive]
 
+    async def live_worker(self, timeout: float = 30.0) -> Process:
+        """The first live worker; if none is, the first the supervisor starts again within `timeout` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.alive_workers:
+            if loop.time() > deadline:
+                raise StackError(f"no worker alive for {timeout:.0f} s; see the logs in {self.root}")
+            await asyncio.sleep(0.1)
+        return self.alive_workers[0]
+
+    async def _supervise(self, poll: float = 0.2, restart_after: float = 1.0) -> None:
+        """Start again, `restart_after` s later, every supervised process that exited by itself."""
+        while True:
+            await asyncio.sleep(poll)
+            exited = [(w, w.proc) for w in self.workers if w.supervised and w.exited_by_itself]
+            if not exited:
+                continue
+            for worker, proc in exited:
+                assert proc is not None
+                gone = SelfExit(worker.name, proc.returncode, time.time(), not worker.logged_ready(), worker.log)
+                self.self_exits.append(gone)
+                log.warning("%s; restarting it in %.0f s (see %s)", gone, restart_after, worker.log)
+                with open(worker.log, "a") as out:  # so the worker's own log says where one run ends
+                    out.write(f"\n--- chaos stack: {gone}; restarting it in {restart_after:.0f} s ---\n")
+            await asyncio.sleep(restart_after)  # a supervisor's back-off (Compose's starts at 100 ms)
+            for worker, proc in exited:
+                # Unless a fault started or stopped it meanwhile.
+                if worker.proc is proc and worker.exited_by_itself:
+                    worker.spawn()
+
     def stop(self) -> None:
         """Stop every worker and the billing service, then every server, by PID."""
+        if self._supervisor is not None:
+            self._supervisor.cancel()  # it runs on this loop: it cannot restart anything from here on
         for process in [*self.workers, self.billing]:
             if process is not None:
                 process.stop()

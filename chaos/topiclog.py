@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,17 +25,31 @@ class Seen:
     data: dict[str, Any] | None
 
 
-class TopicLog:
-    """Every message of a topic from the beginning, read in the background."""
+#: Raises on a decoded record its consumers would dead-letter.
+Validate = Callable[[dict[str, Any]], object]
 
-    def __init__(self, bootstrap: str, topic: str, *, decode_events: bool = True) -> None:
+
+class TopicLog:
+    """Every message of a topic from the beginning, read in the background.
+
+    `validate`: a decoded record it raises on is poison too, like one that does not decode.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, *, decode_events: bool = True,
+                 validate: Validate | None = None) -> None:
         self.topic = topic
         self.bootstrap = bootstrap
         self.decode_events = decode_events
+        self.validate = validate
         self.events: list[Seen] = []
         self.undecodable = 0
+        self.invalid = 0
         self.errors: list[str] = []  # fetch errors (retried)
+        # Offsets skipped between two messages read: the topics are neither compacted nor
+        # transactional, so a gap is the reader's (an event "lost" there may not be).
+        self.gaps: list[str] = []
         self.messages = 0
+        self._next_offset: dict[int, int] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -72,6 +87,10 @@ class TopicLog:
             for tp, messages in batch.items():
                 for m in messages:
                     self.messages += 1
+                    expected = self._next_offset.get(tp.partition, m.offset)
+                    if m.offset != expected:
+                        self.gaps.append(f"partition {tp.partition} offsets {expected}..{m.offset - 1}")
+                    self._next_offset[tp.partition] = m.offset + 1
                     if schema is None:
                         continue
                     try:
@@ -79,6 +98,12 @@ class TopicLog:
                     except Exception:  # poison: counted, never a logical event
                         self.undecodable += 1
                         continue
+                    if self.validate is not None:
+                        try:
+                            self.validate(record)
+                        except Exception:
+                            self.invalid += 1
+                            continue
                     self.events.append(Seen(tp.partition, m.offset, (m.key or b"").decode(errors="replace"),
                                             str(record["event_id"]), record["sequence"], record["data"]))
 

@@ -120,11 +120,23 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
             # The consuming side: invoices from the demo's orders, through the inbox.
             spawn("billing", "-m", "app", "billing")
         print(banner(full, run, children, names, fresh=not settings.kafka_broker), flush=True)
-        ended = asyncio.run(watch(full, children, for_seconds))
-        if ended is None:
-            return 0
-        index, code = ended
-        name, log = names[index], run / f"{names[index]}.log"
+        from app.ops.liveness import STALL_EXIT_CODE
+        commands = [list(child.args) for child in children]  # type: ignore[arg-type]
+        while True:
+            ended = asyncio.run(watch(full, children, for_seconds))
+            if ended is None:
+                return 0
+            index, code = ended
+            name, log = names[index], run / f"{names[index]}.log"
+            if code != STALL_EXIT_CODE or name != "worker":
+                break
+            # The worker found its consumer stalled for good (app/ops/liveness.py) and asks its
+            # supervisor for a new process, as Compose's `restart:` gives it.
+            print(f"\nthe {name} (pid {children[index].pid}) stalled (exit {code}); restarting it; see {log}",
+                  file=sys.stderr, flush=True)
+            out = open(log, "ab")
+            logs.append(out)
+            children[index] = subprocess.Popen(commands[index], env=env, stdout=out, stderr=subprocess.STDOUT)
         if code == 0 or code < 0:
             # Stopped, not crashed: e.g. a signal to the process group, or `kill <pid>`.
             how = "exited with 0" if code == 0 else f"was stopped by signal {-code}"

@@ -19,7 +19,9 @@ from app.cache import encode_entry
 from app.views import micros, minute_of
 from chaos.agreement import (Snapshot, check_invoices, order_matches, orders_per_minute, v1_matches,
                              view_mismatches)
-from chaos.checker import Checker, Report
+from chaos.checker import Checker, Report, convertible
+from chaos.copies import check_copies, in_order
+from chaos.metrics import COMMITS_PAST_UNACKED, count_over, sample_sum
 from chaos.promises import check_topic
 from chaos.topiclog import Seen
 
@@ -84,6 +86,131 @@ def test_a_missing_or_wrong_v1_event_is_a_mismatch() -> None:
     assert not v1_matches(Seen(0, 1, "1", "e", 2, {"amount": 2.49, "status": "paid", "customer_id": 1}), row)
     assert not v1_matches(Seen(0, 1, "1", "e", 2, None), row)  # deleted on v1, alive in the database
     assert v1_matches(Seen(0, 1, "1", "e", 3, None), None)
+
+
+# -- orders-v1 against orders-v2: one copy per input, in the input's order, per partition -------
+
+def copies_of(inputs: list[Seen], *, start: int = 100) -> list[Seen]:
+    """The orders-v1 copies of `inputs`, in the order given, at offsets from `start`."""
+    return [Seen(e.partition, start + i, e.key, e.event_id, e.sequence, {"amount": 1.0}) for i, e in enumerate(inputs)]
+
+
+def two_partitions() -> list[Seen]:
+    """orders-v2: keys 1 and 2 on partition 0, interleaved; key 3 on partition 1."""
+    return [event("1", 1, offset=0), event("2", 1, offset=1), event("1", 2, offset=2), event("2", 2, offset=3),
+            event("3", 1, offset=0, partition=1), event("3", 2, offset=1, partition=1)]
+
+
+def test_v1_copies_of_every_v2_event_in_order_keep_the_promise_despite_duplicates() -> None:
+    inputs = two_partitions()
+    redelivered = inputs[:3] + inputs[1:]  # a takeover re-reads offsets 1 and 2 of partition 0: copies again
+    inputs_with_duplicate = inputs + [event("1", 2, offset=7)]  # the relay published one event twice
+    check = check_copies(inputs_with_duplicate, copies_of(redelivered))
+    assert check.broken == 0 and check.examples == []
+
+
+def test_a_v2_event_without_its_v1_copy_is_reported_with_its_partition_offset_and_key() -> None:
+    inputs = two_partitions()
+    check = check_copies(inputs, copies_of([e for e in inputs if (e.key, e.sequence) != ("2", 1)]))
+    assert (check.missing, check.reordered, check.unexpected) == (1, 0, 0)
+    assert check.examples == ["orders-v1 partition 0: no copy of orders-v2 offset 1 (key 2, sequence 1)"]
+
+
+def test_a_missing_v1_copy_is_reported_even_when_the_key_has_a_later_one() -> None:
+    # The fingerprint of issue 27: a key's sequence 2 missing on v1, sequence 3 present.
+    inputs = history("41", 3)
+    check = check_copies(inputs, copies_of([inputs[0], inputs[2]]))
+    assert check.missing == 1 and check.examples[0].endswith("offset 2 (key 41, sequence 2)")
+
+
+def test_two_swapped_v1_copies_are_reported_out_of_order() -> None:
+    inputs = two_partitions()  # keys 1 and 2 differ: the per-key check would not see this
+    swapped = [inputs[0], inputs[2], inputs[1], *inputs[3:]]
+    check = check_copies(inputs, copies_of(swapped))
+    assert (check.missing, check.reordered, check.unexpected) == (0, 1, 0)
+    # Of a swapped pair, the one that came early is named (either would explain it).
+    assert check.examples == ["orders-v1 partition 0 offset 101: the copy of orders-v2 offset 2 "
+                              "(key 1, sequence 2) is out of order"]
+    assert check_topic("orders-v1", copies_of(swapped), {"1": 2, "2": 2, "3": 2}).ok
+
+
+def test_one_v1_copy_moved_far_is_one_out_of_order_not_all_it_passed() -> None:
+    inputs = history("9", 50)
+    check = check_copies(inputs, copies_of([inputs[-1], *inputs[:-1]]))
+    assert check.reordered == 1 and check.missing == 0
+    assert sorted(in_order([4, 0, 1, 2, 3])) == [1, 2, 3, 4] and in_order([]) == set()
+
+
+def test_a_v1_copy_of_no_v2_event_is_reported() -> None:
+    inputs = two_partitions()
+    check = check_copies(inputs[:-1], copies_of(inputs))
+    assert (check.missing, check.reordered, check.unexpected) == (0, 0, 1)
+    assert check.examples == ["orders-v1 partition 1 offset 105 (key 3, sequence 2): a copy of no orders-v2 event"]
+
+
+def test_copies_are_compared_partition_by_partition() -> None:
+    inputs = two_partitions()
+    other_partition = [Seen(1 - e.partition, e.offset, e.key, e.event_id, e.sequence, e.data) for e in inputs]
+    check = check_copies(inputs, copies_of(other_partition))
+    assert check.missing == len(inputs) and check.unexpected == len(inputs)
+
+
+def test_v2_records_the_down_converter_would_dead_letter_are_not_inputs() -> None:
+    valid = convertible("orders-v2", "orders-v1")
+    record = {"event_id": "6f1c2d4e-1111-4a2b-9c3d-2e4f5a6b7c8d", "message_version": 1, "schema_version": 2,
+              "service": "orders", "entity": "orders", "key": "5", "op": "update", "occurred_at": NOW,
+              "sequence": 3, "data": {"id": 5, "customer_id": 9, "amount_cents": 1999, "currency": "EUR",
+                                      "status": "paid", "created_at": NOW, "updated_at": NOW, "shipping": None}}
+    valid(record)
+    with pytest.raises(ValueError, match="schema_version 3"):
+        valid({**record, "schema_version": 3})
+
+
+# -- the workers' own count of commits past an unfinished message ------------------------------
+
+EXPOSITION = f"""# HELP {COMMITS_PAST_UNACKED[:-6]} Commits past an unacked offset.
+# TYPE {COMMITS_PAST_UNACKED[:-6]} counter
+{COMMITS_PAST_UNACKED}{{topic="orders-v2",partition="0"}} 2.0
+{COMMITS_PAST_UNACKED}{{topic="orders-v2",partition="3"}} 1.0
+# TYPE mse_ready gauge
+mse_ready 1.0
+"""
+
+
+def test_commits_past_unacked_are_summed_over_every_label_set() -> None:
+    assert sample_sum(EXPOSITION, COMMITS_PAST_UNACKED) == 3
+    assert sample_sum("# TYPE mse_ready gauge\nmse_ready 1.0\n", COMMITS_PAST_UNACKED) is None
+
+
+async def test_commits_past_unacked_are_summed_over_the_workers_that_export_them() -> None:
+    def metrics(body: str) -> Any:
+        async def page(request: web.Request) -> web.Response:
+            return web.Response(text=body, content_type="text/plain")
+        return page
+
+    runners, urls = [], []
+    for body in (EXPOSITION, "mse_ready 1.0\n"):  # a worker that does not export the counter yet counts 0
+        app = web.Application()
+        app.router.add_get("/metrics", metrics(body))
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        urls.append(f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}")  # type: ignore[union-attr]
+    try:
+        counted = await count_over([*urls, "http://127.0.0.1:9"])  # the discard port: nobody answers
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    assert (counted.total, counted.exported_by, counted.unanswered) == (3, 1, 1)
+
+
+def test_a_commit_past_an_unacked_offset_fails_a_converged_run() -> None:
+    converged = Report("f", writes=10, committed=10, converge_s=1.0)
+    assert converged.ok
+    converged.commits_past_unacked = 1
+    assert not converged.ok and "1 commits past unacked" in converged.row()
 
 
 def test_order_states_are_compared_field_by_field() -> None:
