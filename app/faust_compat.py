@@ -282,6 +282,11 @@ def service_futures(service: Any) -> list[Any]:
     return list(getattr(service, "_futures", ()))
 
 
+def fetcher_service(app: Any) -> Any:
+    """The Faust service whose task is the consumer's drain loop (`App._fetcher`), or None."""
+    return getattr(app, "_fetcher", None)
+
+
 def channel_queue(channel: Any) -> Any:
     """A Faust channel's queue if it has one (`Channel._queue`): the `queue` property would
     create one."""

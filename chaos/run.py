@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import json
 import logging
 import sys
@@ -121,6 +122,9 @@ class Session:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 body = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
             path.write_text(body)
+            # And every task's stack, into its log (mode's Worker handles SIGUSR1).
+            if worker.proc is not None and worker.alive:
+                worker.proc.send_signal(signal.SIGUSR1)
             return str(path)
 
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:

@@ -158,7 +158,22 @@ def _faust(app: faust.App) -> dict[str, JSON]:
             # mode drops a finished task from the service: absent means done (or never started).
             "restart_recovery_running": any("_restart_recovery" in name for name in running),
         },
+        # Where the drain loop (the one task that hands fetched messages to the streams) waits.
+        "drain_loop": [_where(future) for future in compat.service_futures(compat.fetcher_service(app))],
     }
+
+
+def _where(future: Any) -> str:
+    """A task's coroutine chain, outermost first: where it waits now."""
+    obj = future.get_coro() if hasattr(future, "get_coro") else None
+    names = []
+    for _ in range(100):
+        if obj is None:
+            break
+        code = getattr(obj, "cr_code", None) or getattr(obj, "ag_code", None) or getattr(obj, "gi_code", None)
+        names.append(code.co_name if code is not None else repr(obj)[:120])
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None) or getattr(obj, "gi_yieldfrom", None)
+    return " > ".join(names) + (" (done)" if future.done() else "")
 
 
 def _agents(app: faust.App) -> dict[str, JSON]:
