@@ -28,6 +28,13 @@ def set_fetch_max_wait(consumer: "aiokafka.AIOKafkaConsumer", wait_ms: int) -> N
     consumer._fetch_max_wait_ms = wait_ms  # type: ignore[attr-defined]
 
 
+def set_fetcher_wait(consumer: "aiokafka.AIOKafkaConsumer", wait_ms: int) -> None:
+    """Change the fetch wait of a started consumer's next fetch requests (`Fetcher.
+    _fetch_max_wait_ms`, read each time the fetcher builds a request). Call it on the
+    consumer's own loop."""
+    consumer._fetcher._fetch_max_wait_ms = wait_ms  # type: ignore[attr-defined]
+
+
 def forget_unacked(consumer: Any, message: Any) -> None:
     """Drop `message` from a Faust consumer's unacked set without recording an ack.
 
@@ -158,6 +165,23 @@ def fetch_states(consumer: "aiokafka.AIOKafkaConsumer") -> dict[Any, tuple[bool,
         state = assignment.state_value(tp)
         stamp = state.timestamp / 1000 if state.timestamp is not None else None
         out[tp] = (bool(state.paused), tp in buffered, stamp)
+    return out
+
+
+def fetch_positions(consumer: "aiokafka.AIOKafkaConsumer") -> dict[Any, tuple[bool, int | None, int | None]]:
+    """tp -> (paused or holding fetched records not yet taken, position, highwater of the last
+    fetch response) for every assigned partition (aiokafka's `TopicPartitionState` and its
+    fetcher's `_records`; the highwater is None until a fetch answered)."""
+    assignment = consumer._subscription.subscription  # type: ignore[attr-defined]
+    assignment = assignment.assignment if assignment is not None else None
+    if assignment is None:
+        return {}
+    buffered = set(consumer._fetcher._records)  # type: ignore[attr-defined]
+    out = {}
+    for tp in list(assignment.tps):
+        state = assignment.state_value(tp)
+        position = state.position if state.has_valid_position else None
+        out[tp] = (bool(state.paused) or tp in buffered, position, state.highwater)
     return out
 
 

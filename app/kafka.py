@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from app.faust_compat import fetch_positions, set_fetcher_wait
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,30 @@ async def _fetched_ends(bootstrap: str, ends: dict[TopicPartition, int], timeout
     finally:
         await consumer.stop()
     return ends
+
+
+def adapt_fetch_wait(consumer: AIOKafkaConsumer, caught_up_ms: int, behind_ms: int) -> int:
+    """Set the consumer's fetch wait from where it stands: `behind_ms` while a partition it
+    fetches is known to hold records past its position (and past what it fetched already),
+    `caught_up_ms` once none does.
+
+    Tansu lists every record batch of a partition on each fetch and stops listing when the
+    fetch's wait runs out, so a consumer behind on a partition of ~20,000+ small batches got
+    nothing with a 10 ms wait, for good (bench/fetch_depth.py: 10 ms stalls from 20,000-30,000
+    batches, 100 ms still delivers at 50,000). A wait costs latency only on partitions with
+    nothing to read (Tansu answers as soon as a check finds data), so the long one is kept for
+    consumers with something to read. Returns the wait set. Call it on the consumer's loop.
+    """
+    try:
+        states = fetch_positions(consumer)
+    except RuntimeError:  # changed while read: keep the current wait
+        return -1
+    # A partition whose fetched records wait to be taken is behind only until they are.
+    behind = any(not waiting and highwater is not None and position is not None and position < highwater
+                 for waiting, position, highwater in states.values())
+    wait = behind_ms if behind else caught_up_ms
+    set_fetcher_wait(consumer, wait)
+    return wait
 
 
 async def read_to_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition], *, idle_ms: int = IDLE_MS,

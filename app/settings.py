@@ -33,6 +33,10 @@ class Settings:
     # Faust hard-codes a 1500 ms fetch wait; Tansu answers a waiting fetch only when it
     # expires, so this wait is the latency of every hop. Ours is a setting (app/transport.py).
     consumer_fetch_max_wait_ms: int = 10
+    # The fetch wait while a consumer is behind on a partition (app/kafka.adapt_fetch_wait):
+    # Tansu's fetch lists a partition's batches within the wait, and 10 ms lists too few of a
+    # deep one to ever deliver (bench/fetch_depth.py).
+    consumer_catchup_fetch_wait_ms: int = 250
     # Where a new consumer group starts: "earliest" (every event ever) or "latest".
     consumer_auto_offset_reset: str = "earliest"
     # How long the worker's producer waits to batch sends (changelogs, repartition, v1).
@@ -122,6 +126,7 @@ class Settings:
             service_tokens=env.get("SERVICE_TOKENS", ""),
             contact_readers=env.get("CONTACT_READERS", "orders,support"),
             consumer_fetch_max_wait_ms=int(env.get("CONSUMER_FETCH_MAX_WAIT_MS", "10")),
+            consumer_catchup_fetch_wait_ms=int(env.get("CONSUMER_CATCHUP_FETCH_WAIT_MS", "250")),
             consumer_auto_offset_reset=env.get("CONSUMER_AUTO_OFFSET_RESET", "earliest"),
             producer_linger_ms=float(env.get("PRODUCER_LINGER_MS", "2")),
             producer_max_batch_bytes=int(env.get("PRODUCER_MAX_BATCH_BYTES", str(512 * 1024))),

@@ -29,7 +29,7 @@ from app.faust_compat import check_coordinator_errors, forget_unacked, replace_r
 from app.web.http import Limits, guard
 from app.retries import Retries
 from app.settings import Settings
-from app.kafka import fetched_end_offsets
+from app.kafka import adapt_fetch_wait, fetched_end_offsets
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ class FetchWaitConsumerThread(driver.AIOKafkaConsumerThread):
             check_coordinator_errors(consumer)
         except KafkaError as exc:
             log.warning("consumer: the group coordinator reported %r; it carries on", exc)
+        settings: Settings | None = getattr(self.app, "settings", None)
+        if settings is not None:
+            adapt_fetch_wait(consumer, settings.consumer_fetch_max_wait_ms, settings.consumer_catchup_fetch_wait_ms)
         records = await super()._fetch_records(consumer, active_partitions, timeout=timeout,
                                                max_records=max_records)
         # Read in the step that drained the records (a return is not a yield to the loop): a

@@ -125,6 +125,7 @@ class Recovery:
         monkeypatch.setattr(consumer, "_seek", self.seek)
         monkeypatch.setattr(consumer, "highwater", lambda tp: 20)
         monkeypatch.setattr(consumer, "assignment", lambda: {T0})
+        monkeypatch.setattr(consumer, "_get_active_partitions", lambda: {T0})  # as after the assignment
 
     async def deliver(self, message: Any) -> None:
         self.queue.append(message)

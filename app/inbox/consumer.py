@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.inbox import store
 from app.inbox.events import InboxEvent, is_transient, to_event
-from app.kafka import TopicError, ensure_topics, topic_partitions
+from app.kafka import TopicError, adapt_fetch_wait, ensure_topics, topic_partitions
 from app.orm import Database
 from app.retries import Backoff
 from app.settings import Settings
@@ -185,6 +185,9 @@ class Inbox:
         committing: asyncio.Future[None] | None = None
         try:
             while not self._stopping.is_set():
+                # A consumer catching up on a deep partition needs Tansu's long fetch wait.
+                adapt_fetch_wait(self._consumer, self.settings.consumer_fetch_max_wait_ms,
+                                 self.settings.consumer_catchup_fetch_wait_ms)
                 fetched = await self._consumer.getmany(*self._tps, timeout_ms=200, max_records=self.batch)
                 records = [r for tp in sorted(fetched) for r in fetched[tp]]
                 if records:
