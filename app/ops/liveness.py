@@ -18,7 +18,10 @@ A stall is one of:
 - for `stall_after` seconds without a break: an assigned, unpaused partition got no fetch
   response, no fetch request is out, and the fetcher holds no records waiting to be taken
   (those mean the agents are the slow part: the watchdog's business). A broker that is down or
-  paused keeps a request out, so an outage is not a stall.
+  paused keeps a request out, so an outage is not a stall;
+- for `stall_after` seconds without a break: the fetcher holds records nobody takes while every
+  agent's queue is empty: the one drain loop that hands fetched messages to the agents is not
+  running (a full queue, the agents' back-pressure, would show).
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ from collections.abc import Callable
 from typing import Any
 
 from app.ops.consumer_state import consumer_state
-from app.faust_compat import consumer_task_errors, fetch_in_flight, fetch_states, kafka_consumer, recovery_task
+from app.faust_compat import (agent_actors, channel_queue, consumer_task_errors, fetch_in_flight, fetch_states,
+                              flow_partitions, kafka_consumer, recovery_task)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,8 @@ class ConsumerLiveness:
         self._stalled_at = 0.0
         #: When the "no fetch" condition started to hold without a break (None: it does not).
         self._unfetched_since: float | None = None
+        #: When "records fetched, not taken, agents idle" started to hold without a break.
+        self._untaken_since: float | None = None
         #: Whether the recovery loop's task was seen running (mode forgets a task once it ends).
         self._recovery_seen = False
 
@@ -85,17 +91,49 @@ class ConsumerLiveness:
         ended = consumer_task_errors(consumer)
         if ended:
             return "aiokafka's " + ", ".join(f"{name} task {how}" for name, how in sorted(ended.items()))
+        if self._held(self._untaken(consumer), "_untaken_since", now):
+            return (f"fetched records not taken for {self.stall_after:.0f} s while every agent's queue is "
+                    f"empty (the drain loop does not run)")
         unfetched = self._unfetched(consumer)
-        if not unfetched:
-            self._unfetched_since = None
-            return ""
-        if self._unfetched_since is None:
-            self._unfetched_since = now
-        if now - self._unfetched_since < self.stall_after:
+        if not self._held(bool(unfetched), "_unfetched_since", now):
             return ""
         names = ", ".join(f"{tp.topic}:{tp.partition}" for tp in sorted(unfetched)[:8])
         return (f"no fetch response for {self.stall_after:.0f} s on {len(unfetched)} assigned partition(s) "
                 f"({names}) and no fetch request out")
+
+    def _held(self, condition: bool, since: str, now: float) -> bool:
+        """Whether `condition` has held without a break for `stall_after` s (tracked in `since`)."""
+        if not condition:
+            setattr(self, since, None)
+            return False
+        if getattr(self, since) is None:
+            setattr(self, since, now)
+        return bool(now - getattr(self, since) >= self.stall_after)
+
+    def _untaken(self, consumer: Any) -> bool:
+        """Records wait in the fetcher while no agent has anything queued, the flow running."""
+        app = self.app
+        recovery = app.tables.recovery
+        if (app.rebalancing or not recovery.completed.is_set() or recovery.in_recovery
+                or not getattr(app.consumer, "flow_active", False) or not app.flow_control.is_active()):
+            return False  # the drain loop waits for the rebalance, as it should
+        # Only partitions the drain loop takes from: Faust leaves the others' records (paused,
+        # or their stream's buffer full) in the fetcher on purpose.
+        sets = flow_partitions(app.consumer)
+        takes = sets["active"] - sets["paused"] - sets["buffered"]
+        try:
+            waiting = any(buffered and tp in takes for tp, (_, buffered, _) in fetch_states(consumer).items())
+        except RuntimeError:
+            return False
+        if not waiting:
+            return False
+        for agent in list(self.app.agents.values()):
+            for actor in agent_actors(agent):
+                stream = getattr(actor, "stream", None)
+                queue = channel_queue(stream.channel) if stream is not None else None
+                if queue is not None and queue.qsize():
+                    return False
+        return True
 
     def _unfetched(self, consumer: Any) -> list[Any]:
         """Assigned, unpaused partitions with no recent fetch response, while nothing explains it."""

@@ -39,7 +39,7 @@ class Task:
 
 
 def fake_app(*, fetched_ago: float | None = 0.0, in_flight: bool = False, buffered: bool = False,
-             paused: bool = False) -> Any:
+             paused: bool = False, queued: int = 0) -> Any:
     state = SimpleNamespace(paused=paused, timestamp=None if fetched_ago is None else (time.time() - fetched_ago) * 1000)
     assignment = SimpleNamespace(tps=[TP0], state_value=lambda tp: state)
     consumer = SimpleNamespace(
@@ -51,9 +51,16 @@ def fake_app(*, fetched_ago: float | None = 0.0, in_flight: bool = False, buffer
     )
     recovery_future = Task()
     recovery_future.__wrapped__ = SimpleNamespace(__qualname__="Recovery._restart_recovery")  # type: ignore[attr-defined]
-    recovery = SimpleNamespace(_futures={recovery_future})
-    return SimpleNamespace(should_stop=False, consumer=SimpleNamespace(_thread=SimpleNamespace(_consumer=consumer)),
-                           tables=SimpleNamespace(recovery=recovery), agents={})
+    recovery = SimpleNamespace(_futures={recovery_future}, completed=SimpleNamespace(is_set=lambda: True),
+                               in_recovery=False)
+    queue = SimpleNamespace(qsize=lambda: queued)
+    actor = SimpleNamespace(stream=SimpleNamespace(channel=SimpleNamespace(_queue=queue)))
+    agents = {"process_orders": SimpleNamespace(supervisor=SimpleNamespace(_services=[actor]))}
+    return SimpleNamespace(should_stop=False, rebalancing=False, agents=agents,
+                           consumer=SimpleNamespace(_thread=SimpleNamespace(_consumer=consumer), flow_active=True,
+                                                    _active_partitions={TP0}, _paused_partitions=set(),
+                                                    _buffered_partitions=set()),
+                           flow_control=SimpleNamespace(is_active=lambda: True), tables=SimpleNamespace(recovery=recovery))
 
 
 def liveness(app: Any, exits: list[int]) -> ConsumerLiveness:
@@ -92,7 +99,7 @@ def test_partitions_not_fetched_with_no_request_out_are_a_stall_after_stall_afte
 def test_what_is_not_a_stall(case: str) -> None:
     app = fake_app(fetched_ago=0.0 if case == "fetched recently" else None,
                    in_flight=case.startswith("a fetch is out"), buffered=case.startswith("records wait"),
-                   paused=case.endswith("paused"))
+                   paused=case.endswith("paused"), queued=5 if case.startswith("records wait") else 0)
     rule = liveness(app, [])
     assert rule.check(now=0.0) == "" and rule.check(now=100.0) == "", case
 
@@ -103,6 +110,23 @@ def test_a_recovery_loop_that_ended_is_a_stall() -> None:
     assert rule.check(now=0.0) == ""
     app.tables.recovery._futures.clear()  # mode forgets a service's task once it is done
     assert "table recovery loop ended" in rule.check(now=1.0)
+
+
+def test_fetched_records_nobody_takes_while_the_agents_idle_are_a_stall() -> None:
+    # The drain loop hands fetched messages to the agents; when it stops, records wait in the
+    # fetcher and every agent's queue is empty (a full queue would be back-pressure).
+    app, exits = fake_app(buffered=True), []
+    queue = app.agents["process_orders"].supervisor._services[0].stream.channel._queue
+    rule = liveness(app, exits)
+    assert rule.check(now=0.0) == "" and rule.check(now=29.0) == ""
+    assert "fetched records not taken for 30 s" in rule.check(now=30.0)
+    busy = liveness(app, [])
+    queue.qsize = lambda: 3  # the agents have work: back-pressure, not a stall
+    assert busy.check(now=0.0) == "" and busy.check(now=100.0) == ""
+    app.rebalancing = True  # the drain loop waits for a rebalance, as it should
+    queue.qsize = lambda: 0
+    rebalancing = liveness(app, [])
+    assert rebalancing.check(now=0.0) == "" and rebalancing.check(now=100.0) == ""
 
 
 def test_nothing_is_a_stall_while_the_worker_stops() -> None:
