@@ -19,9 +19,10 @@ A stall is one of:
   response, no fetch request is out, and the fetcher holds no records waiting to be taken
   (those mean the agents are the slow part: the watchdog's business). A broker that is down or
   paused keeps a request out, so an outage is not a stall;
-- for `stall_after` seconds without a break: the fetcher holds records nobody takes while every
-  agent's queue is empty: the one drain loop that hands fetched messages to the agents is not
-  running (a full queue, the agents' back-pressure, would show).
+- for `untaken_after` seconds without a break (10, or `stall_after` if shorter), outside a
+  rebalance: the fetcher holds records the drain loop should take while every agent's queue is
+  empty: the one loop that hands fetched messages to the agents is not running (a full queue,
+  the agents' back-pressure, would show). A working loop takes them within milliseconds.
 """
 from __future__ import annotations
 
@@ -45,10 +46,11 @@ STALL_EXIT_CODE = 75
 class ConsumerLiveness:
     """Finds a stalled consumer (see the module docstring) and ends the process."""
 
-    def __init__(self, app: Any, stall_after: float, *, grace: float = 2.0,
+    def __init__(self, app: Any, stall_after: float, *, grace: float = 2.0, untaken_after: float = 10.0,
                  exit: Callable[[int], None] = os._exit) -> None:
         self.app = app
         self.stall_after = stall_after
+        self.untaken_after = min(untaken_after, stall_after)
         #: Seconds between reporting a stall (readiness 503) and exiting.
         self.grace = grace
         self._exit = exit
@@ -91,24 +93,24 @@ class ConsumerLiveness:
         ended = consumer_task_errors(consumer)
         if ended:
             return "aiokafka's " + ", ".join(f"{name} task {how}" for name, how in sorted(ended.items()))
-        if self._held(self._untaken(consumer), "_untaken_since", now):
-            return (f"fetched records not taken for {self.stall_after:.0f} s while every agent's queue is "
+        if self._held(self._untaken(consumer), "_untaken_since", now, self.untaken_after):
+            return (f"fetched records not taken for {self.untaken_after:.0f} s while every agent's queue is "
                     f"empty (the drain loop does not run)")
         unfetched = self._unfetched(consumer)
-        if not self._held(bool(unfetched), "_unfetched_since", now):
+        if not self._held(bool(unfetched), "_unfetched_since", now, self.stall_after):
             return ""
         names = ", ".join(f"{tp.topic}:{tp.partition}" for tp in sorted(unfetched)[:8])
         return (f"no fetch response for {self.stall_after:.0f} s on {len(unfetched)} assigned partition(s) "
                 f"({names}) and no fetch request out")
 
-    def _held(self, condition: bool, since: str, now: float) -> bool:
-        """Whether `condition` has held without a break for `stall_after` s (tracked in `since`)."""
+    def _held(self, condition: bool, since: str, now: float, after: float) -> bool:
+        """Whether `condition` has held without a break for `after` s (tracked in `since`)."""
         if not condition:
             setattr(self, since, None)
             return False
         if getattr(self, since) is None:
             setattr(self, since, now)
-        return bool(now - getattr(self, since) >= self.stall_after)
+        return bool(now - getattr(self, since) >= after)
 
     def _untaken(self, consumer: Any) -> bool:
         """Records wait in the fetcher while no agent has anything queued, the flow running."""
