@@ -11,6 +11,7 @@ so the aiohttp internals those subclasses override or read stay beside them (its
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -151,10 +152,24 @@ def consumer_task_errors(consumer: "aiokafka.AIOKafkaConsumer") -> dict[str, str
     return ended
 
 
-def fetch_states(consumer: "aiokafka.AIOKafkaConsumer") -> dict[Any, tuple[bool, bool, float | None]]:
-    """tp -> (paused, records buffered and not yet taken, seconds since epoch of the last fetch
-    response or None) for every assigned partition (aiokafka's `TopicPartitionState`, its
-    fetcher's `_records`). Read from another thread: a snapshot, retried by the caller."""
+@dataclass(frozen=True)
+class FetchState:
+    """Where aiokafka's fetcher stands on one assigned partition."""
+
+    paused: bool
+    #: Records fetched and not yet taken by the consumer's user.
+    buffered: bool
+    position: int | None
+    #: The high watermark of the last fetch response (None until one answered).
+    highwater: int | None
+    #: When the last fetch response came (seconds since the epoch), or None.
+    fetched_at: float | None
+
+
+def fetch_states(consumer: "aiokafka.AIOKafkaConsumer") -> dict[Any, FetchState]:
+    """tp -> its `FetchState`, for every assigned partition (aiokafka's `TopicPartitionState`
+    and its fetcher's `_records`). Read from another thread it is a snapshot: a RuntimeError
+    (changed while read) is the caller's to retry."""
     assignment = consumer._subscription.subscription  # type: ignore[attr-defined]
     assignment = assignment.assignment if assignment is not None else None
     if assignment is None:
@@ -163,25 +178,10 @@ def fetch_states(consumer: "aiokafka.AIOKafkaConsumer") -> dict[Any, tuple[bool,
     out = {}
     for tp in list(assignment.tps):
         state = assignment.state_value(tp)
-        stamp = state.timestamp / 1000 if state.timestamp is not None else None
-        out[tp] = (bool(state.paused), tp in buffered, stamp)
-    return out
-
-
-def fetch_positions(consumer: "aiokafka.AIOKafkaConsumer") -> dict[Any, tuple[bool, int | None, int | None]]:
-    """tp -> (paused or holding fetched records not yet taken, position, highwater of the last
-    fetch response) for every assigned partition (aiokafka's `TopicPartitionState` and its
-    fetcher's `_records`; the highwater is None until a fetch answered)."""
-    assignment = consumer._subscription.subscription  # type: ignore[attr-defined]
-    assignment = assignment.assignment if assignment is not None else None
-    if assignment is None:
-        return {}
-    buffered = set(consumer._fetcher._records)  # type: ignore[attr-defined]
-    out = {}
-    for tp in list(assignment.tps):
-        state = assignment.state_value(tp)
-        position = state.position if state.has_valid_position else None
-        out[tp] = (bool(state.paused) or tp in buffered, position, state.highwater)
+        out[tp] = FetchState(
+            paused=bool(state.paused), buffered=tp in buffered,
+            position=state.position if state.has_valid_position else None, highwater=state.highwater,
+            fetched_at=state.timestamp / 1000 if state.timestamp is not None else None)
     return out
 
 

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from app.faust_compat import fetch_positions, set_fetcher_wait
+from app.faust_compat import fetch_states, set_fetcher_wait
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -115,12 +115,12 @@ def adapt_fetch_wait(consumer: AIOKafkaConsumer, caught_up_ms: int, behind_ms: i
     consumers with something to read. Returns the wait set. Call it on the consumer's loop.
     """
     try:
-        states = fetch_positions(consumer)
+        states = fetch_states(consumer)
     except RuntimeError:  # changed while read: keep the current wait
         return -1
     # A partition whose fetched records wait to be taken is behind only until they are.
-    behind = any(not waiting and highwater is not None and position is not None and position < highwater
-                 for waiting, position, highwater in states.values())
+    behind = any(not s.paused and not s.buffered and s.highwater is not None and s.position is not None
+                 and s.position < s.highwater for s in states.values())
     wait = behind_ms if behind else caught_up_ms
     set_fetcher_wait(consumer, wait)
     return wait

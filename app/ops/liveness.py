@@ -124,7 +124,7 @@ class ConsumerLiveness:
         sets = flow_partitions(app.consumer)
         takes = sets["active"] - sets["paused"] - sets["buffered"]
         try:
-            waiting = any(buffered and tp in takes for tp, (_, buffered, _) in fetch_states(consumer).items())
+            waiting = any(state.buffered and tp in takes for tp, state in fetch_states(consumer).items())
         except RuntimeError:
             return False
         if not waiting:
@@ -145,11 +145,11 @@ class ConsumerLiveness:
             states = fetch_states(consumer)
         except RuntimeError:  # changed under us by the consumer's thread: look again next time
             return []
-        if any(buffered for _, buffered, _ in states.values()):
+        if any(state.buffered for state in states.values()):
             return []  # the agents have not taken what was fetched: back-pressure, not a stall
         wall = time.time()
-        return [tp for tp, (paused, _, stamp) in states.items()
-                if not paused and (stamp is None or wall - stamp >= self.stall_after)]
+        return [tp for tp, state in states.items() if not state.paused
+                and (state.fetched_at is None or wall - state.fetched_at >= self.stall_after)]
 
     def _state(self) -> str:
         try:

@@ -40,7 +40,8 @@ class Task:
 
 def fake_app(*, fetched_ago: float | None = 0.0, in_flight: bool = False, buffered: bool = False,
              paused: bool = False, queued: int = 0) -> Any:
-    state = SimpleNamespace(paused=paused, timestamp=None if fetched_ago is None else (time.time() - fetched_ago) * 1000)
+    state = SimpleNamespace(paused=paused, has_valid_position=True, position=0, highwater=0,
+                            timestamp=None if fetched_ago is None else (time.time() - fetched_ago) * 1000)
     assignment = SimpleNamespace(tps=[TP0], state_value=lambda tp: state)
     consumer = SimpleNamespace(
         _closed=False,
