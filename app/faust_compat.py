@@ -311,7 +311,14 @@ def fetcher_service(app: Any) -> Any:
     return getattr(app, "_fetcher", None)
 
 
-def channel_queue(channel: Any) -> Any:
-    """A Faust channel's queue if it has one (`Channel._queue`): the `queue` property would
-    create one."""
-    return getattr(channel, "_queue", None)
+def delivery_queues(app: Any) -> list[tuple[str, Any]]:
+    """(topics, queue) of every channel the drain loop delivers into: the iterator clones the
+    Conductor (`app.topics`) holds, which own the queues (`Channel._queue`). A stream's own
+    `channel` is the non-iterator clone: its queue, if any, is not the one filled."""
+    out = []
+    for channel in list(app.topics):
+        queue = getattr(channel, "_queue", None)
+        if queue is not None:
+            out.append((",".join(sorted(getattr(channel, "topics", ()) or ())) or repr(channel)[:80], queue))
+    return out
+

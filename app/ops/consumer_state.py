@@ -182,10 +182,11 @@ def _agents(app: faust.App) -> dict[str, JSON]:
         streams = []
         for actor in compat.agent_actors(agent):
             stream = getattr(actor, "stream", None)
-            queue = compat.channel_queue(stream.channel) if stream is not None else None
-            streams.append({"queue_size": queue.qsize() if queue is not None else None,
-                            "processors": len(compat.processors(stream)) if stream is not None else None})
+            streams.append({"processors": len(compat.processors(stream)) if stream is not None else None})
         out[name] = {"actors": len(streams), "streams": streams}
+    # The queues the drain loop fills (a full one blocks it), by the topics they carry.
+    out["delivery_queues"] = [{"topics": topics, "size": queue.qsize(), "max": getattr(queue, "maxsize", None)}
+                              for topics, queue in compat.delivery_queues(app)]
     return out
 
 

@@ -20,8 +20,8 @@ A stall is one of:
   (those mean the agents are the slow part: the watchdog's business). A broker that is down or
   paused keeps a request out, so an outage is not a stall;
 - for `untaken_after` seconds without a break (10, or `stall_after` if shorter), outside a
-  rebalance: the fetcher holds records the drain loop should take while every agent's queue is
-  empty: the one loop that hands fetched messages to the agents is not running (a full queue,
+  rebalance: the fetcher holds records the drain loop should take while every queue it
+  delivers into is empty: the one loop that hands fetched messages to the agents is not running (a full queue,
   the agents' back-pressure, would show). A working loop takes them within milliseconds.
 """
 from __future__ import annotations
@@ -34,8 +34,8 @@ from collections.abc import Callable
 from typing import Any
 
 from app.ops.consumer_state import consumer_state
-from app.faust_compat import (agent_actors, channel_queue, consumer_task_errors, fetch_in_flight, fetch_states,
-                              flow_partitions, kafka_consumer, recovery_task)
+from app.faust_compat import (consumer_task_errors, delivery_queues, fetch_in_flight, fetch_states, flow_partitions,
+                              kafka_consumer, recovery_task)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class ConsumerLiveness:
         self._stalled_at = 0.0
         #: When the "no fetch" condition started to hold without a break (None: it does not).
         self._unfetched_since: float | None = None
-        #: When "records fetched, not taken, agents idle" started to hold without a break.
+        #: When "records fetched, not taken, nothing queued" started to hold without a break.
         self._untaken_since: float | None = None
         #: Whether the recovery loop's task was seen running (mode forgets a task once it ends).
         self._recovery_seen = False
@@ -94,7 +94,7 @@ class ConsumerLiveness:
         if ended:
             return "aiokafka's " + ", ".join(f"{name} task {how}" for name, how in sorted(ended.items()))
         if self._held(self._untaken(consumer), "_untaken_since", now, self.untaken_after):
-            return (f"fetched records not taken for {self.untaken_after:.0f} s while every agent's queue is "
+            return (f"fetched records not taken for {self.untaken_after:.0f} s while every delivery queue is "
                     f"empty (the drain loop does not run)")
         unfetched = self._unfetched(consumer)
         if not self._held(bool(unfetched), "_unfetched_since", now, self.stall_after):
@@ -113,7 +113,7 @@ class ConsumerLiveness:
         return bool(now - getattr(self, since) >= after)
 
     def _untaken(self, consumer: Any) -> bool:
-        """Records wait in the fetcher while no agent has anything queued, the flow running."""
+        """Records wait in the fetcher while nothing is queued for the agents, the flow running."""
         app = self.app
         recovery = app.tables.recovery
         if (app.rebalancing or not recovery.completed.is_set() or recovery.in_recovery
@@ -129,13 +129,9 @@ class ConsumerLiveness:
             return False
         if not waiting:
             return False
-        for agent in list(self.app.agents.values()):
-            for actor in agent_actors(agent):
-                stream = getattr(actor, "stream", None)
-                queue = channel_queue(stream.channel) if stream is not None else None
-                if queue is not None and queue.qsize():
-                    return False
-        return True
+        # The queues the drain loop fills: one with events in it means some agent has work
+        # (a full one blocks the loop: back-pressure, the watchdog's business).
+        return not any(queue.qsize() for _, queue in delivery_queues(app))
 
     def _unfetched(self, consumer: Any) -> list[Any]:
         """Assigned, unpaused partitions with no recent fetch response, while nothing explains it."""

@@ -54,10 +54,9 @@ def fake_app(*, fetched_ago: float | None = 0.0, in_flight: bool = False, buffer
     recovery_future.__wrapped__ = SimpleNamespace(__qualname__="Recovery._restart_recovery")  # type: ignore[attr-defined]
     recovery = SimpleNamespace(_futures={recovery_future}, completed=SimpleNamespace(is_set=lambda: True),
                                in_recovery=False)
-    queue = SimpleNamespace(qsize=lambda: queued)
-    actor = SimpleNamespace(stream=SimpleNamespace(channel=SimpleNamespace(_queue=queue)))
-    agents = {"process_orders": SimpleNamespace(supervisor=SimpleNamespace(_services=[actor]))}
-    return SimpleNamespace(should_stop=False, rebalancing=False, agents=agents,
+    # The channel the drain loop delivers orders-v2 into (the Conductor's iterator clone owns the queue).
+    channel = SimpleNamespace(topics={"orders-v2"}, _queue=SimpleNamespace(qsize=lambda: queued))
+    return SimpleNamespace(should_stop=False, rebalancing=False, agents={}, topics=[channel],
                            consumer=SimpleNamespace(_thread=SimpleNamespace(_consumer=consumer), flow_active=True,
                                                     _active_partitions={TP0}, _paused_partitions=set(),
                                                     _buffered_partitions=set()),
@@ -113,11 +112,11 @@ def test_a_recovery_loop_that_ended_is_a_stall() -> None:
     assert "table recovery loop ended" in rule.check(now=1.0)
 
 
-def test_fetched_records_nobody_takes_while_the_agents_idle_are_a_stall() -> None:
-    # The drain loop hands fetched messages to the agents; when it stops, records wait in the
-    # fetcher and every agent's queue is empty (a full queue would be back-pressure).
+def test_fetched_records_nobody_takes_while_every_delivery_queue_is_empty_are_a_stall() -> None:
+    # The drain loop hands fetched messages to the agents' queues; when it stops, records wait
+    # in the fetcher and every queue it fills is empty (a full one would be back-pressure).
     app, exits = fake_app(buffered=True), []
-    queue = app.agents["process_orders"].supervisor._services[0].stream.channel._queue
+    queue = app.topics[0]._queue
     rule = liveness(app, exits)
     assert rule.check(now=0.0) == "" and rule.check(now=9.0) == ""
     assert "fetched records not taken for 10 s" in rule.check(now=10.0)
