@@ -19,7 +19,7 @@ A stall is one of:
   response, no fetch request is out, and the fetcher holds no records waiting to be taken
   (those mean the agents are the slow part: the watchdog's business). A broker that is down or
   paused keeps a request out, so an outage is not a stall;
-- for `untaken_after` seconds without a break (10, or `stall_after` if shorter), outside a
+- for `untaken_after` seconds without a break (5, or `stall_after` if shorter), outside a
   rebalance: the fetcher holds records the drain loop should take while every queue it
   delivers into is empty: the one loop that hands fetched messages to the agents is not running (a full queue,
   the agents' back-pressure, would show). A working loop takes them within milliseconds.
@@ -46,7 +46,7 @@ STALL_EXIT_CODE = 75
 class ConsumerLiveness:
     """Finds a stalled consumer (see the module docstring) and ends the process."""
 
-    def __init__(self, app: Any, stall_after: float, *, grace: float = 2.0, untaken_after: float = 10.0,
+    def __init__(self, app: Any, stall_after: float, *, grace: float = 2.0, untaken_after: float = 5.0,
                  exit: Callable[[int], None] = os._exit) -> None:
         self.app = app
         self.stall_after = stall_after
