@@ -21,8 +21,9 @@ A stall is one of:
   paused keeps a request out, so an outage is not a stall;
 - for `untaken_after` seconds without a break (5, or `stall_after` if shorter), outside a
   rebalance: the fetcher holds records the drain loop should take while every queue it
-  delivers into is empty: the one loop that hands fetched messages to the agents is not running (a full queue,
-  the agents' back-pressure, would show). A working loop takes them within milliseconds.
+  delivers into is empty: the one loop that hands fetched messages to the agents is not
+  running (a full queue, the agents' back-pressure, would show). A working loop takes them
+  within milliseconds.
 """
 from __future__ import annotations
 
