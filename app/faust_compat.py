@@ -140,10 +140,10 @@ def consumer_task_errors(consumer: "aiokafka.AIOKafkaConsumer") -> dict[str, str
     the fetcher's routine (`Fetcher._fetch_task`, its `error_future`) and the coordinator's
     (`_coordination_task`, `_heartbeat_task`, `_commit_refresh_task`). Any of them ending while
     the consumer runs leaves it fetching nothing, for good."""
-    tasks = {"fetcher": getattr(getattr(consumer, "_fetcher", None), "_fetch_task", None)}
+    fetch = getattr(consumer, "_fetcher", None)
     coordinator = getattr(consumer, "_coordinator", None)
-    for name in ("_coordination_task", "_heartbeat_task", "_commit_refresh_task"):
-        tasks[name.strip("_").removesuffix("_task")] = getattr(coordinator, name, None)
+    tasks = {"fetcher": getattr(fetch, "_fetch_task", None),
+             **(coordinator_tasks(coordinator) if coordinator is not None else {})}
     ended = {}
     for name, task in tasks.items():
         if task is not None and task.done():
@@ -170,19 +170,12 @@ def fetch_states(consumer: "aiokafka.AIOKafkaConsumer") -> dict[Any, FetchState]
     """tp -> its `FetchState`, for every assigned partition (aiokafka's `TopicPartitionState`
     and its fetcher's `_records`). Read from another thread it is a snapshot: a RuntimeError
     (changed while read) is the caller's to retry."""
-    assignment = consumer._subscription.subscription  # type: ignore[attr-defined]
-    assignment = assignment.assignment if assignment is not None else None
-    if assignment is None:
-        return {}
     buffered = set(consumer._fetcher._records)  # type: ignore[attr-defined]
-    out = {}
-    for tp in list(assignment.tps):
-        state = assignment.state_value(tp)
-        out[tp] = FetchState(
-            paused=bool(state.paused), buffered=tp in buffered,
-            position=state.position if state.has_valid_position else None, highwater=state.highwater,
-            fetched_at=state.timestamp / 1000 if state.timestamp is not None else None)
-    return out
+    return {tp: FetchState(
+        paused=bool(state.paused), buffered=tp in buffered,
+        position=state.position if state.has_valid_position else None, highwater=state.highwater,
+        fetched_at=state.timestamp / 1000 if state.timestamp is not None else None)
+        for tp, state in partition_states(consumer).items()}
 
 
 def fetch_in_flight(consumer: "aiokafka.AIOKafkaConsumer") -> bool:
@@ -196,7 +189,7 @@ def recovery_task(recovery: Any) -> Any:
     (mode drops a future from `_futures` once it is done).
     The loop `break`s for good on a step timeout (`ServiceStopped`) or raises: no later
     rebalance is then ever completed."""
-    for future in list(getattr(recovery, "_futures", ())):
+    for future in service_futures(recovery):
         coro = getattr(future, "__wrapped__", None)
         if "_restart_recovery" in getattr(coro, "__qualname__", ""):
             return future

@@ -156,7 +156,7 @@ def _faust(app: faust.App) -> dict[str, JSON]:
             "state": recovery.state,
             "running_tasks": running,
             # mode drops a finished task from the service: absent means done (or never started).
-            "restart_recovery_running": any("_restart_recovery" in name for name in running),
+            "restart_recovery_running": compat.recovery_task(recovery) is not None,
         },
         # Where the drain loop (the one task that hands fetched messages to the streams) waits.
         "drain_loop": [_where(future) for future in compat.service_futures(compat.fetcher_service(app))],
