@@ -154,6 +154,34 @@ async def read_to_end(consumer: AIOKafkaConsumer, tps: list[TopicPartition], *, 
             raise TopicError(f"no progress for {stall_seconds:.0f} s short of the end: {where}")
 
 
+async def read_until(consumer: AIOKafkaConsumer, ends: Mapping[TopicPartition, int], *, fetch_ms: int = IDLE_MS,
+                     stall_seconds: float = STALL_SECONDS) -> AsyncGenerator[list[ConsumerRecord], None]:
+    """Batches of messages from the consumer's positions up to (not including) `ends`.
+
+    A fixed stopping point, unlike `read_to_end`: a topic still being written ends too, and
+    what arrives meanwhile is left for the next reader. Take `ends` from
+    `fetched_end_offsets` (Tansu's reported ends are short). Each batch is ordered by
+    partition, then offset.
+    """
+    loop = asyncio.get_running_loop()
+    last_progress = loop.time()
+    while True:
+        positions = {tp: await consumer.position(tp) for tp in ends}
+        short = [tp for tp in ends if positions[tp] < ends[tp]]
+        if not short:
+            return
+        fetched = await consumer.getmany(*short, timeout_ms=fetch_ms)
+        if any(fetched.values()):
+            last_progress = loop.time()
+            batch = [record for tp in sorted(fetched) for record in fetched[tp] if record.offset < ends[tp]]
+            if batch:
+                yield batch
+            continue
+        if loop.time() - last_progress > stall_seconds:
+            where = ", ".join(f"{tp.topic}[{tp.partition}] at {positions[tp]} < {ends[tp]}" for tp in short)
+            raise TopicError(f"no progress for {stall_seconds:.0f} s short of the end: {where}")
+
+
 async def ensure_topics(settings: Settings, topics: list[str]) -> None:
     """Create missing topics with the configured partition count (auto-create would pick its own)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)

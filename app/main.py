@@ -11,12 +11,14 @@ import models  # noqa: F401  # the entity models, so the relay and agents know t
 from models import customer_api
 from agents import cache, downconvert, entity_pass, views
 from app.cache import CacheResource
+from app.capture.agreement import check_models
 from app.ops import endpoints as ops
 from app.ops.endpoints import Ops
 from app.web import install as web
 from app.web.install import WebViews
 from app.web.tables import View
 from app.ops.metrics import DownconvertCounts
+from app.orm import EventedBase
 from app.outbox.relay import Relay
 from app.settings import Settings
 from app.transport import App, DirectTopic
@@ -36,12 +38,18 @@ class WorkerApp(App):
 
 
 def create_app(settings: Settings) -> WorkerApp:
-    """A Faust app configured from `settings` (no network I/O until the worker starts)."""
+    """A Faust app configured from `settings` (no network I/O until the worker starts).
+
+    Refuses (`ModelSchemaMismatch`) when a model and its Avro schema disagree.
+    """
+    check_models(EventedBase)
     app = WorkerApp(
         settings,
         broker=settings.kafka_broker or "kafka://127.0.0.1:9092",
         web_port=settings.web_port,
-        web_host=settings.web_host,
+        # Faust binds every interface unless told: bind what WEB_HOST says (loopback by default).
+        web_bind=settings.web_host,
+        web_host=settings.advertised_host,
         # Tansu joins consumer groups in ~30 s with Faust's defaults; these make it ~5 s.
         broker_session_timeout=10,
         broker_rebalance_timeout=5,

@@ -1,11 +1,12 @@
-"""The service API: `from app.orm import EventedBase, Database, sensitive_column`.
+"""The service API: `from app.orm import EventedBase, Database, sensitive_column, unevented_column`.
 
 DESIGN.md's public contract; the code lives in `app/capture/`, one module per part.
 """
+from app.capture.agreement import ModelSchemaMismatch, unevented_column
 from app.capture.base import EventedBase, EventedSession
 from app.capture.database import Database
 from app.capture.entities import SchemaMismatch
 from app.capture.ownership import OwnershipError, UneventedWrite, sensitive_column
 
-__all__ = ["EventedBase", "Database", "EventedSession", "OwnershipError", "SchemaMismatch",
-           "UneventedWrite", "sensitive_column"]
+__all__ = ["EventedBase", "Database", "EventedSession", "ModelSchemaMismatch", "OwnershipError", "SchemaMismatch",
+           "UneventedWrite", "sensitive_column", "unevented_column"]

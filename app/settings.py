@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, replace
 from collections.abc import Mapping
 
@@ -21,9 +22,13 @@ class Settings:
     redis_url: str = ""
     service_name: str = "orders"
     web_port: int = 6066
-    # The host name other workers reach this one at (Faust's canonical URL, used to route
-    # table lookups); docker-compose sets the service name.
+    # The interface every web server we start binds (the worker's, the relay's, billing's):
+    # loopback by default, so nothing is open to the network unless asked for (`0.0.0.0`).
     web_host: str = "127.0.0.1"
+    # The host name other workers reach this one at (Faust's canonical URL, used to route
+    # table lookups): docker-compose sets the service name. Empty: `web_host`, or the
+    # machine's host name when `web_host` is a wildcard (what could another worker dial?).
+    web_advertised_host: str = ""
     app_id: str = "microservice-events"
     # Partitions of the topics the relay creates; per-key order holds within a partition.
     topic_partitions: int = 4
@@ -118,6 +123,7 @@ class Settings:
             service_name=env.get("SERVICE_NAME", "orders"),
             web_port=int(env.get("WEB_PORT", "6066")),
             web_host=env.get("WEB_HOST", "127.0.0.1"),
+            web_advertised_host=env.get("WEB_ADVERTISED_HOST", ""),
             app_id=env.get("APP_ID", "microservice-events"),
             legacy_modes=env.get("LEGACY_MODES", ""),
             table_store=env.get("TABLE_STORE", ""),
@@ -180,6 +186,15 @@ class Settings:
     def with_(self, **changes: object) -> "Settings":
         """A copy with some fields changed (tests build theirs this way)."""
         return replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def advertised_host(self) -> str:
+        """The host in this worker's canonical URL (see `web_advertised_host`)."""
+        if self.web_advertised_host:
+            return self.web_advertised_host
+        if self.web_host in ("", "0.0.0.0", "::"):
+            return socket.gethostname()
+        return self.web_host
 
     @property
     def bootstrap_servers(self) -> str:

@@ -88,7 +88,7 @@ async def run(env: Env, cfg: Config) -> list[Line]:
         deadline = time.monotonic() + 30
         while not relay.stats.active:  # the relay creates its topics on start
             if relay_task.done() or time.monotonic() > deadline:
-                raise RuntimeError(f"relay did not become active: {relay.stats.last_error}")
+                raise RuntimeError(f"relay did not become active: {relay.stats.error}")
             await asyncio.sleep(0.02)
         # Warm-up (not counted): pools, statement caches, topic metadata.
         await _relay_round(env, db, relay, cfg.latency_rate, 0.5)

@@ -69,7 +69,7 @@ async def _relay_round(env: Env, db: Database, cfg: Config) -> dict[str, Any]:
                     if await conn.fetchval("SELECT count(*) FROM outbox") == 0:
                         break
                     if task.done():
-                        raise RuntimeError(f"relay stopped: {relay.stats.last_error}")
+                        raise RuntimeError(f"relay stopped: {relay.stats.error}")
                     if time.monotonic() - t0 > 300:
                         raise TimeoutError(f"outbox not drained: {relay.stats}")
                 took = time.monotonic() - t0

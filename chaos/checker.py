@@ -174,8 +174,8 @@ class Checker:
         return wrong
 
     async def read_through_mismatches(self, database_url: str) -> int:
-        """Orders a reader gets through `CacheRepository` (filling what a flush emptied) that differ
-        from the database."""
+        """Orders a reader gets through `CacheRepository` (filling what a flush emptied, connected
+        to `database_url`: the worker's role, as `/entities` reads) that differ from the database."""
         from app.cache import CacheRepository
         from app.orm import Database
         from models import Order

@@ -252,7 +252,7 @@ def two_workers_onto_a_backlog(orders: int = 3000) -> FaultFn:
     async def act(stack: Stack) -> Notes:
         workers = stack.alive_workers
         killed = sum(worker.kill() for worker in workers)
-        db = Database(stack.settings.database_url, service="orders", record_reads=False)
+        db = Database(stack.settings.database_url_for("orders"), service="orders", record_reads=False)
         try:
             async with db.session() as s:
                 await s.execute(insert(Order), [{"customer_id": 90_000 + i % 50, "amount_cents": 100 + i,

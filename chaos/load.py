@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.orm import Database
+from app.settings import Settings
 from models import Customer, Order, OrderShipping
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ class LoadStats:
 class Load:
     """Writers for `duration` seconds (or until `stop()`), at about `rate` writes/s in all."""
 
-    database_url: str
+    #: Where the writers connect: each service through its own role (`database_url_for`).
+    settings: Settings
     order_services: int = 3
     rate: float = 100.0
     seed: int = 1
@@ -67,8 +69,10 @@ class Load:
         """Write until `stop()`; returns the counts."""
         writers = self.order_services + 1
         interval = writers / self.rate
-        customers = Database(self.database_url, service="customers", record_reads=False, pool_size=2)
-        orders = [Database(self.database_url, service="orders", record_reads=False, pool_size=2)
+        customers = Database(self.settings.database_url_for("customers"), service="customers",
+                             record_reads=False, pool_size=2)
+        orders = [Database(self.settings.database_url_for("orders"), service="orders", record_reads=False,
+                           pool_size=2)
                   for _ in range(self.order_services)]
         try:
             customer_ids = await self._with_retry(lambda: self._create_customers(customers, 10))

@@ -19,6 +19,7 @@ import tempfile
 
 import aiohttp
 
+from app.capture.roles import WORKER
 from chaos.checker import Checker, Report
 from chaos.faults import Fault, faults
 from chaos.load import Load
@@ -64,7 +65,7 @@ class Session:
                 await self.stack.add_worker()
         if self.stack.billing is not None and not self.stack.billing.alive:
             await self.stack.billing.start(60)
-        load = Load(self.stack.settings.database_url, rate=rate, seed=seed)
+        load = Load(self.stack.settings, rate=rate, seed=seed)
         writing = asyncio.get_running_loop().create_task(load.run())
         try:
             await asyncio.sleep(warmup)  # the fault strikes a system under load
@@ -86,7 +87,8 @@ class Session:
         if not report.consistent:  # what each consumer was doing when it did not converge
             report.notes["_consumer state"] = await self.capture_consumer_state()
         if report.consistent:  # then what readers get through the cache must agree too
-            report.cache_mismatches += await self.checker.read_through_mismatches(self.stack.settings.database_url)
+            worker_url = self.stack.settings.database_url_for(WORKER)
+            report.cache_mismatches += await self.checker.read_through_mismatches(worker_url)
         report.notes["workers alive"] = len(self.stack.alive_workers)
         await self.note_workers(report)
         return report

@@ -22,10 +22,13 @@ from typing import Any
 
 import aiohttp
 
+import models  # noqa: F401  # registers the entity models, whose owners get roles
+from app.capture.roles import service_urls
 from app.embedded.broker import EmbeddedBroker
 from app.embedded.postgres import EmbeddedPostgres
 from app.embedded.process import free_port
 from app.embedded.redis import EmbeddedRedis
+from app.orm import EventedBase
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -166,6 +169,23 @@ class Process:
             return None
 
 
+#: How a worker's log says why its liveness rule ended it (app/ops/liveness.py).
+STALLED = "liveness: the consumer is stalled: "
+
+
+def stall_reason(log: Path) -> str:
+    """The reason of the last stall `log` reports ("" if none): in the failure message, so a CI
+    run that keeps no logs still says which rule fired."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return ""
+    at = text.rfind(STALLED)
+    if at < 0 or "--- chaos stack:" in text[at:]:
+        return ""  # none, or one that an earlier exit already reported
+    return text[at + len(STALLED):].split("; exiting with", 1)[0].split("\n", 1)[0][:200]
+
+
 @dataclass(frozen=True)
 class SelfExit:
     """A worker that exited by itself, and was started again by the stack."""
@@ -175,10 +195,13 @@ class SelfExit:
     at: float             # wall-clock time (time.time()) the exit was seen
     while_starting: bool  # before it logged ready: a start refused (say PostgreSQL was down)
     log: Path
+    #: What the worker's liveness rule said (app/ops/liveness.py), when that was why it exited.
+    reason: str = ""
 
     def __str__(self) -> str:
         when = time.strftime("%H:%M:%S", time.localtime(self.at))
-        return f"{self.worker} exit {self.code} at {when}{' while starting' if self.while_starting else ''}"
+        why = f": {self.reason}" if self.reason else ""
+        return f"{self.worker} exit {self.code} at {when}{' while starting' if self.while_starting else ''}{why}"
 
 
 @dataclass
@@ -208,6 +231,10 @@ class Stack:
             broker = EmbeddedBroker.start(root / "broker")
             settings = Settings(database_url=postgres.url, kafka_broker=broker.url, redis_url=redis.url,
                                 app_id=f"chaos-{uuid.uuid4().hex[:8]}", recovery_consistency_check=False)
+            # Every process on its service's role, as `make dev` and Compose run them; the
+            # owner URL is `init-db`'s and the checker's (it reads the whole truth).
+            settings = settings.with_(service_database_urls=tuple(sorted(
+                service_urls(EventedBase, settings.db_role_prefix, settings.database_url).items())))
             stack = cls(root, postgres, redis, broker, settings)
             await stack._prepare()  # billing refuses to start without its tables
             await stack._start_billing()
@@ -224,15 +251,9 @@ class Stack:
             raise
 
     async def _prepare(self) -> None:
-        import models  # noqa: F401  # the entity models
-        from app.cli.preflight import create_topics
-        from app.orm import Database
+        from app.cli.preflight import create_topics, init_db
 
-        db = Database(self.settings.database_url, record_reads=False)
-        try:
-            await db.create_all()
-        finally:
-            await db.close()
+        await init_db(self.settings)  # the tables and the services' roles
         await create_topics(self.settings)
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -242,7 +263,9 @@ class Stack:
                if k not in ("DATABASE_URL", "REDIS_URL", "KAFKA_BROKER") and not k.startswith("DATABASE_URL_")}
         env.update(DATABASE_URL=self.settings.database_url, KAFKA_BROKER=self.settings.kafka_broker,
                    REDIS_URL=self.settings.redis_url, APP_ID=self.settings.app_id, RECOVERY_CONSISTENCY_CHECK="0",
-                   PYTHONPATH=str(ROOT), **extra)
+                   PYTHONPATH=str(ROOT))
+        env.update({f"DATABASE_URL_{service.upper()}": url for service, url in self.settings.service_database_urls})
+        env.update(extra)
         return env
 
     def worker_env(self, port: int) -> dict[str, str]:
@@ -288,7 +311,8 @@ class Stack:
                 continue
             for worker, proc in exited:
                 assert proc is not None
-                gone = SelfExit(worker.name, proc.returncode, time.time(), not worker.logged_ready(), worker.log)
+                gone = SelfExit(worker.name, proc.returncode, time.time(), not worker.logged_ready(), worker.log,
+                                stall_reason(worker.log))
                 self.self_exits.append(gone)
                 log.warning("%s; restarting it in %.0f s (see %s)", gone, restart_after, worker.log)
                 with open(worker.log, "a") as out:  # so the worker's own log says where one run ends

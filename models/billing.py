@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -106,7 +107,7 @@ async def run_billing(settings: Settings) -> None:
         registry.register(InboxCollector(inbox))
 
         def ready() -> tuple[bool, dict[str, Any]]:
-            return inbox.stats.connected, {"consumer": inbox.name, "last_error": inbox.stats.last_error}
+            return inbox.stats.connected, {"consumer": inbox.name, "error": inbox.stats.error}
 
         def status() -> dict[str, Any]:
             stats = inbox.stats
@@ -114,7 +115,10 @@ async def run_billing(settings: Settings) -> None:
                     "skipped_duplicate": stats.skipped_duplicate, "skipped_old": stats.skipped_old,
                     "gaps": stats.gaps, "dead_lettered": stats.dead_lettered,
                     "lag": sum(stats.lag.values()), "lag_by_partition": stats.lag, "connected": stats.connected,
-                    "last_error": stats.last_error}
+                    # What fails now; the last error stays for history, with its time.
+                    "error": stats.error, "last_error": stats.last_error,
+                    "last_error_at": datetime.fromtimestamp(stats.last_error_at, UTC).isoformat(timespec="seconds")
+                    if stats.last_error_at else None}
 
         runner = await start_web(process_web(registry, ready, status), settings.web_host,
                                  settings.billing_web_port, SERVICE)

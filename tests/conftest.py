@@ -9,7 +9,6 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import models  # noqa: F401  # registers the demo models on EventedBase
@@ -88,9 +87,16 @@ def kafka(broker: EmbeddedBroker) -> Settings:
 
 @pytest.fixture(scope="session")
 def settings(database_url: str, broker: EmbeddedBroker, role_prefix: str) -> Settings:
-    """Settings pointing at this session's servers (connecting as the tables' owner)."""
+    """Settings pointing at this session's servers, as `make dev` and Compose run the processes.
+
+    `database_url` is the tables' owner (`init-db` alone uses it); every service, the worker
+    included, connects as its own role through `database_url_for(service)`: what PostgreSQL
+    lets that role do is what the tests see. A test that needs the owner says why.
+    """
     return Settings(database_url=database_url, kafka_broker=broker.url, service_name="orders",
-                    relay_poll_interval=0.5, db_role_prefix=role_prefix)
+                    relay_poll_interval=0.5, db_role_prefix=role_prefix,
+                    service_database_urls=tuple(sorted(
+                        roles.service_urls(EventedBase, role_prefix, database_url).items())))
 
 
 @pytest.fixture(scope="session")
@@ -101,20 +107,33 @@ async def schema(settings: Settings) -> None:
 
 @pytest.fixture
 async def db(settings: Settings, schema: None) -> AsyncIterator[Database]:
-    """A Database for the test; the outbox is emptied before and after.
+    """The orders service's Database, on its role; the outbox is emptied before and after.
 
     Entity ids are never restarted, so every test's keys are new on the session's topics.
     """
-    database = Database(settings.database_url, service=settings.service_name)
-    await _clear_outbox(database)
+    database = Database(settings.database_url_for(settings.service_name), service=settings.service_name)
+    await clear_outbox(settings)
     yield database
-    await _clear_outbox(database)
+    await clear_outbox(settings)
     await database.close()
 
 
-async def _clear_outbox(database: Database) -> None:
-    async with database.engine.begin() as conn:
-        await conn.execute(text("DELETE FROM outbox"))
+@pytest.fixture
+async def worker_db(settings: Settings, schema: None) -> AsyncIterator[Database]:
+    """A Database on the stream worker's role: what the relay and the cache read (the outbox,
+    every entity's non-sensitive columns and sequences), reads not recorded."""
+    database = Database(settings.database_url_for(roles.WORKER), record_reads=False)
+    yield database
+    await database.close()
+
+
+async def clear_outbox(settings: Settings) -> None:
+    """Empty the outbox, as the tables' owner: no service's role may read or delete it."""
+    conn = await asyncpg.connect(settings.asyncpg_dsn)
+    try:
+        await conn.execute("DELETE FROM outbox")
+    finally:
+        await conn.close()
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 from app.settings import Settings
 from tests.waiting import POLL
 
@@ -22,8 +24,16 @@ def app_env(settings: Settings, **extra: str) -> dict[str, str]:
     env.update(DATABASE_URL=settings.database_url, KAFKA_BROKER=settings.kafka_broker,
                SERVICE_NAME=settings.service_name, PYTHONPATH=str(ROOT),
                DB_ROLE_PREFIX=settings.db_role_prefix)  # the session's own roles (tests/conftest.py)
+    # Each service on its role, as `make dev` and Compose run them (DATABASE_URL_<SERVICE>).
+    env.update({f"DATABASE_URL_{service.upper()}": url for service, url in settings.service_database_urls})
     env.update(extra)
     return env
+
+
+def listening(pid: int, port: int) -> set[str]:
+    """The addresses process `pid` accepts connections on at `port`, read from its sockets."""
+    return {c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
 
 
 def spawn_app(settings: Settings, *args: str, log: Path, **extra: str) -> subprocess.Popen[bytes]:

@@ -20,8 +20,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import selectinload
 
 from app.cache import CacheRepository, connect_redis
+from app.capture.roles import WORKER
 from app.embedded.redis import EmbeddedRedis
 from app.orm import Database
+from app.settings import Settings
 from models import Customer, Order, OrderShipping
 from tests.waiting import until
 
@@ -41,13 +43,14 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-async def make_cache(redis: Redis, db: Database) -> AsyncIterator[MakeCache]:
-    """Factory of repositories sharing one key namespace of this test; its keys are deleted after."""
+async def make_cache(redis: Redis, worker_db: Database) -> AsyncIterator[MakeCache]:
+    """Factory of repositories sharing one key namespace of this test, reading the database on the
+    worker's role as the cache agent and `/entities` do; its keys are deleted after."""
     # Ids restart in every test session's database: a namespace keeps sessions sharing a Redis apart.
     namespace = f"test-cache-{uuid.uuid4().hex[:12]}:"
 
     def make(**options: Any) -> CacheRepository:
-        return CacheRepository(redis, db, namespace=namespace, **options)
+        return CacheRepository(redis, worker_db, namespace=namespace, **options)
 
     yield make
     keys = [k async for k in redis.scan_iter(match=namespace + "*", count=1000)]
@@ -99,7 +102,8 @@ async def db_sequence(db: Database, entity: str, key: int) -> int:
 
 
 async def outbox_rows(db: Database, entity: str = "orders") -> list[Any]:
-    """The entity's events in the outbox, in id order (access events left out)."""
+    """The entity's events in the outbox, in id order (access events left out); `db` must be on
+    the worker's role, the one that reads the outbox (the relay)."""
     async with db.engine.connect() as conn:
         return list(await conn.execute(text(
             "SELECT id, key, sequence, op, data FROM outbox WHERE entity = :e AND op <> 'read' ORDER BY id"),
@@ -186,7 +190,8 @@ async def test_older_or_repeated_event_never_replaces_newer(redis: Redis, make_c
     assert (cache.stats.refreshes_applied, cache.stats.stale_rejections) == (2, 3)
 
 
-async def test_slow_fill_of_old_state_loses_to_newer_event(db: Database, redis: Redis, make_cache: MakeCache) -> None:
+async def test_slow_fill_of_old_state_loses_to_newer_event(db: Database, worker_db: Database, redis: Redis,
+                                                            make_cache: MakeCache) -> None:
     [oid] = await create_orders(db, 1)
     hold = Hold(oid)
     cache = make_cache(after_load=hold)
@@ -194,7 +199,7 @@ async def test_slow_fill_of_old_state_loses_to_newer_event(db: Database, redis: 
     await asyncio.wait_for(hold.loaded.wait(), 10)  # the reader has the old state in hand
     async with db.session() as s:
         (await s.get_one(Order, oid)).status = "paid"
-    newest = (await outbox_rows(db))[-1]
+    newest = (await outbox_rows(worker_db))[-1]
     assert await apply_row(cache, newest)
     hold.release.set()
     got = await asyncio.wait_for(reader, 10)
@@ -203,7 +208,8 @@ async def test_slow_fill_of_old_state_loses_to_newer_event(db: Database, redis: 
     assert (cache.stats.stale_rejections, cache.stats.fills) == (1, 0)
 
 
-async def test_tombstone_blocks_resurrection_by_slow_fill(db: Database, redis: Redis, make_cache: MakeCache) -> None:
+async def test_tombstone_blocks_resurrection_by_slow_fill(db: Database, worker_db: Database, redis: Redis,
+                                                         make_cache: MakeCache) -> None:
     [oid] = await create_orders(db, 1, shipped=True)
     hold = Hold(oid)
     cache = make_cache(after_load=hold, tombstone_ttl=30)
@@ -211,7 +217,7 @@ async def test_tombstone_blocks_resurrection_by_slow_fill(db: Database, redis: R
     await asyncio.wait_for(hold.loaded.wait(), 10)
     async with db.session() as s:
         await s.delete(await s.get_one(Order, oid))
-    deleted = (await outbox_rows(db))[-1]
+    deleted = (await outbox_rows(worker_db))[-1]
     assert deleted.op == "delete" and await apply_row(cache, deleted)
     hold.release.set()
     assert await asyncio.wait_for(reader, 10) is None
@@ -221,7 +227,7 @@ async def test_tombstone_blocks_resurrection_by_slow_fill(db: Database, redis: R
 
 
 async def test_tombstone_expires_and_fill_older_than_it_is_dropped(
-        db: Database, redis: Redis, make_cache: MakeCache) -> None:
+        db: Database, worker_db: Database, redis: Redis, make_cache: MakeCache) -> None:
     [oid] = await create_orders(db, 1)
     hold = Hold(oid)
     cache = make_cache(after_load=hold, tombstone_ttl=0.3)
@@ -229,7 +235,7 @@ async def test_tombstone_expires_and_fill_older_than_it_is_dropped(
     await asyncio.wait_for(hold.loaded.wait(), 10)
     async with db.session() as s:
         await s.delete(await s.get_one(Order, oid))
-    assert await apply_row(cache, (await outbox_rows(db))[-1])
+    assert await apply_row(cache, (await outbox_rows(worker_db))[-1])
     key = cache.key_of("orders", oid)
     assert 0 < await redis.pttl(key) <= 300
     await until(lambda: redis.exists(key), lambda n: n == 0, what="tombstone expiry")
@@ -269,10 +275,10 @@ async def test_failed_load_reaches_every_waiter_and_is_forgotten(db: Database, m
     assert await cache.get(Order, oid) is not None
 
 
-async def test_sensitive_column_never_reaches_redis(db: Database, redis: Redis, make_cache: MakeCache,
-                                                    database_url: str) -> None:
+async def test_sensitive_column_never_reaches_redis(db: Database, worker_db: Database, redis: Redis,
+                                                    make_cache: MakeCache, settings: Settings) -> None:
     canary = f"canary-{uuid.uuid4().hex}@example.com"
-    customers = Database(database_url, service="customers")
+    customers = Database(settings.database_url_for("customers"), service="customers")
     try:
         async with customers.session() as s:
             customer = Customer(name="Ada", email=canary)
@@ -282,7 +288,7 @@ async def test_sensitive_column_never_reaches_redis(db: Database, redis: Redis, 
         assert state is not None and set(state) == {"id", "name", "created_at"}
         async with customers.session() as s:
             (await s.get_one(Customer, customer.id)).name = "Ada L."
-        assert await apply_row(cache, (await outbox_rows(db, entity="customers"))[-1], "customers")
+        assert await apply_row(cache, (await outbox_rows(worker_db, entity="customers"))[-1], "customers")
         keys = [k async for k in redis.scan_iter(match=cache.namespace + "*")]
         [value] = await redis.mget(keys)
         assert isinstance(value, bytes) and canary.encode() not in value
@@ -359,7 +365,8 @@ def apply_events_in_thread(database_url: str, redis_url: str, namespace: str, st
 
 
 async def test_cache_converges_under_concurrent_writers_readers_and_events(
-        db: Database, redis: Redis, make_cache: MakeCache, database_url: str, redis_url: str) -> None:
+        db: Database, worker_db: Database, redis: Redis, make_cache: MakeCache, settings: Settings,
+        redis_url: str) -> None:
     ids = await create_orders(db, 100)
     rng = random.Random(1234)
 
@@ -413,7 +420,7 @@ async def test_cache_converges_under_concurrent_writers_readers_and_events(
     readers = [asyncio.create_task(reader()) for _ in range(8)]
     stop = threading.Event()
     agent = asyncio.create_task(asyncio.to_thread(
-        apply_events_in_thread, database_url, redis_url, cache.namespace, stop))
+        apply_events_in_thread, settings.database_url_for(WORKER), redis_url, cache.namespace, stop))
     try:
         await asyncio.gather(*(writer(n) for n in range(8)))
     finally:
@@ -424,7 +431,7 @@ async def test_cache_converges_under_concurrent_writers_readers_and_events(
     # Taken first, before entries expire: a stale fill landing after the last event shows here.
     raw = await redis.mget([cache.key_of("orders", oid) for oid in ids])
     cached = {oid: json.loads(value) for oid, value in zip(ids, raw, strict=True) if value is not None}
-    assert applied == len(await outbox_rows(db)) > 300  # each event applied once, like the agent
+    assert applied == len(await outbox_rows(worker_db)) > 300  # each event applied once, like the agent
 
     expected = await db_states(db, ids)
     assert {i for i, s in expected.items() if s is None} == deleted

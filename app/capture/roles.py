@@ -11,8 +11,10 @@ PostgreSQL checks them on every statement, whatever the client:
 - the outbox is INSERT-only for services, under row-level security: a row must name the
   inserting service and an entity it owns (or be an access event), so no service can forge
   another's events; no service may read the outbox. The per-key sequences of an entity are
-  readable and writable only by its owner. The worker's role reads and deletes outbox rows
-  (the relay) and reads the non-sensitive columns of every entity (cache refresh, `/entities`);
+  writable only by its owner and readable by every role (the cache's database fallback loads
+  a key's state with its sequence in one snapshot: `app/cache.py`). The worker's role reads
+  and deletes outbox rows (the relay) and reads the non-sensitive columns of every entity
+  (cache refresh, `/entities`);
 - the inbox (app/inbox/store.py) is row-level secured by consumer name: a service reads and
   writes only the rows of its own consumers (`<service>`, `<service>.*`), so it cannot mark
   another service's events as applied.
@@ -115,7 +117,14 @@ def grant_sql(base: type["EventedBase"], prefix: str, extra: tuple[str, ...] = (
         f"GRANT SELECT, DELETE ON outbox TO {worker}",
         f"DROP POLICY IF EXISTS {_q('relay_' + roles[WORKER])} ON outbox",
         f"CREATE POLICY {_q('relay_' + roles[WORKER])} ON outbox FOR ALL TO {worker} USING (true)",
+        # Sequences are no secret: every role reads them (the cache loads a state with its
+        # sequence in one snapshot, from any service); only owners write theirs (below).
+        f"GRANT SELECT ON event_sequences TO {role_list}",
     ]
+    for role in roles.values():
+        policy = _q(f"reads_of_{role}")
+        out += [f"DROP POLICY IF EXISTS {policy} ON event_sequences",
+                f"CREATE POLICY {policy} ON event_sequences FOR SELECT TO {_q(role)} USING (true)"]
     for service in writers:
         role = _q(roles[service])
         owned = [e.entity for e in entities if e.owner == service]
@@ -195,6 +204,11 @@ def drop_roles(conn: Connection, base: type["EventedBase"], prefix: str,
     """Drop the roles (after every database that granted them something was dropped)."""
     for service in services(base, extra):
         conn.execute(text(f"DROP ROLE IF EXISTS {_q(role_name(prefix, service))}"))
+
+
+def service_urls(base: type["EventedBase"], prefix: str, url: str, extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """service -> `url` connecting as that service's role (no password: trust or `.pgpass`)."""
+    return {service: service_url(url, role_name(prefix, service)) for service in services(base, extra)}
 
 
 def service_url(url: str, role: str, password: str | None = None) -> str:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from app.cli.preflight import StartupError, check_all, create_topics, init_db, require
+from app.cli.preflight import StartupError, check_all, check_models_agree, create_topics, init_db, require
 from app.settings import Settings
 
 
@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     topic_sub = topic.add_subparsers(dest="topic_command", required=True)
     consumers = topic_sub.add_parser("consumers", help="consumer groups with committed offsets on a topic, lag per partition")
     consumers.add_argument("topic")
-    archive = topic_sub.add_parser("archive", help="write every message of a topic to an Avro container file")
+    archive = topic_sub.add_parser("archive", help="write every message of a topic, up to its end when the command "
+                                                   "starts, to an Avro container file")
     archive.add_argument("topic")
     archive.add_argument("--to", required=True, metavar="FILE.avro", help="the file to write")
     archive.add_argument("--schema", default=None, metavar="ENTITY:VERSION",
@@ -90,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         require(settings, "database_url", "DATABASE_URL")
         if args.command == "worker":
             require(settings, "kafka_broker", "KAFKA_BROKER")
+            check_models_agree()
             asyncio.run(check_all(settings))
             # The agents subscribe at start: their topics must exist by then, or the worker
             # gets no partitions of them until some later rebalance.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncpg
 
+from app.capture.roles import WORKER
 from app.cli.preflight import check_database
 from app.outbox.store import LAG_SQL
 from app.settings import Settings
@@ -11,7 +12,8 @@ from app.settings import Settings
 async def outbox_status(settings: Settings) -> None:
     """Print pending outbox rows and the age of the oldest."""
     await check_database(settings)
-    conn = await asyncpg.connect(settings.asyncpg_dsn)
+    # As the relay's role (DATABASE_URL_WORKER), the one that reads the outbox; else DATABASE_URL.
+    conn = await asyncpg.connect(settings.asyncpg_dsn_for(WORKER))
     try:
         count, oldest = await conn.fetchrow(LAG_SQL)
     finally:

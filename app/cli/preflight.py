@@ -71,6 +71,18 @@ def _where(url: str) -> str:
     return url.rsplit("@", 1)[-1]
 
 
+def check_models_agree() -> None:
+    """The models agree with their Avro schemas (`app.capture.agreement`), else one line."""
+    import models  # noqa: F401  # registers the entity models
+    from app.capture.agreement import ModelSchemaMismatch, check_models
+    from app.orm import EventedBase
+
+    try:
+        check_models(EventedBase)
+    except ModelSchemaMismatch as exc:
+        raise StartupError(str(exc)) from None
+
+
 async def init_db(settings: Settings) -> list[str]:
     """Create tables and the outbox, and the services' roles with their privileges.
 
@@ -81,6 +93,7 @@ async def init_db(settings: Settings) -> list[str]:
     from app.capture import roles
     from app.orm import Database, EventedBase
 
+    check_models_agree()  # before a table is created from a model that would drop a column
     await check_database(settings)
     try:
         passwords = roles.role_passwords(dict(settings.service_database_urls), settings.db_role_prefix)

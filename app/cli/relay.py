@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from app.cli.preflight import check_all
+from app.cli.preflight import check_all, check_models_agree
 from app.ops.metrics import RelayCollector
 from app.ops.process_web import process_web, start_web
 from app.outbox.relay import Relay
@@ -32,7 +32,8 @@ def relay_web(relay: Relay) -> web.Application:
     def ready() -> tuple[bool, dict[str, Any]]:
         stats = relay.stats
         return stats.connected, {"active": stats.active, "shards": list(stats.shards), "published": stats.published,
-                                 "pending_rows": stats.pending_rows, "last_error": stats.last_error}
+                                 "pending_rows": stats.pending_rows, "error": stats.error,
+                                 "last_error": stats.last_error}
 
     return process_web(registry, ready)
 
@@ -57,7 +58,6 @@ async def serve(settings: Settings) -> None:
 
 async def run_relay(settings: Settings) -> None:
     """Run the relay until interrupted."""
-    import models  # noqa: F401  # registers the entity models whose topics the relay publishes
-
+    check_models_agree()  # registers the models whose topics it publishes, and checks them
     await check_all(settings)
     await serve(settings)

@@ -6,6 +6,8 @@ import contextlib
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from app.cli.preflight import check_broker
-from app.kafka import LAG_CAVEAT, TopicError, delete_topics, make_admin, make_consumer, read_to_end, topic_partitions
+from app.kafka import (LAG_CAVEAT, TopicError, delete_topics, fetched_end_offsets, make_admin, make_consumer,
+                       read_until, topic_partitions)
 from app.settings import Settings
 from app.wire.codec import decode, schema_for_topic
 from app.wire.schemas import EventSchema, load
@@ -31,7 +34,8 @@ async def topic_command(settings: Settings, args: argparse.Namespace) -> int:
                 print(line)
             return 0
         schema = archive_schema(args.topic, args.schema)
-        done = await archive_topic(settings, args.topic, Path(args.to), schema, delete=args.delete)
+        done = await archive_topic(settings, args.topic, Path(args.to), schema, delete=args.delete,
+                                   progress=ProgressLine(args.topic))
         print(f"archived {done.count} message(s) from {done.topic} to {done.path}")
         if done.deleted:
             print(f"deleted topic {done.topic}")
@@ -39,6 +43,21 @@ async def topic_command(settings: Settings, args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+class ProgressLine:
+    """Prints `archiving <topic>: N of M message(s) (P%)` to stderr, at most once a second."""
+
+    def __init__(self, topic: str, every: float = 1.0) -> None:
+        self.topic, self.every = topic, every
+        self._last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.every:
+            self._last = now
+            share = f" ({100 * done / total:.0f}%)" if total else ""
+            print(f"archiving {self.topic}: {done} of {total} message(s){share}", file=sys.stderr, flush=True)
 
 
 def archive_schema(topic: str, override: str | None) -> EventSchema:
@@ -117,13 +136,20 @@ class Archived:
     deleted: bool
 
 
-async def archive_topic(settings: Settings, topic: str, path: Path, schema: EventSchema,
-                        delete: bool = False) -> Archived:
-    """Write every message of `topic` (decoded with `schema`) to an Avro container file at `path`.
+#: Called with (messages written, messages to write) as an archive goes.
+Progress = Callable[[int, int], None]
 
-    The file's schema is the topic's `.avsc`, so any Avro library reads it. The file is written
-    to `<path>.partial`, re-read, and renamed only when the count matches. With `delete`, the
-    topic is deleted after that, unless messages arrived meanwhile.
+
+async def archive_topic(settings: Settings, topic: str, path: Path, schema: EventSchema,
+                        delete: bool = False, progress: Progress | None = None) -> Archived:
+    """Write every message of `topic` up to its end offsets at the start (decoded with `schema`)
+    to an Avro container file at `path`.
+
+    The end is fixed when the archive starts, so a topic still being written is archived up to
+    that point and the command ends. The file's schema is the topic's `.avsc`, so any Avro
+    library reads it. The file is written to `<path>.partial`, re-read, and renamed only when
+    the count matches. With `delete`, the topic is deleted after that, unless messages arrived
+    meanwhile.
     """
     consumer = make_consumer(settings)
     await consumer.start()
@@ -131,9 +157,12 @@ async def archive_topic(settings: Settings, topic: str, path: Path, schema: Even
         tps = await topic_partitions(consumer, topic)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        starts = {tp: await consumer.position(tp) for tp in tps}
+        ends = await true_ends(settings, consumer, tps)
+        total = sum(max(0, ends[tp] - starts[tp]) for tp in tps)
         partial = path.with_name(path.name + ".partial")
         try:
-            count = await _write_archive(consumer, tps, partial, schema)
+            count = await _write_archive(consumer, ends, partial, schema, total, progress)
             reread = _count_records(partial)
             if reread != count:
                 raise TopicError(f"{partial} holds {reread} records after writing {count}; not archived")
@@ -142,8 +171,8 @@ async def archive_topic(settings: Settings, topic: str, path: Path, schema: Even
             partial.unlink(missing_ok=True)
         if not delete:
             return Archived(topic, path, count, False)
-        async with contextlib.aclosing(read_to_end(consumer, tps)) as more:
-            late = sum([len(batch) async for batch in more])
+        now = await true_ends(settings, consumer, tps)
+        late = sum(now[tp] - ends[tp] for tp in tps)
         if late:
             raise TopicError(f"{late} message(s) arrived on {topic} during the archive; {path} holds the "
                              f"first {count}; the topic was NOT deleted (stop its producers and run again)")
@@ -158,13 +187,20 @@ async def archive_topic(settings: Settings, topic: str, path: Path, schema: Even
     return Archived(topic, path, count, True)
 
 
-async def _write_archive(consumer: AIOKafkaConsumer, tps: list[TopicPartition], path: Path,
-                         schema: EventSchema) -> int:
-    """Decode every message to the end into a deflate-compressed container file; the count."""
+async def true_ends(settings: Settings, consumer: AIOKafkaConsumer,
+                    tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """Each partition's end offset now, corrected by a fetch (Tansu reports them short)."""
+    reported = await consumer.end_offsets(tps)
+    return {tp: int(end) for tp, end in (await fetched_end_offsets(settings.bootstrap_servers, reported)).items()}
+
+
+async def _write_archive(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int], path: Path,
+                         schema: EventSchema, total: int, progress: Progress | None) -> int:
+    """Decode every message up to `ends` into a deflate-compressed container file; the count."""
     count = 0
     with open(path, "wb") as out:
         writer = fastavro.write.Writer(out, schema.raw, codec="deflate")  # header = the .avsc as is
-        async with contextlib.aclosing(read_to_end(consumer, tps)) as batches:
+        async with contextlib.aclosing(read_until(consumer, ends)) as batches:
             async for batch in batches:
                 for message in batch:
                     try:
@@ -175,6 +211,8 @@ async def _write_archive(consumer: AIOKafkaConsumer, tps: list[TopicPartition], 
                                          f"nothing archived") from None
                     writer.write(record)
                     count += 1
+                if progress is not None:
+                    progress(count, total)
         writer.flush()
         out.flush()
         os.fsync(out.fileno())

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -83,7 +84,11 @@ class InboxStats:
     lag: dict[str, int] = field(default_factory=dict)
     #: Whether the last attempt to reach the database and the broker succeeded.
     connected: bool = False
+    #: What fails now ("" once the broker and the database answer again).
+    error: str = ""
+    #: The most recent error, kept after it cleared, and when it happened (Unix time; 0: never).
     last_error: str = ""
+    last_error_at: float = 0.0
 
 
 @dataclass
@@ -201,6 +206,7 @@ class Inbox:
                         {tp: rs[-1].offset + 1 for tp, rs in fetched.items() if rs}))
                     self.stats.batches += 1
                 self.stats.connected = True
+                self.stats.error = ""  # a fetch and the batch's transaction went through
                 await self._update_lag()
                 if loop.time() - last_prune > self.settings.inbox_prune_interval_s:
                     last_prune = loop.time()
@@ -354,7 +360,8 @@ class Inbox:
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self.stats.connected = False
-        self.stats.last_error = f"{what}: {type(exc).__name__}: {exc}"[:300]
+        self.stats.error = self.stats.last_error = f"{what}: {type(exc).__name__}: {exc}"[:300]
+        self.stats.last_error_at = time.time()
         log.warning("inbox %s: %s unavailable, retrying: %r", self.name, what, exc)
 
     async def _sleep(self, seconds: float) -> None:

@@ -21,7 +21,7 @@ def not_ready(app: faust.App, relay: Relay | None, watchdog: Watchdog | None) ->
     if app.rebalancing:
         reasons.append("consumer group is rebalancing")
     if relay is not None and not relay.stats.connected:
-        reasons.append(f"relay: not connected to PostgreSQL ({relay.stats.last_error or 'not started yet'})")
+        reasons.append(f"relay: not connected to PostgreSQL ({relay.stats.error or 'not started yet'})")
     if watchdog is not None:
         if watchdog.liveness.stalled:
             reasons.append(f"consumer: stalled: {watchdog.liveness.stalled}; restarting the worker")

@@ -73,7 +73,11 @@ class RelayStats:
     connected: bool = False
     pending_rows: int = 0
     oldest_seconds: float = 0.0
+    #: What fails now ("" once the database and the broker answer again).
+    error: str = ""
+    #: The most recent error, kept after it cleared, and when it happened (Unix time; 0: never).
     last_error: str = ""
+    last_error_at: float = 0.0
 
 
 @dataclass
@@ -155,8 +159,9 @@ class Relay:
     def _failed(self, exc: BaseException) -> None:
         self.stats.errors += 1
         self.stats.active = False
-        self.stats.last_error = f"{type(exc).__name__}: {exc}"
-        log.warning("relay: %s; retrying", self.stats.last_error)
+        self.stats.error = self.stats.last_error = f"{type(exc).__name__}: {exc}"
+        self.stats.last_error_at = time.time()
+        log.warning("relay: %s; retrying", self.stats.error)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -181,6 +186,7 @@ class Relay:
             await producer.start()
             try:
                 await ensure_topics(self.settings, [*self.topics, DLQ_TOPIC])
+                self.stats.error = ""  # the database and the broker answer again
                 await self._relay(conn, producer)
                 # Stopping: leave, and tell the others to take the shards now (a relay that
                 # dies instead is noticed at their next balance).

@@ -28,8 +28,9 @@ def keyed(messages: list[Received], key: object) -> list[Received]:
     return [m for m in messages if m.key == str(key)]
 
 
-async def outbox_count(db: Database) -> int:
-    async with db.engine.connect() as conn:
+async def outbox_count(worker_db: Database) -> int:
+    """Events in the outbox (access events left out), read on the relay's role, the one that may."""
+    async with worker_db.engine.connect() as conn:
         return (await conn.execute(text("SELECT count(*) FROM outbox WHERE topic <> 'access-v1'"))).scalar_one()
 
 
@@ -62,7 +63,7 @@ async def test_commit_publishes_event_decodable_with_apache_avro(db: Database, r
     assert datetime.fromisoformat(headers["ce_time"].decode()) == rec["occurred_at"]
 
 
-async def test_rollback_publishes_nothing(db: Database, relay: Relay, settings: Settings) -> None:
+async def test_rollback_publishes_nothing(db: Database, worker_db: Database, relay: Relay, settings: Settings) -> None:
     with pytest.raises(RuntimeError):
         async with db.session() as s:
             doomed = new_order()
@@ -78,7 +79,7 @@ async def test_rollback_publishes_nothing(db: Database, relay: Relay, settings: 
         # rolled-back row existed, it would have been acked no later than the marker.
         await reader.wait_for(lambda ms: bool(keyed(ms, marker.id)))
         assert keyed(reader.messages, doomed_id) == []
-    assert await _eventually_zero(db)
+    assert await _eventually_zero(worker_db)
 
 
 async def test_bulk_update_of_n_rows_raises_n_events(db: Database, relay: Relay, settings: Settings) -> None:
@@ -166,7 +167,7 @@ async def test_concurrent_updates_of_one_order_arrive_in_sequence_order(db: Data
 
 
 async def test_late_committing_transaction_with_lower_outbox_id_is_published(
-        db: Database, relay: Relay, settings: Settings) -> None:
+        db: Database, worker_db: Database, relay: Relay, settings: Settings) -> None:
     early = db._sessions()
     order_early = new_order(amount_cents=1)
     early.add(order_early)
@@ -182,7 +183,7 @@ async def test_late_committing_transaction_with_lower_outbox_id_is_published(
         await early.commit()
         await early.close()
         await reader.wait_for(lambda ms: bool(keyed(ms, order_early.id)))
-    assert await _eventually_zero(db)
+    assert await _eventually_zero(worker_db)
 
 
 async def test_one_transaction_raises_one_event_per_aggregate_with_its_committed_state(
@@ -234,7 +235,7 @@ async def test_writes_after_the_triggers_ran_early_still_reach_the_event(
     assert [(m.record["op"], m.record["data"]) for m in keyed(reader.messages, doomed.id)] == [("delete", None)]
 
 
-async def test_data_outside_schema_fails_flush_naming_entity_field_version(db: Database) -> None:
+async def test_data_outside_schema_fails_flush_naming_entity_field_version(db: Database, worker_db: Database) -> None:
     with pytest.raises(SchemaMismatch) as err:
         async with db.session() as s:
             s.add(new_order(status="lost"))
@@ -247,14 +248,14 @@ async def test_data_outside_schema_fails_flush_naming_entity_field_version(db: D
     with pytest.raises(SchemaMismatch, match="amount_cents"):
         async with db.session() as s:
             s.add(new_order(amount_cents=2**70))
-    async with db.engine.connect() as conn:
+    async with worker_db.engine.connect() as conn:
         assert (await conn.execute(text("SELECT count(*) FROM outbox"))).scalar_one() == 0
         assert (await conn.execute(text("SELECT count(*) FROM orders WHERE status='lost'"))).scalar_one() == 0
 
 
 async def test_sensitive_column_never_enters_the_event(db: Database, relay: Relay, settings: Settings) -> None:
     canary = f"canary-{uuid.uuid4().hex}@example.com"
-    customers = Database(settings.database_url, service="customers")
+    customers = Database(settings.database_url_for("customers"), service="customers")
     async with customers.session() as s:
         customer = Customer(name="Ada", email=canary)
         s.add(customer)
@@ -281,7 +282,7 @@ async def test_reads_raise_batched_access_events(db: Database, relay: Relay, set
     assert (event["service"], event["entity"], event["op"]) == ("orders", "orders", "read")
 
 
-async def test_broker_paused_while_writing_delivers_every_event(db: Database, relay: Relay,
+async def test_broker_paused_while_writing_delivers_every_event(db: Database, worker_db: Database, relay: Relay,
                                                                settings: Settings, broker) -> None:  # type: ignore[no-untyped-def]
     ids: list[int] = []
 
@@ -302,16 +303,16 @@ async def test_broker_paused_while_writing_delivers_every_event(db: Database, re
     keys = {str(i) for i in ids}
     async with TopicReader(settings.bootstrap_servers, "orders-v2") as reader:
         await reader.wait_for(lambda ms: keys <= {m.key for m in ms}, timeout=60)
-    assert await _eventually_zero(db)
+    assert await _eventually_zero(worker_db)
 
 
-async def _eventually_zero(db: Database, timeout: float = 10) -> bool:
-    await until(lambda: outbox_count(db), lambda n: n == 0, timeout, "empty outbox")
+async def _eventually_zero(worker_db: Database, timeout: float = 10) -> bool:
+    await until(lambda: outbox_count(worker_db), lambda n: n == 0, timeout, "empty outbox")
     return True
 
 
 async def test_two_relays_split_the_shards_and_the_survivor_takes_them_all(
-        db: Database, relay: Relay, settings: Settings) -> None:
+        db: Database, worker_db: Database, relay: Relay, settings: Settings) -> None:
     await until(lambda: relay.stats.active)
     second = Relay(settings, standby_poll=0.05)
     task = asyncio.get_running_loop().create_task(second.run())
@@ -324,7 +325,7 @@ async def test_two_relays_split_the_shards_and_the_survivor_takes_them_all(
         assert len(relay.stats.shards) == len(second.stats.shards) == SHARDS // 2
         async with db.session() as s:
             s.add_all([new_order() for _ in range(64)])  # 64 keys: both relays' shards get some
-        assert await _eventually_zero(db)
+        assert await _eventually_zero(worker_db)
         assert relay.stats.published >= 1 and second.stats.published >= 1
         relay.stop()  # its session ends and with it its locks: the survivor takes every shard
         await until(lambda: second.stats.shards == tuple(range(SHARDS)), timeout=10,
@@ -332,7 +333,7 @@ async def test_two_relays_split_the_shards_and_the_survivor_takes_them_all(
         published = second.stats.published
         async with db.session() as s:
             s.add_all([new_order() for _ in range(16)])
-        assert await _eventually_zero(db)
+        assert await _eventually_zero(worker_db)
         assert second.stats.published >= published + 16
     finally:
         second.stop()
@@ -346,7 +347,7 @@ async def test_session_count_query_works_with_events(db: Database) -> None:
         assert (await s.execute(select(func.count()).select_from(Order))).scalar_one() >= 1
 
 
-async def test_a_re_created_key_keeps_counting_its_sequence_up(db: Database) -> None:
+async def test_a_re_created_key_keeps_counting_its_sequence_up(db: Database, worker_db: Database) -> None:
     key = 9_000_000_000 + uuid.uuid4().int % 1_000_000_000  # an id no other test draws
     async with db.session() as s:
         s.add(new_order(id=key))
@@ -354,7 +355,7 @@ async def test_a_re_created_key_keeps_counting_its_sequence_up(db: Database) -> 
         await s.delete(await s.get_one(Order, key))
     async with db.session() as s:
         s.add(new_order(id=key, amount_cents=1))
-    async with db.engine.connect() as conn:
+    async with worker_db.engine.connect() as conn:
         rows = (await conn.execute(text(
             "SELECT op, sequence FROM outbox WHERE entity = 'orders' AND key = :k ORDER BY id"),
             {"k": str(key)})).all()
@@ -364,7 +365,7 @@ async def test_a_re_created_key_keeps_counting_its_sequence_up(db: Database) -> 
 
 
 async def test_an_unencodable_outbox_row_reaches_outbox_dlq_and_the_rest_still_publish(
-        db: Database, relay: Relay, settings: Settings) -> None:
+        db: Database, worker_db: Database, relay: Relay, settings: Settings) -> None:
     async with db.engine.begin() as conn:
         # A row no ORM write produces: its state breaks the schema (a string amount).
         bad_key = f"bad-{uuid.uuid4().hex[:8]}"
@@ -386,4 +387,4 @@ async def test_an_unencodable_outbox_row_reaches_outbox_dlq_and_the_rest_still_p
     assert letter.headers["dlq_error_message"] and letter.headers["dlq_outbox_id"] == str(body["id"]).encode()
     async with TopicReader(settings.bootstrap_servers, "orders-v2") as reader:
         await reader.wait_for(lambda ms: bool(keyed(ms, good.id)))
-    await until(lambda: outbox_count(db), lambda n: n == 0, what="outbox drained, dead letter included")
+    await until(lambda: outbox_count(worker_db), lambda n: n == 0, what="outbox drained, dead letter included")

@@ -18,7 +18,7 @@ from models import Customer
 
 @pytest.fixture
 async def owner(settings: Settings, schema: None) -> AsyncIterator[Database]:
-    db = Database(settings.database_url, service="customers")
+    db = Database(settings.database_url_for("customers"), service="customers")
     yield db
     await db.close()
 
@@ -118,8 +118,8 @@ UNEVENTED_WRITES = {
 
 @pytest.mark.parametrize("how", UNEVENTED_WRITES)
 async def test_owner_write_that_would_raise_no_event_is_refused_naming_the_orm(
-        owner: Database, customer_id: int, how: str) -> None:
-    async with owner.engine.begin() as conn:
+        owner: Database, worker_db: Database, customer_id: int, how: str) -> None:
+    async with worker_db.engine.begin() as conn:  # the relay's role: the one that reads the outbox
         await conn.execute(text("DELETE FROM outbox"))
     with pytest.raises(UneventedWrite) as err:
         async with owner.session() as s:
@@ -127,21 +127,22 @@ async def test_owner_write_that_would_raise_no_event_is_refused_naming_the_orm(
     assert "'customers'" in str(err.value) and "through the ORM" in str(err.value)
     async with owner.session() as s:
         assert (await s.get_one(Customer, customer_id)).name == "Grace"
-    async with owner.engine.connect() as conn:
+    async with worker_db.engine.connect() as conn:
         assert (await conn.execute(text("SELECT count(*) FROM outbox"))).scalar_one() == 0
 
 
-async def test_merge_without_load_writes_and_raises_the_event(owner: Database, customer_id: int) -> None:
+async def test_merge_without_load_writes_and_raises_the_event(owner: Database, worker_db: Database,
+                                                              customer_id: int) -> None:
     async with owner.session() as s:
         detached = await s.get_one(Customer, customer_id)  # e.g. an object kept from a cache
-    async with owner.engine.begin() as conn:
+    async with worker_db.engine.begin() as conn:
         await conn.execute(text("DELETE FROM outbox"))
     async with owner.session() as s:
         merged = await s.merge(detached, load=False)  # no SELECT: `load` fires without a row
         merged.name = "Grace M."
     async with owner.session() as s:
         assert (await s.get_one(Customer, customer_id)).name == "Grace M."
-    async with owner.engine.connect() as conn:
+    async with worker_db.engine.connect() as conn:
         ops = (await conn.execute(text("SELECT op FROM outbox WHERE entity = 'customers' AND key = :k"),
                                   {"k": str(customer_id)})).scalars().all()
     assert ops == ["update"]

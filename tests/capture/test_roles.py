@@ -289,6 +289,11 @@ async def test_worker_role_relays_the_outbox_but_reads_no_sensitive_column(
         await conn.fetch("SELECT id, data FROM outbox ORDER BY id LIMIT 10")
         await conn.execute("DELETE FROM outbox WHERE id = -1")
         assert await conn.fetchval("SELECT name FROM customers WHERE id = $1", canary[0]) == "Canary"
+        # The cache's database fallback loads a key's state with its sequence (app/cache.py).
+        assert await conn.fetchval("SELECT seq FROM event_sequences WHERE entity = 'customers' AND key = $1",
+                                   str(canary[0])) == 1
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute("UPDATE event_sequences SET seq = seq + 1 WHERE entity = 'customers'")
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.fetchval("SELECT email FROM customers WHERE id = $1", canary[0])
         with pytest.raises(asyncpg.InsufficientPrivilegeError):

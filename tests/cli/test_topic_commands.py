@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,9 +17,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from app.wire.codec import encode_message
 from app.wire.schemas import load
 from app.settings import Settings
-from app.cli.topics import archive_topic, format_group_offsets, group_offsets
+from app.cli.topics import ProgressLine, archive_topic, format_group_offsets, group_offsets
 from app.kafka import LAG_CAVEAT, TopicError, read_to_end
 from tests.processes import run_app
+from tests.waiting import until
 
 
 async def fresh_topic(kafka: Settings, partitions: int = 2) -> str:
@@ -152,6 +154,54 @@ async def test_archive_reads_past_the_end_offsets_to_the_true_end(kafka: Setting
     done = await archive_topic(kafka, topic, tmp_path / "all.avro", schema)
     assert done.count == 8, f"broker reported end offset {reported_end}"
     assert read_container(tmp_path / "all.avro") == records
+
+
+async def test_archive_of_a_topic_still_being_written_ends_at_the_offsets_it_started_from(
+        kafka: Settings, tmp_path: Path) -> None:
+    topic = await fresh_topic(kafka)
+    await produce_orders(kafka, topic, 50)
+    schema = load("orders", 1)
+    written: list[int] = []
+    stop = asyncio.Event()
+
+    async def writer() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all")
+        await producer.start()
+        try:
+            for i in itertools.count(1000):
+                if stop.is_set():
+                    return
+                record = order(i % 60)
+                await producer.send_and_wait(topic, encode_message(schema, record)[0], key=b"k", partition=i % 2)
+                written.append(i)
+        finally:
+            await producer.stop()
+
+    task = asyncio.get_running_loop().create_task(writer())
+    seen: list[tuple[int, int]] = []
+    try:
+        await until(lambda: len(written), lambda n: n >= 20, what="the writer writing")
+        done = await asyncio.wait_for(archive_topic(kafka, topic, tmp_path / "busy.avro", schema,
+                                                    progress=lambda n, total: seen.append((n, total))), 60)
+        during = len(written)
+        await until(lambda: len(written), lambda n: n > during, what="the writer still writing after the archive")
+    finally:
+        stop.set()
+        await task
+    assert 70 <= done.count <= 50 + during
+    assert seen and seen[-1] == (done.count, done.count)  # progress reaches the total it announced
+    assert len(read_container(tmp_path / "busy.avro")) == done.count
+
+
+def test_archive_progress_is_one_line_on_stderr_at_most_once_a_second(capsys: pytest.CaptureFixture[str]) -> None:
+    line = ProgressLine("orders-v1", every=0)
+    line(50, 200)
+    line(200, 200)
+    assert capsys.readouterr().err.splitlines() == ["archiving orders-v1: 50 of 200 message(s) (25%)",
+                                                    "archiving orders-v1: 200 of 200 message(s) (100%)"]
+    quiet = ProgressLine("orders-v1", every=3600)
+    quiet(1, 2)
+    assert capsys.readouterr().err == ""
 
 
 async def test_archive_command_with_delete_removes_the_topic_after_the_file(kafka: Settings, tmp_path: Path) -> None:

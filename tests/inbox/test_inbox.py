@@ -11,12 +11,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
+import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.capture.roles import role_name
 from app.inbox.consumer import Inbox, SequenceGap
 from app.inbox.events import InboxEvent
 from app.orm import Database
@@ -90,19 +92,30 @@ async def feed(kafka: Settings) -> AsyncIterator[Feed]:
 class Applied:
     """A table of its own the handler appends to: (event id, key, sequence) per call."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, settings: Settings) -> None:
         self.db = db
+        self.settings = settings
         self.table = f"applied_{uuid.uuid4().hex[:8]}"
         self.fail_keys: set[str] = set()
         self.fail_once: set[str] = set()
 
     async def create(self) -> None:
-        async with self.db.engine.begin() as conn:
-            await conn.execute(text(f"CREATE TABLE {self.table} (event_id uuid, key text, sequence bigint)"))
+        # As the tables' owner, as `init-db` creates a service's tables; the service's role
+        # (`db`'s, orders) gets to write it.
+        conn = await asyncpg.connect(self.settings.asyncpg_dsn)
+        try:
+            await conn.execute(f"CREATE TABLE {self.table} (event_id uuid, key text, sequence bigint)")
+            await conn.execute(f"GRANT SELECT, INSERT ON {self.table} TO "
+                               f"{role_name(self.settings.db_role_prefix, self.settings.service_name)}")
+        finally:
+            await conn.close()
 
     async def drop(self) -> None:
-        async with self.db.engine.begin() as conn:
-            await conn.execute(text(f"DROP TABLE IF EXISTS {self.table}"))
+        conn = await asyncpg.connect(self.settings.asyncpg_dsn)
+        try:
+            await conn.execute(f"DROP TABLE IF EXISTS {self.table}")
+        finally:
+            await conn.close()
 
     async def handler(self, session: AsyncSession, event: InboxEvent) -> None:
         await session.execute(text(f"INSERT INTO {self.table} VALUES (:id, :key, :seq)"),
@@ -121,8 +134,8 @@ class Applied:
 
 
 @pytest.fixture
-async def applied(db: Database) -> AsyncIterator[Applied]:
-    a = Applied(db)
+async def applied(db: Database, settings: Settings) -> AsyncIterator[Applied]:
+    a = Applied(db, settings)
     await a.create()
     yield a
     await a.drop()
@@ -136,7 +149,7 @@ async def run_inbox(settings: Settings, db: Database, feed: Feed, applied: Appli
 
     async def start(name: str | None = None, **kwargs: Any) -> tuple[Inbox, asyncio.Task[None]]:
         handler = kwargs.pop("handler", applied.handler)
-        inbox = Inbox(settings.with_(consumer_fetch_max_wait_ms=10), db, name or f"test.{uuid.uuid4().hex[:8]}",
+        inbox = Inbox(settings.with_(consumer_fetch_max_wait_ms=10), db, name or f"orders.t{uuid.uuid4().hex[:8]}",
                       [feed.topic], handler, schema_of=lambda _: ORDERS, **kwargs)
         task = asyncio.get_running_loop().create_task(inbox.run())
         started.append((inbox, task))
@@ -151,6 +164,29 @@ async def run_inbox(settings: Settings, db: Database, feed: Feed, applied: Appli
 async def stop_inbox(inbox: Inbox, task: asyncio.Task[None]) -> None:
     inbox.stop()
     await asyncio.wait_for(task, 20)
+
+
+async def test_a_consumer_started_before_its_topic_exists_shows_the_error_until_the_topic_appears(
+        settings: Settings, db: Database, applied: Applied) -> None:
+    topic = f"inboxtest{uuid.uuid4().hex[:8]}-v2"
+    inbox = Inbox(settings.with_(consumer_fetch_max_wait_ms=10), db, f"orders.t{uuid.uuid4().hex[:8]}", [topic],
+                  applied.handler, schema_of=lambda _: ORDERS)
+    task = asyncio.get_running_loop().create_task(inbox.run())
+    try:
+        await until(lambda: inbox.stats.error, lambda error: "does not exist" in error, what="the missing topic")
+        assert not inbox.stats.connected
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, 2, 1)])
+        finally:
+            await admin.close()
+        # The status (billing's /status.json shows these) says what fails now, not what once did.
+        await until(lambda: (inbox.stats.error, inbox.stats.connected), lambda now: now == ("", True),
+                    timeout=30, what="the error cleared once the topic exists")
+        assert "does not exist" in inbox.stats.last_error and inbox.stats.last_error_at > 0
+    finally:
+        await stop_inbox(inbox, task)
 
 
 async def test_each_event_is_applied_once_and_a_redelivery_is_skipped_as_a_duplicate(
@@ -248,7 +284,7 @@ async def test_an_undecodable_message_is_dead_lettered_and_never_stops_the_consu
 
 
 async def test_writes_of_the_handler_raise_their_events_only_when_the_event_is_applied(
-        db: Database, settings: Settings, feed: Feed, run_inbox: Any) -> None:
+        db: Database, worker_db: Database, settings: Settings, feed: Feed, run_inbox: Any) -> None:
     from models.billing import apply_order_event
 
     fail = {"41"}
@@ -262,7 +298,7 @@ async def test_writes_of_the_handler_raise_their_events_only_when_the_event_is_a
     await feed.event("40", 1, status="paid", amount=1234)
     await feed.event("41", 1, status="paid", amount=99)
     await feed.event("42", 1, status="pending")
-    billing_db = Database(settings.database_url, service="billing")
+    billing_db = Database(settings.database_url_for("billing"), service="billing")
     try:
         inbox = Inbox(settings, billing_db, f"billing.t{uuid.uuid4().hex[:6]}", [feed.topic], billing,
                       schema_of=lambda _: ORDERS, max_attempts=2)
@@ -272,7 +308,7 @@ async def test_writes_of_the_handler_raise_their_events_only_when_the_event_is_a
         await stop_inbox(inbox, task)
     finally:
         await billing_db.close()
-    async with db.engine.connect() as conn:
+    async with worker_db.engine.connect() as conn:  # reads invoices' public columns and the outbox
         invoices = (await conn.execute(text(
             "SELECT order_id, amount_cents FROM invoices WHERE order_id IN (40, 41, 42)"))).all()
         events = (await conn.execute(text(

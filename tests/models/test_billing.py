@@ -32,7 +32,7 @@ from app.topology import inbox_dead_letter_topic
 from chaos.agreement import check_invoices
 from models import Order
 from models.billing import SERVICE
-from tests.processes import spawn_app, stop, wait_for_log
+from tests.processes import listening, spawn_app, stop, wait_for_log
 from tests.waiting import until
 
 KILLS = 8
@@ -135,6 +135,7 @@ async def test_billing_killed_at_random_points_under_load_keeps_exactly_one_invo
     log, port = tmp_path / "billing.log", free_port()
     ids: list[int] = []
     billing = await start_billing(settings, log, port)
+    assert listening(billing.pid, port) == {"127.0.0.1"}  # WEB_HOST: loopback unless asked
     writer = asyncio.get_running_loop().create_task(write_orders(db, rng, ids, 600))
     try:
         for _ in range(KILLS):

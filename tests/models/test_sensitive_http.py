@@ -89,8 +89,8 @@ async def aget(port: int, path: str, token: str | None = None) -> tuple[int, byt
 @pytest.fixture(scope="module")
 async def canary_customers(worker: Worker, settings: Settings) -> list[int]:
     """Customers whose emails are canaries, written by their owner, with orders of their own."""
-    owner = Database(settings.database_url, service="customers")
-    orders = Database(settings.database_url, service="orders")
+    owner = Database(settings.database_url_for("customers"), service="customers")
+    orders = Database(settings.database_url_for("orders"), service="orders")
     try:
         async with owner.session() as s:
             customers = [Customer(name=f"Canary {i}", email=f"{CANARY}-{i}@example.com") for i in range(3)]

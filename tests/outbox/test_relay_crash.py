@@ -20,49 +20,52 @@ from app.views import apply_order, plain_state
 from models import Order
 from tests.http import get_json, get_text
 from tests.kafka import TopicReader
-from tests.processes import spawn_app, stop
+from tests.processes import listening, spawn_app, stop
 from tests.waiting import until
 
 BACKLOG = 20_000
 
 
-async def pending(db: Database) -> int:
-    async with db.engine.connect() as conn:
+async def pending(worker_db: Database) -> int:
+    """Rows left in the outbox, read on the worker's role: the relay's, the one that may."""
+    async with worker_db.engine.connect() as conn:
         return (await conn.execute(text("SELECT count(*) FROM outbox WHERE topic = 'orders-v2'"))).scalar_one()
 
 
-async def wait_pending(db: Database, condition: Callable[[int], bool], timeout: float = 60) -> int:
-    return await until(lambda: pending(db), condition, timeout, "outbox row count")
+async def wait_pending(worker_db: Database, condition: Callable[[int], bool], timeout: float = 60) -> int:
+    return await until(lambda: pending(worker_db), condition, timeout, "outbox row count")
 
 
-async def test_relay_killed_mid_batch_loses_nothing(db: Database, settings: Settings, tmp_path: Path) -> None:
+async def test_relay_killed_mid_batch_loses_nothing(db: Database, worker_db: Database, settings: Settings,
+                                                     tmp_path: Path) -> None:
     # A broker of its own: 20,000 events on the session's topics would make every later
     # test's worker (a new consumer group, reading from the start) replay them.
     broker = EmbeddedBroker.start(tmp_path / "broker")
     try:
-        await _relay_killed_mid_batch_loses_nothing(db, settings.with_(kafka_broker=broker.url), tmp_path)
+        await _relay_killed_mid_batch_loses_nothing(db, worker_db, settings.with_(kafka_broker=broker.url), tmp_path)
     finally:
         broker.stop()
 
 
-async def _relay_killed_mid_batch_loses_nothing(db: Database, settings: Settings, tmp_path: Path) -> None:
+async def _relay_killed_mid_batch_loses_nothing(db: Database, worker_db: Database, settings: Settings,
+                                                tmp_path: Path) -> None:
     async with db.session() as s:
         result = await s.execute(
             insert(Order).returning(Order.id),
             [{"customer_id": 1, "amount_cents": i, "currency": "EUR"} for i in range(BACKLOG)],
         )
         keys = {str(i) for i in result.scalars().all()}
-    assert len(keys) == BACKLOG and await pending(db) == BACKLOG  # bulk insert: one event per row
+    assert len(keys) == BACKLOG and await pending(worker_db) == BACKLOG  # bulk insert: one event per row
 
     relay = spawn_app(settings, "relay", log=tmp_path / "relay1.log")
     try:
-        left = await wait_pending(db, lambda n: n < BACKLOG - 3000)
+        left = await wait_pending(worker_db, lambda n: n < BACKLOG - 3000)
     finally:
         stop(relay, signal.SIGKILL)
     assert left > 0, "the relay finished before it could be killed mid-backlog"
     relay = spawn_app(settings, "relay", log=tmp_path / "relay2.log")
     try:
-        await wait_pending(db, lambda n: n == 0)
+        await wait_pending(worker_db, lambda n: n == 0)
     finally:
         stop(relay)
     async with TopicReader(settings.bootstrap_servers, "orders-v2") as reader:
@@ -77,7 +80,7 @@ async def _relay_killed_mid_batch_loses_nothing(db: Database, settings: Settings
 
 
 async def test_a_crash_between_ack_and_delete_republishes_with_the_same_event_id(
-        db: Database, settings: Settings) -> None:
+        db: Database, worker_db: Database, settings: Settings) -> None:
     async with db.session() as s:
         orders = [Order(customer_id=18_003, amount_cents=100 + i, currency="EUR") for i in range(20)]
         s.add_all(orders)
@@ -95,7 +98,7 @@ async def test_a_crash_between_ack_and_delete_republishes_with_the_same_event_id
     relay._publish = publish_then_crash  # type: ignore[method-assign]
     task = asyncio.get_running_loop().create_task(relay.run())
     try:
-        await wait_pending(db, lambda n: n == 0)
+        await wait_pending(worker_db, lambda n: n == 0)
     finally:
         relay.stop()
         await asyncio.wait_for(task, 20)
@@ -120,7 +123,7 @@ async def test_a_crash_between_ack_and_delete_republishes_with_the_same_event_id
 
 
 async def test_relay_process_serves_metrics_and_health_while_it_publishes(
-        db: Database, settings: Settings, tmp_path: Path) -> None:
+        db: Database, worker_db: Database, settings: Settings, tmp_path: Path) -> None:
     port = free_port()
     relay = spawn_app(settings, "relay", log=tmp_path / "relay.log", RELAY_WEB_PORT=str(port))
     base = f"http://127.0.0.1:{port}"
@@ -133,10 +136,11 @@ async def test_relay_process_serves_metrics_and_health_while_it_publishes(
 
     try:
         await until(ready, lambda status: status == 200, timeout=30, what="the relay process ready")
+        assert listening(relay.pid, port) == {"127.0.0.1"}  # WEB_HOST: loopback unless asked
         async with db.session() as s:
             order = Order(customer_id=18_004, amount_cents=321, currency="EUR")
             s.add(order)
-        await wait_pending(db, lambda n: n == 0)
+        await wait_pending(worker_db, lambda n: n == 0)
 
         async def published() -> float:
             status, body = await get_text(f"{base}/metrics")
@@ -168,15 +172,16 @@ async def relay_pids(db: Database) -> set[int]:
 
 
 async def test_one_of_two_relays_killed_under_load_loses_and_reorders_nothing(
-        db: Database, settings: Settings, tmp_path: Path) -> None:
+        db: Database, worker_db: Database, settings: Settings, tmp_path: Path) -> None:
     broker = EmbeddedBroker.start(tmp_path / "broker")  # only this test's events on its topics
     try:
-        await _one_of_two_relays_killed(db, settings.with_(kafka_broker=broker.url), tmp_path)
+        await _one_of_two_relays_killed(db, worker_db, settings.with_(kafka_broker=broker.url), tmp_path)
     finally:
         broker.stop()
 
 
-async def _one_of_two_relays_killed(db: Database, settings: Settings, tmp_path: Path) -> None:
+async def _one_of_two_relays_killed(db: Database, worker_db: Database, settings: Settings,
+                                    tmp_path: Path) -> None:
     writes: dict[str, int] = {}  # order id -> events its writes raised (create + updates)
     stop_writing = asyncio.Event()
     rng = random.Random(7)
@@ -220,7 +225,7 @@ async def _one_of_two_relays_killed(db: Database, settings: Settings, tmp_path: 
             # Both relays publish: each holds shards of its own.
             await until(lambda: relay_pids(db), lambda pids: len(pids) == 2, timeout=30,
                         what="two relays holding shards")
-            async with db.engine.connect() as conn:
+            async with worker_db.engine.connect() as conn:
                 left = await until(lambda: conn.scalar(text("SELECT count(*) FROM outbox")), lambda n: n < 10_000,
                                    timeout=30, what="the relays into the backlog")
             stop(relays[0], signal.SIGKILL)  # mid-backlog: some of its rows published and not deleted
@@ -233,7 +238,7 @@ async def _one_of_two_relays_killed(db: Database, settings: Settings, tmp_path: 
         finally:
             stop_writing.set()
             await task
-        async with db.engine.connect() as conn:
+        async with worker_db.engine.connect() as conn:
             await until(lambda: conn.scalar(text("SELECT count(*) FROM outbox")), lambda n: n == 0, timeout=60,
                         what="the survivor publishing every shard")
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -21,6 +22,7 @@ from faust.types import TP
 from sqlalchemy import delete
 from yarl import URL
 
+from app.cache import connect_redis, decode_entry, entity_key
 from app.embedded.process import free_port
 from app.orm import Database
 from app.topology import evented_topics
@@ -30,7 +32,7 @@ from app.web.errors import HttpError, bad, prefers_html
 from app.web.install import WebViews
 from app.web.tables import order_key
 from models import Customer, Order, OrderShipping
-from tests.processes import start_worker, stop
+from tests.processes import listening, start_worker, stop
 from tests.waiting import until
 
 VIEWS = {"orders", "customer_orders", "orders_by_status", "orders_per_minute"}
@@ -94,6 +96,21 @@ async def worker(settings: Settings, schema: None, redis_url: str,
     w = await spawn(settings, log, f"mse-web-{uuid.uuid4().hex[:8]}", redis_url)
     yield w
     stop(w.child)
+
+
+async def test_the_worker_web_server_listens_on_web_host_alone(worker: Worker) -> None:
+    # WEB_HOST defaults to loopback; Faust's own default binds every interface.
+    assert listening(worker.child.pid, URL(worker.url).port) == {"127.0.0.1"}  # type: ignore[arg-type]
+
+
+def test_a_wildcard_bind_advertises_a_host_other_workers_can_dial() -> None:
+    from app.main import create_app
+
+    app = create_app(Settings(web_host="0.0.0.0", web_port=6099))
+    assert app.conf.web_bind == "0.0.0.0" and str(app.conf.canonical_url) == f"http://{socket.gethostname()}:6099"
+    named = create_app(Settings(web_host="0.0.0.0", web_advertised_host="worker-3", app_id="mse-bind-test"))
+    assert str(named.conf.canonical_url) == "http://worker-3:6066"
+    assert create_app(Settings()).conf.web_bind == "127.0.0.1"
 
 
 async def create_orders(db: Database, n: int, customer_id: int, currency: str = "EUR") -> list[Order]:
@@ -255,7 +272,7 @@ async def test_browsers_get_html_others_json(worker: Worker, db: Database) -> No
 
 async def test_entities_come_from_the_cache_repository_without_sensitive_columns(
         worker: Worker, db: Database, settings: Settings) -> None:
-    customers = Database(settings.database_url, service="customers")  # the owner of customers
+    customers = Database(settings.database_url_for("customers"), service="customers")  # the owner of customers
     try:
         async with customers.session() as s:
             customer = Customer(name="Ada <Lovelace>", email="ada@example.com")
@@ -270,6 +287,30 @@ async def test_entities_come_from_the_cache_repository_without_sensitive_columns
     assert person["state"]["name"] == "Ada <Lovelace>" and "email" not in person["state"]
     assert "ada@example.com" not in json.dumps(person)
     assert (await get(worker.url, "/entities/")).json() == {"entities": ["customers", "invoices", "orders"]}
+
+
+async def test_entities_missing_from_redis_are_read_from_the_database_on_the_worker_role(
+        worker: Worker, db: Database, redis_url: str) -> None:
+    # The worker connects as its role (tests/conftest.py), as under `make dev` and Compose: the
+    # database fallback must work with that role's privileges (it once needed the sequences').
+    orders = await create_orders(db, 2, customer_id=7011)
+    present, gone = (entity_key("", "orders", o.id) for o in orders)
+    async with db.session() as s:
+        await s.delete(await s.get_one(Order, orders[1].id))
+    redis = connect_redis(redis_url)
+    try:
+        async def entries() -> list[Any]:
+            return [decode_entry(raw) if raw else None for raw in await redis.mget(present, gone)]
+        # The cache agent wrote the first's state and the second's tombstone.
+        await until(entries, lambda e: e[0] is not None and e[1] is not None and e[1][1] is None, timeout=60,
+                    what="the state and the tombstone in Redis")
+        await redis.delete(present, gone)  # evicted, and the tombstone expired
+        reply = await get(worker.url, f"/entities/orders/{orders[0].id}/")
+        assert reply.status == 200 and reply.json()["state"]["amount_cents"] == 100, reply
+        assert (await get(worker.url, f"/entities/orders/{orders[1].id}/")).status == 404  # stays deleted
+        assert (await get(worker.url, "/entities/orders/999999999999/")).status == 404  # never existed
+    finally:
+        await redis.aclose()
 
 
 NOT_FOUND = [
