@@ -432,8 +432,7 @@ class CacheResource:
         if self._repo is None:
             self._repo = CacheRepository(
                 connect_redis(self.settings.redis_url),
-                Database(self.settings.database_url_for(WORKER), service=self.settings.service_name,
-                         record_reads=False))
+                Database(self.settings.database_url_for(WORKER), service=WORKER, record_reads=False))
         return self._repo
 
     async def close(self) -> None:

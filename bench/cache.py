@@ -115,7 +115,7 @@ async def run(env: Env, cfg: Config) -> list[Line]:
     # The visibility poller checks every pending key at once: wait for a connection instead
     # of failing when the worker lags and hundreds are pending.
     raw = Redis(connection_pool=BlockingConnectionPool.from_url(redis_server.url, max_connections=32))
-    db = Database(env.url)
+    db = Database(env.url, service="orders")
     lags: list[dict[str, Any]] = []
     keys: list[str] = []
     reads: dict[str, list[float]] = {}
@@ -150,8 +150,8 @@ async def run(env: Env, cfg: Config) -> list[Line]:
                 if missing:
                     raise RuntimeError(f"{missing} of {len(keys)} committed orders never reached the cache")
             # The worker is stopped: reads measure the client side alone.
-            repo = CacheRepository(connect_redis(redis_server.url), Database(env.url, record_reads=False))
-            read_db = Database(env.url, record_reads=False)
+            repo = CacheRepository(connect_redis(redis_server.url), Database(env.url, service="orders", record_reads=False))
+            read_db = Database(env.url, service="orders", record_reads=False)
             try:
                 variants = _variants(repo, raw, read_db)
                 names = list(variants)

@@ -208,7 +208,7 @@ async def run(env: Env, cfg: Config) -> list[Line]:
     scfg = StreamConfig.make(cfg.quick)
     n = scfg.views_events
     rounds = scfg.views_rounds
-    db = Database(env.url)
+    db = Database(env.url, service="orders")
     res: dict[str, list[Outcome]] = {layout: [] for layout in LAYOUTS}
     naive: list[float] = []
     try:

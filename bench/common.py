@@ -234,7 +234,7 @@ RAW_TABLE = "raw_orders"
 
 async def create_schema(env: Env) -> None:
     """Entity tables + outbox (through `Database.create_all`), the plain and the raw table."""
-    db = Database(env.url)
+    db = Database(env.url, service="orders")
     try:
         await db.create_all()
         async with db.engine.begin() as conn:

@@ -292,7 +292,7 @@ def _writer_main(rate: float, seconds: float, out: Path) -> None:
     from models.order import Order
 
     async def main() -> None:
-        db = Database(os.environ["DATABASE_URL"])
+        db = Database(os.environ["DATABASE_URL"], service="orders")
         commits: list[tuple[int, float]] = []
         t0 = time.time()
 

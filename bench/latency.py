@@ -76,7 +76,7 @@ def _fmt(r: dict[str, Any]) -> str:
 
 
 async def run(env: Env, cfg: Config) -> list[Line]:
-    db = Database(env.url)
+    db = Database(env.url, service="orders")
     relay = Relay(env.settings)
     relay_task = asyncio.get_running_loop().create_task(relay.run(), name="relay")
     producer = AIOKafkaProducer(bootstrap_servers=env.bootstrap, acks="all", linger_ms=0,

@@ -42,7 +42,7 @@ async def _drive(write: Write, writers: int, seconds: float) -> float:
 
 
 async def run(env: Env, cfg: Config) -> list[Line]:
-    db = Database(env.url, pool_size=POOL)  # defaults otherwise: events on, reads recorded
+    db = Database(env.url, service="orders", pool_size=POOL)  # defaults otherwise: events on, reads recorded
     plain_engine = create_async_engine(env.url, pool_size=POOL, max_overflow=POOL)
     plain_maker = async_sessionmaker(plain_engine)
     pool = await asyncpg.create_pool(env.dsn, min_size=POOL, max_size=POOL)

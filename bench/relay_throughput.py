@@ -148,7 +148,7 @@ async def _raw_round(env: Env, cfg: Config) -> dict[str, Any]:
 
 
 async def run(env: Env, cfg: Config) -> list[Line]:
-    db = Database(env.url)
+    db = Database(env.url, service="orders")
     ours: list[dict[str, Any]] = []
     raw: list[dict[str, Any]] = []
     procs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}

@@ -194,7 +194,7 @@ async def run(env: Env, cfg: Config) -> list[Line]:
     res: dict[str, list[Any]] = {k: [] for k in ("apply", "raw", "idle10", "idle1500", "broker10", "broker1500",
                                                  "lookups", "raw_lookups", "lag10", "lag1500")}
     run_dir = Path(tempfile.mkdtemp(prefix="mse-bench-views-"))
-    db = Database(env.url)
+    db = Database(env.url, service="orders")
     port = free_port()
     server = spawn("raw-http", [sys.executable, "-m", "bench.raw_baselines", "http", str(port), str(n)],
                    run_dir / "raw-http.log", child_env(), port)

@@ -5,7 +5,9 @@ import asyncio
 import random
 
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import create_async_engine
 
+from app.capture.database import create_schema
 from app.orm import Database
 from app.settings import Settings
 from models import Customer, Order, OrderShipping
@@ -46,11 +48,12 @@ async def run_demo(settings: Settings, *, rate: float, count: int = 0) -> None:
         # Everything runs as DATABASE_URL's role: it may create what is missing itself.
         # With roles, the tables belong to the admin that ran `init-db` (services may not
         # create tables, by design).
-        admin = Database(settings.database_url, record_reads=False, sql_filter=False)
+        admin = create_async_engine(settings.database_url)
         try:
-            await admin.create_all()
+            async with admin.begin() as conn:
+                await conn.run_sync(create_schema)
         finally:
-            await admin.close()
+            await admin.dispose()
     db = Database(settings.database_url_for("orders"), service="orders")
     customers_db = Database(settings.database_url_for("customers"), service="customers")
     rng = random.Random()

@@ -122,7 +122,8 @@ async def db(settings: Settings, schema: None) -> AsyncIterator[Database]:
 async def worker_db(settings: Settings, schema: None) -> AsyncIterator[Database]:
     """A Database on the stream worker's role: what the relay and the cache read (the outbox,
     every entity's non-sensitive columns and sequences), reads not recorded."""
-    database = Database(settings.database_url_for(roles.WORKER), record_reads=False)
+    database = Database(settings.database_url_for(roles.WORKER), service=roles.WORKER,
+                        record_reads=False)
     yield database
     await database.close()
 

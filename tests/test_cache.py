@@ -340,7 +340,7 @@ def apply_events_in_thread(database_url: str, redis_url: str, namespace: str, st
     # behind the busy writers and readers and lag far behind the commits it should race.
 
     async def run() -> int:
-        db = Database(database_url, record_reads=False)
+        db = Database(database_url, service=WORKER, record_reads=False)
         client = connect_redis(redis_url)
         agent = CacheRepository(client, db, namespace=namespace, state_ttl=STATE_TTL)
         applied: set[int] = set()

@@ -5,7 +5,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Connection, event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import configure_mappers
 
@@ -37,15 +37,26 @@ def _sql_filter(service: str) -> Any:
     return check
 
 
+def create_schema(conn: Connection) -> None:
+    """Create the entity tables, the outbox and its triggers, the inbox, and the capture
+    triggers (idempotent); `init-db` runs it as the tables' owner, no service's handle."""
+    EventedBase.metadata.create_all(conn)
+    outbox.install(conn)
+    inbox.install(conn)
+    install_capture(conn)
+
+
 class Database:
     """An async engine whose sessions raise events for every write and read."""
 
-    def __init__(self, url: str, *, service: str = "orders", pool_size: int = 10,
+    def __init__(self, url: str, *, service: str, pool_size: int = 10,
                  access_interval: float = 0.25, access_max_keys: int = 5000,
                  record_reads: bool = True, sql_filter: bool = True) -> None:
         """`url` carries the credentials: connect as the service's own role (app/capture/roles.py),
-        whose privileges PostgreSQL enforces. `sql_filter=False` turns off the library's early
-        checks of raw SQL (the tests prove the roles hold without them)."""
+        whose privileges PostgreSQL enforces. `service` names who writes and reads (ownership
+        checks, access events): required, so a forgotten one cannot pass as another service.
+        `sql_filter=False` turns off the library's early checks of raw SQL (the tests prove the
+        roles hold without them)."""
         install_listeners()
         self.service = service
         self.engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
@@ -78,12 +89,9 @@ class Database:
                 raise
 
     async def create_all(self) -> None:
-        """Create the entity tables, the outbox and its triggers, the inbox, and the capture triggers (idempotent)."""
+        """`create_schema` on this engine (a service whose role may create tables: demos, benches)."""
         async with self.engine.begin() as conn:
-            await conn.run_sync(EventedBase.metadata.create_all)
-            await conn.run_sync(outbox.install)
-            await conn.run_sync(inbox.install)
-            await conn.run_sync(install_capture)
+            await conn.run_sync(create_schema)
 
     async def close(self) -> None:
         """Flush the access log and close every pooled connection."""

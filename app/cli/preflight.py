@@ -90,8 +90,11 @@ async def init_db(settings: Settings) -> list[str]:
     (`DATABASE_URL_<SERVICE>`) becomes its role's password. Returns the roles.
     """
     import models  # noqa: F401  # registers the entity models whose tables are created
+    from sqlalchemy.ext.asyncio import create_async_engine
+
     from app.capture import roles
-    from app.orm import Database, EventedBase
+    from app.capture.database import create_schema
+    from app.orm import EventedBase
 
     check_models_agree()  # before a table is created from a model that would drop a column
     await check_database(settings)
@@ -99,12 +102,12 @@ async def init_db(settings: Settings) -> list[str]:
         passwords = roles.role_passwords(dict(settings.service_database_urls), settings.db_role_prefix)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
-    # The tables' owner, provisioning: no service's SQL filter applies to it.
-    db = Database(settings.database_url, record_reads=False, sql_filter=False)
+    # The tables' owner, provisioning: a plain engine, no service's handle or checks.
+    engine = create_async_engine(settings.database_url)
     try:
-        await db.create_all()
-        async with db.engine.begin() as conn:
+        async with engine.begin() as conn:
+            await conn.run_sync(create_schema)
             return await conn.run_sync(lambda c: roles.provision(
                 c, EventedBase, settings.db_role_prefix, passwords))
     finally:
-        await db.close()
+        await engine.dispose()

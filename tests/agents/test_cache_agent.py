@@ -134,7 +134,7 @@ async def test_writers_and_readers_converge_through_a_redis_restart(
         s.add_all(orders)
     ids = [o.id for o in orders]
     repo = CacheRepository(connect_redis(own_redis.url),
-                           Database(settings.database_url_for(WORKER), record_reads=False))
+                           Database(settings.database_url_for(WORKER), service=WORKER, record_reads=False))
     rng = random.Random(5)
     stop_readers = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -255,7 +255,7 @@ async def test_a_batch_of_1000_refreshes_in_one_call_leaves_redis_equal_to_the_d
     # A client with redis-py's default pool (capped at 100 connections since redis-py 8): one
     # write per event, all at once, fails on it with "Too many connections".
     client = Redis.from_url(server.url)
-    repo = CacheRepository(client, Database(settings.database_url_for(WORKER), record_reads=False))
+    repo = CacheRepository(client, Database(settings.database_url_for(WORKER), service=WORKER, record_reads=False))
     try:
         calls = (await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
         await apply_all(repo, batch)
