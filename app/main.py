@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from mode import Service
 
-import models  # noqa: F401  # the entity models, so the relay and agents know their topics
 from models import customer_api
 from agents import cache, downconvert, entity_pass, views
 from app.cache import CacheResource
@@ -19,6 +18,7 @@ from app.web.install import WebViews
 from app.web.tables import View
 from app.ops.metrics import DownconvertCounts
 from app.orm import EventedBase
+from app.registry import load_models
 from app.outbox.relay import Relay
 from app.settings import Settings
 from app.transport import App, DirectTopic
@@ -42,6 +42,7 @@ def create_app(settings: Settings) -> WorkerApp:
 
     Refuses (`ModelSchemaMismatch`) when a model and its Avro schema disagree.
     """
+    load_models(settings)  # MODELS: the entities whose topics the relay and the agents handle
     check_models(EventedBase)
     app = WorkerApp(
         settings,

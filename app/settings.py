@@ -108,6 +108,9 @@ class Settings:
     billing_web_port: int = 6070
     # PostgreSQL roles (app/capture/roles.py): service `orders` is role `<prefix>orders`.
     db_role_prefix: str = "mse_"
+    # The modules that define the models (env `MODELS`, comma-separated), imported by
+    # `app.registry.load_models`: a service's models may live in its own package.
+    models: tuple[str, ...] = ("models",)
     # service -> its own URL (env `DATABASE_URL_<SERVICE>`), connecting as its role; a service
     # without one uses `database_url` (and so that URL's role and its rights).
     service_database_urls: tuple[tuple[str, str], ...] = ()
@@ -153,6 +156,7 @@ class Settings:
             inbox_prune_interval_s=float(env.get("INBOX_PRUNE_INTERVAL_S", "60")),
             billing_web_port=int(env.get("BILLING_WEB_PORT", "6070")),
             db_role_prefix=env.get("DB_ROLE_PREFIX", "mse_"),
+            models=tuple(name.strip() for name in env.get("MODELS", "models").split(",") if name.strip()),
             service_database_urls=tuple(sorted(
                 (name.removeprefix("DATABASE_URL_").lower(), url) for name, url in env.items()
                 if name.startswith("DATABASE_URL_") and url)),

@@ -176,10 +176,11 @@ def redrive_messages(letter: DeadLetter, partitions: dict[str, set[int]], settin
     target, partition = redrive_target(letter, partitions)
     if letter.outbox_id is None:
         return [Outgoing(target, letter.key, letter.value, partition, letter.redrive_headers())]
-    import models  # noqa: F401  # registers the models, whose legacy modes say what is dual-published
     from app.outbox.relay import to_messages
+    from app.registry import load_models
     from app.topology import dual_publish_targets
 
+    load_models(settings)  # their legacy modes say what is dual-published
     try:
         messages = to_messages(outbox_row(letter.value or b"{}"), dual_publish_targets(settings).get(target, ()))
     except Exception as exc:  # whatever stopped the relay stops the redrive: say which row and why

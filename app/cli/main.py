@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from app.cli.preflight import StartupError, check_all, check_models_agree, create_topics, init_db, require
+from app.registry import ModelsNotFound
 from app.settings import Settings
 
 
@@ -80,8 +81,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(run_dev(settings, demo=args.demo, rate=args.rate, data_dir=args.data_dir,
                              for_seconds=args.for_seconds))
         if args.command == "schemas":
-            import models  # noqa: F401  # registers the converters between versions
+            from app.registry import load_models
             from app.wire.compat import run_check
+            load_models(settings)  # the models, and the converters between versions beside them
             sys.exit(run_check(Path(args.dir) if args.dir else None))
         if args.command == "asyncapi":
             sys.exit(write_asyncapi(settings, args.out))
@@ -91,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         require(settings, "database_url", "DATABASE_URL")
         if args.command == "worker":
             require(settings, "kafka_broker", "KAFKA_BROKER")
-            check_models_agree()
+            check_models_agree(settings)
             asyncio.run(check_all(settings))
             # The agents subscribe at start: their topics must exist by then, or the worker
             # gets no partitions of them until some later rebalance.
@@ -116,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "demo":
             from models.demo import run_demo
             asyncio.run(run_demo(settings, rate=args.rate, count=args.count))
-    except StartupError as exc:
+    except (StartupError, ModelsNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

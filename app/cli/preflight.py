@@ -53,10 +53,11 @@ async def check_broker(settings: Settings) -> None:
 
 async def create_topics(settings: Settings) -> None:
     """Create the event topics (and dead-letter topics) the worker consumes and produces."""
-    import models  # noqa: F401  # registers the entity models whose topics are created
     from app.kafka import ensure_topics
+    from app.registry import load_models
     from app.topology import worker_topics
 
+    load_models(settings)  # the entities whose topics are created
     await ensure_topics(settings, worker_topics(settings.app_id))
 
 
@@ -71,15 +72,17 @@ def _where(url: str) -> str:
     return url.rsplit("@", 1)[-1]
 
 
-def check_models_agree() -> None:
-    """The models agree with their Avro schemas (`app.capture.agreement`), else one line."""
-    import models  # noqa: F401  # registers the entity models
+def check_models_agree(settings: Settings) -> None:
+    """Load the models `MODELS` names; they must agree with their Avro schemas
+    (`app.capture.agreement`), else one line."""
     from app.capture.agreement import ModelSchemaMismatch, check_models
     from app.orm import EventedBase
+    from app.registry import ModelsNotFound, load_models
 
     try:
+        load_models(settings)
         check_models(EventedBase)
-    except ModelSchemaMismatch as exc:
+    except (ModelsNotFound, ModelSchemaMismatch) as exc:
         raise StartupError(str(exc)) from None
 
 
@@ -89,14 +92,13 @@ async def init_db(settings: Settings) -> list[str]:
     Runs as `DATABASE_URL`'s role, which owns the tables. A password in a service's own URL
     (`DATABASE_URL_<SERVICE>`) becomes its role's password. Returns the roles.
     """
-    import models  # noqa: F401  # registers the entity models whose tables are created
     from sqlalchemy.ext.asyncio import create_async_engine
 
     from app.capture import roles
     from app.capture.database import create_schema
     from app.orm import EventedBase
 
-    check_models_agree()  # before a table is created from a model that would drop a column
+    check_models_agree(settings)  # before a table is created from a model that would drop a column
     await check_database(settings)
     try:
         passwords = roles.role_passwords(dict(settings.service_database_urls), settings.db_role_prefix)

@@ -58,6 +58,6 @@ async def serve(settings: Settings) -> None:
 
 async def run_relay(settings: Settings) -> None:
     """Run the relay until interrupted."""
-    check_models_agree()  # registers the models whose topics it publishes, and checks them
+    check_models_agree(settings)  # loads the models whose topics it publishes, and checks them
     await check_all(settings)
     await serve(settings)

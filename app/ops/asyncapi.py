@@ -90,11 +90,12 @@ def _package_version() -> str:
 
 def _channels(settings: Settings) -> list[Channel]:
     """Every topic, in a stable order: per entity current, older versions, DLQ; then access, outbox DLQ."""
-    import models  # noqa: F401  # registers the entity models whose topics the document lists
+    from app.registry import load_models
     from app.topology import RELAY_DLQ_TOPIC as DLQ_TOPIC
     from app.wire.schemas import ACCESS_TOPIC, dlq_topic, load
     from app.topology import DOWNCONVERT, DUAL_PUBLISH, current_version, legacy_modes
 
+    load_models(settings)  # the entities whose topics the document lists
     out: list[Channel] = []
     for entity, modes in sorted(legacy_modes(settings.legacy_overrides()).items()):
         current = load(entity, current_version(entity))
