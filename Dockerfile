@@ -24,6 +24,7 @@ RUN python -c "import tomllib; \
 COPY app/ app/
 COPY agents/ agents/
 COPY models/ models/
+COPY services/ services/
 RUN /opt/venv/bin/pip install --no-deps .
 
 FROM python:3.11-slim
@@ -44,6 +45,7 @@ WORKDIR /app
 COPY app/ app/
 COPY agents/ agents/
 COPY models/ models/
+COPY services/ services/
 COPY schemas/ schemas/
 # Bytecode compiled now, as root: the app user cannot write __pycache__ next to the code.
 RUN python -m compileall -q /app

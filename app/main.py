@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from mode import Service
 
-from models import customer_api
 from agents import cache, downconvert, entity_pass, views
 from app.cache import CacheResource
 from app.capture.agreement import check_models
 from app.ops import endpoints as ops
 from app.ops.endpoints import Ops
 from app.web import install as web
+from app.web import owner as owner_apis
 from app.web.install import WebViews
 from app.web.tables import View
 from app.ops.metrics import DownconvertCounts
@@ -95,8 +95,8 @@ def create_app(settings: Settings) -> WorkerApp:
     if app.entity_cache is not None:
         cache.install(app, settings, app.entity_cache)
     app.web_views = web.install(app, settings, app.views, app.entity_cache)
-    # The demo mounts the customers service's public methods (the owner's HTTP interface).
-    owner = customer_api.install(app, settings)
+    # The owner services' HTTP APIs this worker serves (OWNER_APIS; the demo: customers).
+    owner = owner_apis.install(app, settings)
     # The relay runs here unless operators run it as its own process (`python -m app relay`).
     relay = Relay(settings) if settings.relay_in_worker else None
 

@@ -60,8 +60,11 @@ class Settings:
     recovery_consistency_check: bool = True
     # Per-service bearer tokens for owner services' HTTP methods: "orders:<token>,...".
     service_tokens: str = ""
-    # Services allowed to read a customer's contact from its owner.
-    contact_readers: str = "orders,support"
+    # The owner services whose HTTP API (`app/web/owner.py`) this worker serves, e.g. ("customers",).
+    owner_apis: tuple[str, ...] = ()
+    # Who may read a sensitive field from its owner, overriding the model's declaration:
+    # "customers.email=orders|support,products.supplier_cost_cents=purchasing".
+    field_readers: str = ""
     # Relay tuning: rows per fetch, and the poll interval used when NOTIFY is missed.
     relay_batch: int = 2000
     relay_poll_interval: float = 1.0
@@ -133,7 +136,8 @@ class Settings:
             data_dir=env.get("FAUST_DATA_DIR", ""),
             recovery_consistency_check=env.get("RECOVERY_CONSISTENCY_CHECK", "1") not in ("0", "false", "no"),
             service_tokens=env.get("SERVICE_TOKENS", ""),
-            contact_readers=env.get("CONTACT_READERS", "orders,support"),
+            owner_apis=tuple(name.strip() for name in env.get("OWNER_APIS", "").split(",") if name.strip()),
+            field_readers=env.get("FIELD_READERS", ""),
             consumer_fetch_max_wait_ms=int(env.get("CONSUMER_FETCH_MAX_WAIT_MS", "10")),
             consumer_catchup_fetch_wait_ms=int(env.get("CONSUMER_CATCHUP_FETCH_WAIT_MS", "250")),
             consumer_auto_offset_reset=env.get("CONSUMER_AUTO_OFFSET_RESET", "earliest"),
@@ -170,6 +174,17 @@ class Settings:
             if not sep or not service or not token:
                 raise ValueError("SERVICE_TOKENS items must be service:token")
             out[service] = token
+        return out
+
+    def field_reader_map(self) -> dict[tuple[str, str], frozenset[str]]:
+        """`field_readers` parsed: (entity, column) -> the services that may read it."""
+        out = {}
+        for item in filter(None, (part.strip() for part in self.field_readers.split(","))):
+            field, sep, services = item.partition("=")
+            entity, dot, column = field.strip().partition(".")
+            if not sep or not dot or not entity or not column:
+                raise ValueError(f"FIELD_READERS item {item!r} must be entity.column=service|service")
+            out[(entity, column)] = frozenset(s.strip() for s in services.split("|") if s.strip())
         return out
 
     def legacy_overrides(self) -> dict[tuple[str, int], str]:

@@ -13,7 +13,7 @@ import asyncpg
 
 from app.views import WINDOW_KEEP, micros, minute_of, present_count, present_customer, present_order
 from chaos.topiclog import Seen
-from models.billing import INVOICED
+from services.billing import INVOICED
 
 STATUSES = ("pending", "paid", "shipped", "cancelled")
 #: The entities the load generator writes: their sequences count its committed writes (the

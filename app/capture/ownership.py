@@ -35,10 +35,15 @@ class OwnershipError(PermissionError):
         self.entity, self.column, self.owner, self.service = entity, column, owner, service
 
 
-def sensitive_column(*args: Any, **kwargs: Any) -> Any:
-    """`mapped_column` for a sensitive column: deferred, marked, never in events or caches."""
+def sensitive_column(*args: Any, readers: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """`mapped_column` for a sensitive column: deferred, marked, never in events or caches.
+
+    `readers`: the services that may read it from its owner over HTTP (`app/web/owner.py`;
+    `FIELD_READERS` overrides it).
+    """
     info = dict(kwargs.pop("info", {}) or {})
     info["sensitive"] = True
+    info["readers"] = tuple(readers)
     return mapped_column(*args, deferred=True, info=info, **kwargs)
 
 

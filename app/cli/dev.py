@@ -110,6 +110,8 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
             children.append(subprocess.Popen([sys.executable, *args], env={**env, **extra}, stdout=log,
                                              stderr=subprocess.STDOUT))
 
+        if demo:  # the demo's worker also answers for the customers service (app/web/owner.py)
+            env.setdefault("OWNER_APIS", "customers")
         spawn("worker", "-m", "faust", "-A", "app.main", "worker", "-l", "info")
         if not full.relay_in_worker:  # RELAY_IN_WORKER=0: the relay gets a process (a core) of its own
             for i in range(full.relay_processes):  # several share the outbox shards

@@ -112,11 +112,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             asyncio.run(outbox_status(settings))
         elif args.command == "billing":
             require(settings, "kafka_broker", "KAFKA_BROKER")
-            from models.billing import run_billing  # importing `models` registers every model
+            from services.billing import run_billing  # the demo's billing service
             asyncio.run(check_all(settings))
             asyncio.run(run_billing(settings))
         elif args.command == "demo":
-            from models.demo import run_demo
+            from services.demo import run_demo  # the demo's writer
             asyncio.run(run_demo(settings, rate=args.rate, count=args.count))
     except (StartupError, ModelsNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -285,19 +285,22 @@ async def test_an_undecodable_message_is_dead_lettered_and_never_stops_the_consu
 
 async def test_writes_of_the_handler_raise_their_events_only_when_the_event_is_applied(
         db: Database, worker_db: Database, settings: Settings, feed: Feed, run_inbox: Any) -> None:
-    from models.billing import apply_order_event
+    from services.billing import apply_order_event
 
-    fail = {"41"}
+    # Order ids no real order of this session has (ids count up from 1), so no other test's
+    # invoice of the same order can be found here.
+    base = 8_000_000_000 + uuid.uuid4().int % 1_000_000_000
+    paid, refused, pending = (str(base + i) for i in range(3))
 
     async def billing(session: AsyncSession, event: InboxEvent) -> None:
         await apply_order_event(session, event)
         await session.flush()  # the invoice row is written before the handler fails
-        if event.key in fail:
-            raise ValueError("billing refuses order 41")
+        if event.key == refused:
+            raise ValueError(f"billing refuses order {refused}")
 
-    await feed.event("40", 1, status="paid", amount=1234)
-    await feed.event("41", 1, status="paid", amount=99)
-    await feed.event("42", 1, status="pending")
+    await feed.event(paid, 1, status="paid", amount=1234)
+    await feed.event(refused, 1, status="paid", amount=99)
+    await feed.event(pending, 1, status="pending")
     billing_db = Database(settings.database_url_for("billing"), service="billing")
     try:
         inbox = Inbox(settings, billing_db, f"billing.t{uuid.uuid4().hex[:6]}", [feed.topic], billing,
@@ -308,13 +311,14 @@ async def test_writes_of_the_handler_raise_their_events_only_when_the_event_is_a
         await stop_inbox(inbox, task)
     finally:
         await billing_db.close()
+    ids = [int(paid), int(refused), int(pending)]
     async with worker_db.engine.connect() as conn:  # reads invoices' public columns and the outbox
         invoices = (await conn.execute(text(
-            "SELECT order_id, amount_cents FROM invoices WHERE order_id IN (40, 41, 42)"))).all()
+            "SELECT order_id, amount_cents FROM invoices WHERE order_id = ANY(:ids)"), {"ids": ids})).all()
         events = (await conn.execute(text(
-            "SELECT key, op, service FROM outbox WHERE entity = 'invoices' AND data->>'order_id' IN ('40','41','42')"
-        ))).all()
-    assert [tuple(r) for r in invoices] == [(40, 1234)]
+            "SELECT key, op, service FROM outbox WHERE entity = 'invoices' AND (data->>'order_id')::bigint = ANY(:ids)"
+        ), {"ids": ids})).all()
+    assert [tuple(r) for r in invoices] == [(int(paid), 1234)]
     assert [(r[1], r[2]) for r in events] == [("create", "billing")]
 
 

@@ -2,7 +2,7 @@
 
 One worker (relay, down-conversion, views, cache, web) serves every test here. Customers
 get unique canary emails; after every flow has run, the canary must appear in no topic,
-Redis value, table, HTTP response (but the authorized owner method's) or log line.
+Redis value, table, HTTP response (but the authorized owner API's) or log line.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ async def worker(settings: Settings, schema: None, redis_url: str,
     port = free_port()
     child = await start_worker(
         settings, log, APP_ID=f"mse-sensitive-{uuid.uuid4().hex[:8]}", WEB_PORT=str(port),
-        REDIS_URL=redis_url, SERVICE_TOKENS=",".join(f"{s}:{t}" for s, t in TOKENS.items()))
+        REDIS_URL=redis_url, SERVICE_TOKENS=",".join(f"{s}:{t}" for s, t in TOKENS.items()), OWNER_APIS="customers")
     # Key lookups answer 503 until the worker knows who owns each partition.
     await until(lambda: aget(port, "/tables/orders/0/"), lambda r: r[0] != 503, what="routing ready")
     yield Worker(child, port, log, redis_url)
@@ -111,24 +111,43 @@ async def canary_customers(worker: Worker, settings: Settings) -> list[int]:
     return [c.id for c in customers]
 
 
-async def test_contact_needs_a_valid_token_of_an_allowed_service(worker: Worker, canary_customers: list[int]) -> None:
-    path = f"/services/customers/customers/{canary_customers[1]}/contact"
+async def test_the_owner_api_needs_a_valid_token_and_serves_each_caller_the_fields_it_may_read(
+        worker: Worker, canary_customers: list[int]) -> None:
+    path = f"/services/customers/customers/{canary_customers[1]}/"
     status, body = await aget(worker.port, path)
     assert status == 401 and "error" in json.loads(body)
     assert (await aget(worker.port, path, "not-a-token"))[0] == 401
+    # Customer.email names its readers (orders, support): billing may read no sensitive field.
     status, body = await aget(worker.port, path, TOKENS["billing"])
     assert status == 403 and "billing" in json.loads(body)["error"]
     for _, body in [await aget(worker.port, path, TOKENS["billing"]), await aget(worker.port, path)]:
         assert CANARY.encode() not in body
     status, body = await aget(worker.port, path, TOKENS["orders"])
-    assert status == 200 and json.loads(body)["email"] == f"{CANARY}-1@example.com"
-    assert (await aget(worker.port, "/services/customers/customers/999999999999/contact", TOKENS["orders"]))[0] == 404
+    answer = json.loads(body)
+    assert status == 200 and answer["entity"] == "customers" and answer["key"] == str(canary_customers[1])
+    assert answer["state"]["email"] == f"{CANARY}-1@example.com" and answer["state"]["name"] == "Canary 1"
+    assert (await aget(worker.port, "/services/customers/customers/999999999999/", TOKENS["orders"]))[0] == 404
+    # Only the owners OWNER_APIS names answer, only for entities they own with sensitive fields.
+    assert (await aget(worker.port, "/services/orders/orders/1/", TOKENS["orders"]))[0] == 404
+    assert (await aget(worker.port, "/services/customers/orders/1/", TOKENS["orders"]))[0] == 404
+
+
+def test_field_readers_override_the_models_declaration() -> None:
+    from app.web.owner import owned_entities
+
+    declared = owned_entities("customers", {})["customers"]
+    assert declared.readable_by("orders") == ["email"] and declared.readable_by("billing") == []
+    overridden = owned_entities("customers", Settings(field_readers="customers.email=billing").field_reader_map())
+    assert overridden["customers"].readable_by("billing") == ["email"]
+    assert overridden["customers"].readable_by("orders") == []
+    with pytest.raises(ValueError, match="entity.column=service"):
+        Settings(field_readers="email=orders").field_reader_map()
 
 
 async def test_owner_read_for_a_caller_is_audited_with_both_names(worker: Worker, canary_customers: list[int],
                                                                  settings: Settings) -> None:
     cid = canary_customers[2]
-    assert (await aget(worker.port, f"/services/customers/customers/{cid}/contact", TOKENS["orders"]))[0] == 200
+    assert (await aget(worker.port, f"/services/customers/customers/{cid}/", TOKENS["orders"]))[0] == 200
     async with TopicReader(settings.bootstrap_servers, "access-v1") as reader:
         def audited(ms: list) -> list:  # type: ignore[type-arg]
             return [m.record for m in ms if m.record["entity"] == "customers"
@@ -151,7 +170,7 @@ def routes(value: str) -> list[tuple[str, str | None]]:
         (f"/entities/{seg}/1/", None),
         (f"/entities/orders/{seg}/", None),
         (f"/entities/customers/{seg}/", None),
-        (f"/services/customers/customers/{seg}/contact", TOKENS["orders"]),
+        (f"/services/customers/customers/{seg}/", TOKENS["orders"]),
     ]
     if value.isascii() and value.isprintable() and " " not in value and "#" not in value and "?" not in value:
         out.append((f"/tables/orders/{value}/", None))  # unencoded, as a careless client sends it

@@ -31,7 +31,7 @@ from app.settings import Settings
 from app.topology import inbox_dead_letter_topic
 from chaos.agreement import check_invoices
 from models import Order
-from models.billing import SERVICE
+from services.billing import SERVICE
 from tests.processes import listening, spawn_app, stop, wait_for_log
 from tests.waiting import until
 
