@@ -16,25 +16,23 @@ its events, so a rebalance cannot clear the aggregates in the middle of one.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import faust
-from faust.streams import _current_event
 from faust.types import EventT
 
 from agents.batching import BATCH, WITHIN, take_ready
 from agents.entity_pass import Decoded, Job
+from agents.latest import processing, state_table, write_as
 from app.wire.deadletter import Outgoing, dead_letter, incoming, produce_all
 from app.wire.schemas import field_type, load, non_null
 from app.settings import Settings
 from app.web.tables import View
-from app.topology import changelog_topic, updates_topic
+from app.topology import updates_topic
 from app.views import (
     WINDOW_KEEP,
     BadUpdate,
@@ -55,50 +53,14 @@ log = logging.getLogger(__name__)
 SOURCE = ("orders", 2)
 
 
-@contextlib.contextmanager
-def processing(event: Any) -> Iterator[None]:
-    """Table writes in this block go where they would while Faust processed `event`.
-
-    Faust puts a table write in the changelog partition (and RocksDB partition store) of the
-    *current* event. Writing a batch's keys after the batch, each must go where the event
-    that changed it came from, as it did when written per event; Faust's stream sets the
-    same context variable for each event it yields.
-    """
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
-
-
-def write_as(event: Any, table: faust.Table, key: str, value: Any) -> None:
-    """`table[key] = value` as if while processing `event`."""
-    with processing(event):
-        table[key] = value
-
-
 def install(app: faust.App, settings: Settings) -> tuple[dict[str, View], Job]:
     """Declare the view tables and the stage-2 agents; returns the tables by name (for the web
     layer) and stage 1, the job to run on every batch of `orders-v2`."""
     partitions = settings.topic_partitions
 
-    def table(name: str) -> faust.Table:
-        # Raw string keys: the changelog partition of a key is then the partition its
-        # source event had, so Faust's router finds the owner of a key by its hash.
-        changelog = app.topic(changelog_topic(settings.app_id, name), key_type=str, key_serializer="raw",
-                              value_serializer="json", partitions=partitions, compacting=True,
-                              acks=False, internal=True)
-        t = app.Table(name, default=None, partitions=partitions, key_type=str,
-                      changelog_topic=changelog)
-        # The table serializes changelog keys itself (json for str keys): make it raw too, or
-        # recovered and standby copies would hold '"12"' where the active one holds '12'.
-        t.key_serializer = "raw"
-        return t
-
-    orders = table("orders")
-    customer_orders = table("customer_orders")
-    orders_by_status = table("orders_by_status")
-    orders_per_minute = table("orders_per_minute")
+    orders, customer_orders, orders_by_status, orders_per_minute = (
+        state_table(app, settings, name)
+        for name in ("orders", "customer_orders", "orders_by_status", "orders_per_minute"))
 
     def updates(view: str, *, raw: bool = False) -> faust.TopicT:
         # Stage 1 sends JSON; stage 2 reads raw bytes and validates them itself, so poison

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from mode import Service
 
-from agents import cache, downconvert, entity_pass, views
+from agents import cache, downconvert, entity_pass, latest, views
 from app.cache import CacheResource
 from app.capture.agreement import check_models
 from app.ops import endpoints as ops
@@ -21,7 +21,9 @@ from app.orm import EventedBase
 from app.registry import load_models
 from app.outbox.relay import Relay
 from app.settings import Settings
+from app.topology import current_version, root_models
 from app.transport import App, DirectTopic
+from app.views import present_state
 
 
 class WorkerApp(App):
@@ -88,6 +90,13 @@ def create_app(settings: Settings) -> WorkerApp:
     jobs: dict[tuple[str, int], list[entity_pass.Job]] = {
         key: [job] for key, job in downconvert.jobs(settings, counted=downconverted).items()}
     jobs.setdefault(views.SOURCE, []).append(apply_order_events)
+    # Every other entity gets its latest-state table with no code (`agents/latest.py`).
+    for model in root_models():
+        entity = model.__entity__
+        if entity not in app.views:
+            table = latest.state_table(app, settings, entity)
+            app.views[entity] = View(table, f"latest state per {entity} key", present_state)
+            jobs.setdefault((entity, current_version(entity)), []).append(latest.LatestState(table))
     entity_pass.install(app, jobs)
     # Without Redis there is no cache to keep fresh (reads go to the database), and
     # `/entities` answers 503.

@@ -63,6 +63,18 @@ def apply_order(key: str, stored: dict[str, Any] | None, sequence: int, state: S
     return entry, OrderChange(key, before, state, created if first_seen else None)
 
 
+def apply_latest(stored: dict[str, Any] | None, sequence: int, state: State | None,
+                 partition: int) -> dict[str, Any] | None:
+    """The new latest-state entry of a key for an event; None if the event is not newer.
+
+    Any entity's table (`agents/latest.py`): as `apply_order` without the creation time, a
+    delete keeps a tombstone (`state: None`) so an older event cannot resurrect the key.
+    """
+    if stored is not None and stored["seq"] >= sequence:
+        return None
+    return {"seq": sequence, "state": state, "p": partition}
+
+
 def micros(value: Any) -> int:
     """Epoch microseconds of an Avro timestamp (fastavro gives datetimes)."""
     if isinstance(value, datetime):
@@ -298,6 +310,10 @@ def present_count(stored: dict[str, Any]) -> int:
     return sum(part["value"] or 0 for part in stored.get("parts", {}).values())
 
 
-def present_order(stored: dict[str, Any]) -> State | None:
-    """`orders` as readers see it: the latest state, or None for a deleted order."""
+def present_state(stored: dict[str, Any]) -> State | None:
+    """A latest-state table as readers see it: the state, or None for a deleted key."""
     return stored.get("state")
+
+
+#: `orders`, the latest-state table stage 1 keeps with its creation times, reads the same.
+present_order = present_state

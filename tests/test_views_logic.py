@@ -13,12 +13,14 @@ from app.views import (
     BatchItem,
     PartitionAggregates,
     apply_batch,
+    apply_latest,
     apply_order,
     merge_part,
     minute_of,
     present_count,
     parse_update,
     present_customer,
+    present_state,
     rebuild,
 )
 
@@ -46,6 +48,15 @@ def test_duplicate_or_older_event_changes_nothing() -> None:
     table, _ = run([("1", 1, order(1)), ("1", 2, order(1, status="paid"))])
     assert apply_order("1", table["1"], 2, order(1, status="paid"), 0) is None
     assert apply_order("1", table["1"], 1, order(1), 0) is None
+
+
+def test_any_entitys_latest_state_takes_only_newer_events_and_keeps_tombstones() -> None:
+    entry = apply_latest(None, 1, {"id": 5, "name": "Ada"}, 2)
+    assert entry == {"seq": 1, "state": {"id": 5, "name": "Ada"}, "p": 2}
+    assert apply_latest(entry, 1, {"id": 5, "name": "again"}, 2) is None  # a duplicate
+    gone = apply_latest(entry, 3, None, 2)
+    assert gone == {"seq": 3, "state": None, "p": 2} and present_state(gone) is None
+    assert apply_latest(gone, 2, {"id": 5, "name": "late"}, 2) is None  # no resurrection
 
 
 def test_delete_keeps_a_tombstone_so_old_events_cannot_resurrect() -> None:

@@ -105,8 +105,8 @@ def _channels(settings: Settings) -> list[Channel]:
         jobs = []
         if DOWNCONVERT in modes.values():
             jobs.append("down-conversion, serving the older versions")
-        if entity == "orders":  # agents/views.py builds its views from the orders events
-            jobs.append("the materialized views' stage 1")
+        # Every entity's latest-state table (agents/latest.py), and the views built from it.
+        jobs.append(f"the latest-state table `{entity}` and the views derived from it")
         if jobs:
             agents.append(f"`process_{entity}` ({'; '.join(jobs)})")
         agents.append(f"`refresh_cache_{entity}` (the Redis entity cache, when REDIS_URL is set)")

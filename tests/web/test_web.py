@@ -35,7 +35,8 @@ from models import Customer, Order, OrderShipping
 from tests.processes import listening, start_worker, stop
 from tests.waiting import until
 
-VIEWS = {"orders", "customer_orders", "orders_by_status", "orders_per_minute"}
+# The orders views, and every other entity's latest-state table (agents/latest.py), with no code.
+VIEWS = {"orders", "customer_orders", "orders_by_status", "orders_per_minute", "customers", "invoices"}
 #: The workers' HTTP_HEADER_TIMEOUT_S, HTTP_BODY_TIMEOUT_S and HTTP_MAX_CONNECTIONS.
 HEADER_TIMEOUT = 1.5
 BODY_TIMEOUT = 2.0
@@ -287,6 +288,28 @@ async def test_entities_come_from_the_cache_repository_without_sensitive_columns
     assert person["state"]["name"] == "Ada <Lovelace>" and "email" not in person["state"]
     assert "ada@example.com" not in json.dumps(person)
     assert (await get(worker.url, "/entities/")).json() == {"entities": ["customers", "invoices", "orders"]}
+
+
+async def test_every_entity_gets_its_latest_state_table_with_lookups_and_tombstones(
+        worker: Worker, settings: Settings) -> None:
+    customers = Database(settings.database_url_for("customers"), service="customers")
+    try:
+        async with customers.session() as s:
+            kept, gone = Customer(name="Grace", email="grace@example.com"), Customer(name="Alan", email="a@x.org")
+            s.add_all([kept, gone])
+        async with customers.session() as s:
+            (await s.get_one(Customer, kept.id)).name = "Grace H."
+            await s.delete(await s.get_one(Customer, gone.id))
+    finally:
+        await customers.close()
+    reply = await until(lambda: get(worker.url, f"/tables/customers/{kept.id}/"),
+                        lambda r: r.status == 200 and r.json()["value"]["name"] == "Grace H.", timeout=60,
+                        what="the customer's latest state in its table")
+    assert "email" not in reply.json()["value"]  # only what events carry
+    await until(lambda: get(worker.url, f"/tables/customers/{gone.id}/"), lambda r: r.status == 404, timeout=30,
+                what="the deleted customer hidden")
+    listing = (await get(worker.url, f"/tables/customers/?prefix={kept.id}")).json()
+    assert [item["key"] for item in listing["items"]] == [str(kept.id)]
 
 
 async def test_entities_missing_from_redis_are_read_from_the_database_on_the_worker_role(
