@@ -150,7 +150,8 @@ async def run(env: Env, cfg: Config) -> list[Line]:
                 if missing:
                     raise RuntimeError(f"{missing} of {len(keys)} committed orders never reached the cache")
             # The worker is stopped: reads measure the client side alone.
-            repo = CacheRepository(connect_redis(redis_server.url), Database(env.url, service="orders", record_reads=False))
+            repo = CacheRepository(connect_redis(redis_server.url),
+                                   Database(env.url, service="orders", record_reads=False))
             read_db = Database(env.url, service="orders", record_reads=False)
             try:
                 variants = _variants(repo, raw, read_db)
