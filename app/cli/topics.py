@@ -172,7 +172,7 @@ async def archive_topic(settings: Settings, topic: str, path: Path, schema: Even
         if not delete:
             return Archived(topic, path, count, False)
         now = await true_ends(settings, consumer, tps)
-        late = sum(now[tp] - ends[tp] for tp in tps)
+        late = sum(max(0, now[tp] - ends[tp]) for tp in tps)
         if late:
             raise TopicError(f"{late} message(s) arrived on {topic} during the archive; {path} holds the "
                              f"first {count}; the topic was NOT deleted (stop its producers and run again)")

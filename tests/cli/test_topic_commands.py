@@ -18,7 +18,7 @@ from app.wire.codec import encode_message
 from app.wire.schemas import load
 from app.settings import Settings
 from app.cli.topics import ProgressLine, archive_topic, format_group_offsets, group_offsets
-from app.kafka import LAG_CAVEAT, TopicError, read_to_end
+from app.kafka import LAG_CAVEAT, TopicError, read_to_end, read_until
 from tests.processes import run_app
 from tests.waiting import until
 
@@ -244,6 +244,13 @@ class StuckConsumer:
 
     async def position(self, tp: TopicPartition) -> int:
         return 2
+
+
+async def test_read_until_gives_up_naming_the_partition_when_no_progress_is_made() -> None:
+    tp = TopicPartition("stuck", 0)
+    with pytest.raises(TopicError, match=r"no progress for 0 s short of the end: stuck\[0\] at 2 < 5"):
+        async for _ in read_until(StuckConsumer(), {tp: 5}, fetch_ms=1, stall_seconds=0):  # type: ignore[arg-type]
+            pass
 
 
 async def test_read_to_end_gives_up_naming_the_partition_when_no_progress_is_made() -> None:
