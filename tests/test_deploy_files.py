@@ -427,6 +427,15 @@ def test_app_urls_point_at_the_compose_servers(services: dict[str, dict[str, Any
         assert settings.service_name == "orders"
 
 
+def test_the_worker_binds_every_container_interface_and_advertises_its_service_name(
+        services: dict[str, dict[str, Any]]) -> None:
+    # WEB_HOST is the bind (loopback unless asked); a published port needs the container's
+    # every interface, and other workers dial the advertised name for routed table lookups.
+    settings = Settings.from_env(environment(services["worker"]))
+    assert settings.web_host == "0.0.0.0" and settings.advertised_host == "worker" and "worker" in services
+    assert services["worker"]["ports"] == [f"{settings.web_port}:{settings.web_port}"]
+
+
 def test_depends_on_targets_exist_and_are_ready_when_required(services: dict[str, dict[str, Any]],
                                                               final: Stage) -> None:
     for name, service in services.items():
