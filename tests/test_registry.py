@@ -1,14 +1,17 @@
 """`MODELS` names the modules that define the models; `load_models` imports them (app/registry.py)."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
 from app.registry import ModelsNotFound, load_models
 from app.settings import Settings
+from app.wire import schemas as wire_schemas
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,6 +30,23 @@ def test_load_models_imports_the_named_modules_from_any_package(tmp_path: Path,
     monkeypatch.syspath_prepend(str(tmp_path))
     [module] = load_models(Settings(models=("acme_catalog.models",)))
     assert module.LOADED is True
+
+
+def test_a_models_package_may_carry_its_own_schemas(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wire_schemas, "EXTRA_DIRS", [])  # this test's search path only
+    entity = f"widgets{uuid.uuid4().hex[:8]}"
+    package = tmp_path / "acme_widgets"
+    (package / "schemas" / entity).mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "models.py").write_text("")
+    shutil.copy(wire_schemas.SCHEMA_DIR / "invoices" / "v1.avsc", package / "schemas" / entity / "v1.avsc")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(LookupError, match=f"no schema for {entity} v1"):
+        wire_schemas.load(entity, 1)
+    load_models(Settings(models=("acme_widgets.models",)))
+    assert wire_schemas.schema_dirs() == [wire_schemas.SCHEMA_DIR, (package / "schemas").resolve()]
+    assert wire_schemas.load(entity, 1).path == (package / "schemas" / entity / "v1.avsc").resolve()
+    assert wire_schemas.versions(entity) == [1]
 
 
 def test_a_module_that_does_not_exist_is_one_error_naming_the_setting() -> None:

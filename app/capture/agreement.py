@@ -44,19 +44,22 @@ def unevented_column(*args: Any, **kwargs: Any) -> Any:
 
 
 def disagreements(base: type["EventedBase"], schema_dir: Path | None = None) -> list[str]:
-    """One line per disagreement between the models on `base` and the schemas in `schema_dir`
-    (default: the project's `schemas/`). In another directory, only the entities it has a
-    folder for are checked (`schemas check --dir` on a partial copy)."""
-    directory = wire_schemas.SCHEMA_DIR if schema_dir is None else schema_dir
-    partial = schema_dir is not None and directory.resolve() != wire_schemas.SCHEMA_DIR.resolve()
+    """One line per disagreement between the models on `base` and their schemas: found on the
+    search path (`app.wire.schemas.schema_path`), or in `schema_dir` when given. In a directory
+    other than the project's, only the entities it has a folder for are checked (`schemas check
+    --dir` on a partial copy)."""
+    partial = schema_dir is not None and schema_dir.resolve() != wire_schemas.SCHEMA_DIR.resolve()
     out: list[str] = []
     for mapper in sorted(base.registry.mappers, key=lambda m: m.class_.__name__):
         model = mapper.class_
         root = model.__extends__ or model
-        if partial and not (directory / root.__entity__).is_dir():
-            continue
-        path = directory / root.__entity__ / f"v{root.__schema_version__}.avsc"
-        shown = _shown(path, directory)
+        if schema_dir is None:  # the search path: the project's, then the models' packages'
+            path = wire_schemas.schema_path(root.__entity__, root.__schema_version__)
+        else:
+            if partial and not (schema_dir / root.__entity__).is_dir():
+                continue
+            path = schema_dir / root.__entity__ / f"v{root.__schema_version__}.avsc"
+        shown = _shown(path, path.parents[1])
         try:
             raw = json.loads(path.read_text())
             fields = record_fields(field_type(raw, "data"))

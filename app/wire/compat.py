@@ -306,20 +306,30 @@ def check_dir(schema_dir: Path, converters: Mapping[tuple[str, int, int], Conver
 
 
 def run_check(schema_dir: Path | None = None) -> int:
-    """The `schemas check` command: print the report; 0 when all is well, 1 otherwise."""
-    from app.wire.schemas import SCHEMA_DIR
+    """The `schemas check` command: print the report; 0 when all is well, 1 otherwise.
 
-    directory = SCHEMA_DIR if schema_dir is None else schema_dir
-    if not directory.is_dir():
-        print(f"error: schema directory {directory} does not exist", file=sys.stderr)
+    Without `schema_dir`, every folder of the search path (the project's `schemas/`, then those
+    of the models' packages) is checked.
+    """
+    from app.wire.schemas import schema_dirs
+
+    directories = schema_dirs() if schema_dir is None else [schema_dir]
+    missing = [d for d in directories if not d.is_dir()]
+    if missing:
+        print(f"error: schema directory {missing[0]} does not exist", file=sys.stderr)
         return 1
-    report = check_dir(directory)
+    report = Report()
+    for directory in directories:
+        found = check_dir(directory)
+        report.ok += found.ok
+        report.problems += found.problems
+    directory = directories[0] if len(directories) == 1 else ", ".join(map(str, directories))
     # The models against the same files (`app.capture.agreement`): a column the schema lacks
     # would be dropped from every event.
     from app.capture.agreement import disagreements
     from app.orm import EventedBase
 
-    models = disagreements(EventedBase, directory)
+    models = disagreements(EventedBase, schema_dir)
     report.problems += models
     if not models:
         report.ok.append("models: every column is in its schema or kept out of events on purpose")

@@ -1,4 +1,9 @@
-"""Loads the Avro schemas in `schemas/`: one per entity and version, each the full event record."""
+"""Loads the Avro schemas: one per entity and version, each the full event record.
+
+They live in the project's `schemas/<entity>/v<N>.avsc`, or beside a service's models: a
+package `MODELS` names may carry its own `schemas/` folder (`app/registry.py` adds it to the
+search path), so a service's entities need no file in this repository.
+"""
 from __future__ import annotations
 
 import json
@@ -10,6 +15,8 @@ from typing import Any
 import fastavro
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"  # schemas/ beside app/
+#: Schema folders of the models' packages, searched after `SCHEMA_DIR` (`add_schema_dir`).
+EXTRA_DIRS: list[Path] = []
 
 
 @dataclass(frozen=True)
@@ -87,16 +94,38 @@ def record_fields(avro_type: Any) -> list[dict[str, Any]]:
     return avro_type["fields"] if isinstance(avro_type, dict) and avro_type.get("type") == "record" else []
 
 
+def add_schema_dir(directory: Path) -> None:
+    """Search `directory` for schemas too (after the project's `schemas/`)."""
+    if directory not in EXTRA_DIRS:
+        EXTRA_DIRS.append(directory)
+
+
+def schema_dirs() -> list[Path]:
+    """Where schemas are looked for, in order."""
+    return [SCHEMA_DIR, *EXTRA_DIRS]
+
+
+def schema_path(entity: str, version: int) -> Path:
+    """The file of `<entity>` at `version`: the first `<dir>/<entity>/v<version>.avsc` that exists
+    (the project's when none does, for the error to name)."""
+    for directory in schema_dirs():
+        path = directory / entity / f"v{version}.avsc"
+        if path.exists():
+            return path
+    return SCHEMA_DIR / entity / f"v{version}.avsc"
+
+
 @cache
 def load(entity: str, version: int) -> EventSchema:
-    """The schema of `<entity>` at `version`, from `schemas/<entity>/v<version>.avsc`."""
-    path = SCHEMA_DIR / entity / f"v{version}.avsc"
+    """The schema of `<entity>` at `version`, from `<schema dir>/<entity>/v<version>.avsc`."""
+    path = schema_path(entity, version)
     if not path.exists():
-        raise LookupError(f"no schema for {entity} v{version}: {path} does not exist")
+        where = " or ".join(str(d / entity / f"v{version}.avsc") for d in schema_dirs())
+        raise LookupError(f"no schema for {entity} v{version}: {where} does not exist")
     raw = json.loads(path.read_text())
     return EventSchema(entity, version, path, raw, fastavro.parse_schema(raw))
 
 
 def versions(entity: str) -> list[int]:
     """Every version of `entity` that has a schema file, ascending."""
-    return sorted(int(p.stem[1:]) for p in (SCHEMA_DIR / entity).glob("v*.avsc"))
+    return sorted({int(p.stem[1:]) for d in schema_dirs() for p in (d / entity).glob("v*.avsc")})
