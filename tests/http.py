@@ -14,8 +14,8 @@ async def get_text(url: str, timeout: float = 5.0) -> tuple[int, str]:
             return response.status, await response.text()
 
 
-async def get_json(url: str, timeout: float = 5.0) -> tuple[int, Any]:
-    """(status, decoded JSON body) of GET `url` asking for JSON."""
-    async with aiohttp.ClientSession(headers={"Accept": "application/json"}) as session:
+async def get_json(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """(status, decoded JSON body) of GET `url` asking for JSON (with `headers` too)."""
+    async with aiohttp.ClientSession(headers={"Accept": "application/json", **(headers or {})}) as session:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             return response.status, json.loads(await response.text())

@@ -20,10 +20,13 @@ A stall is one of:
   (those mean the agents are the slow part: the watchdog's business). A broker that is down or
   paused keeps a request out, so an outage is not a stall;
 - for `untaken_after` seconds without a break (5, or `stall_after` if shorter), outside a
-  rebalance: the fetcher holds records the drain loop should take while every queue it
-  delivers into is empty: the one loop that hands fetched messages to the agents is not
-  running (a full queue, the agents' back-pressure, would show). A working loop takes them
-  within milliseconds.
+  rebalance: the fetcher holds records the drain loop should take, every queue it delivers
+  into is empty, and it delivered nothing since the last look (no read offset moved): the one
+  loop that hands fetched messages to the agents is not running (a full queue, the agents'
+  back-pressure, would show). Empty queues alone do not say so: a loop working through a long
+  run of standby changelog records, or flushing the producer buffer before each message,
+  keeps them at 0 while other partitions' records wait their turn (a worker started onto a
+  backlog was once restarted for nothing that way).
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from typing import Any
 
 from app.ops.consumer_state import consumer_state
 from app.faust_compat import (consumer_task_errors, delivery_queues, fetch_in_flight, fetch_states, flow_partitions,
-                              kafka_consumer, recovery_task)
+                              kafka_consumer, read_offsets, recovery_task)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,9 @@ class ConsumerLiveness:
         self._untaken_since: float | None = None
         #: Whether the recovery loop's task was seen running (mode forgets a task once it ends).
         self._recovery_seen = False
+        #: The drain loop's read offsets at the last look (None: no look yet): a change is a
+        #: message delivered.
+        self._delivered: tuple[tuple[str, Any], ...] | None = None
 
     def check(self, now: float | None = None) -> str:
         """Look once; on a stall, report it and exit after `grace` s. Returns the reason or ""."""
@@ -114,8 +120,14 @@ class ConsumerLiveness:
         return bool(now - getattr(self, since) >= after)
 
     def _untaken(self, consumer: Any) -> bool:
-        """Records wait in the fetcher while nothing is queued for the agents, the flow running."""
+        """Records wait in the fetcher while nothing is queued for the agents and nothing was
+        delivered since the last look, the flow running."""
         app = self.app
+        delivered = tuple(sorted((str(tp), offset) for tp, offset in list(read_offsets(app.consumer).items())))
+        moved = self._delivered is not None and delivered != self._delivered
+        self._delivered = delivered
+        if moved:
+            return False  # the drain loop delivered a message: it runs, however slowly
         recovery = app.tables.recovery
         if (app.rebalancing or not recovery.completed.is_set() or recovery.in_recovery
                 or not getattr(app.consumer, "flow_active", False) or not app.flow_control.is_active()):

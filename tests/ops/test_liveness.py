@@ -59,7 +59,7 @@ def fake_app(*, fetched_ago: float | None = 0.0, in_flight: bool = False, buffer
     return SimpleNamespace(should_stop=False, rebalancing=False, agents={}, topics=[channel],
                            consumer=SimpleNamespace(_thread=SimpleNamespace(_consumer=consumer), flow_active=True,
                                                     _active_partitions={TP0}, _paused_partitions=set(),
-                                                    _buffered_partitions=set()),
+                                                    _buffered_partitions=set(), _read_offset={TP0: 10}),
                            flow_control=SimpleNamespace(is_active=lambda: True), tables=SimpleNamespace(recovery=recovery))
 
 
@@ -127,6 +127,20 @@ def test_fetched_records_nobody_takes_while_every_delivery_queue_is_empty_are_a_
     queue.qsize = lambda: 0
     rebalancing = liveness(app, [])
     assert rebalancing.check(now=0.0) == "" and rebalancing.check(now=100.0) == ""
+
+
+def test_a_drain_loop_that_delivers_slowly_while_every_queue_is_empty_is_not_a_stall() -> None:
+    # A loop working through another partition's long run of records (standby changelogs the
+    # recovery takes as fast as they come) keeps the queues at 0 while these records wait.
+    app, exits = fake_app(buffered=True), []
+    rule = liveness(app, exits)
+    for second in range(12):
+        app.consumer._read_offset[TP0] += 1  # a message delivered since the last look
+        assert rule.check(now=float(second)) == ""
+    # Once it delivers nothing more, the records waiting are a stall again, 5 s on.
+    assert rule.check(now=12.0) == "" and rule.check(now=16.0) == ""
+    assert "fetched records not taken for 5 s" in rule.check(now=17.0)
+    assert exits == []
 
 
 def test_nothing_is_a_stall_while_the_worker_stops() -> None:
