@@ -12,7 +12,6 @@ import asyncio
 import io
 import json
 import re
-import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
