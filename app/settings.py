@@ -136,7 +136,7 @@ class Settings:
             data_dir=env.get("FAUST_DATA_DIR", ""),
             recovery_consistency_check=env.get("RECOVERY_CONSISTENCY_CHECK", "1") not in ("0", "false", "no"),
             service_tokens=env.get("SERVICE_TOKENS", ""),
-            owner_apis=tuple(name.strip() for name in env.get("OWNER_APIS", "").split(",") if name.strip()),
+            owner_apis=_names(env.get("OWNER_APIS", "")),
             field_readers=env.get("FIELD_READERS", ""),
             consumer_fetch_max_wait_ms=int(env.get("CONSUMER_FETCH_MAX_WAIT_MS", "10")),
             consumer_catchup_fetch_wait_ms=int(env.get("CONSUMER_CATCHUP_FETCH_WAIT_MS", "250")),
@@ -160,11 +160,16 @@ class Settings:
             inbox_prune_interval_s=float(env.get("INBOX_PRUNE_INTERVAL_S", "60")),
             billing_web_port=int(env.get("BILLING_WEB_PORT", "6070")),
             db_role_prefix=env.get("DB_ROLE_PREFIX", "mse_"),
-            models=tuple(name.strip() for name in env.get("MODELS", "models").split(",") if name.strip()),
+            models=_names(env.get("MODELS", "models")),
             service_database_urls=tuple(sorted(
                 (name.removeprefix("DATABASE_URL_").lower(), url) for name, url in env.items()
                 if name.startswith("DATABASE_URL_") and url)),
         )
+
+    def service_database_env(self) -> dict[str, str]:
+        """`service_database_urls` as the environment carries them (`DATABASE_URL_<SERVICE>`),
+        for a child process that must connect as the same roles."""
+        return {f"DATABASE_URL_{service.upper()}": url for service, url in self.service_database_urls}
 
     def service_token_map(self) -> dict[str, str]:
         """`service_tokens` parsed: service -> token."""
@@ -232,3 +237,8 @@ class Settings:
     def asyncpg_dsn_for(self, service: str) -> str:
         """`database_url_for(service)` in the form asyncpg accepts."""
         return self.database_url_for(service).replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+def _names(value: str) -> tuple[str, ...]:
+    """A comma-separated list of names (`MODELS`, `OWNER_APIS`), blanks dropped."""
+    return tuple(name.strip() for name in value.split(",") if name.strip())

@@ -264,7 +264,7 @@ class Stack:
         env.update(DATABASE_URL=self.settings.database_url, KAFKA_BROKER=self.settings.kafka_broker,
                    REDIS_URL=self.settings.redis_url, APP_ID=self.settings.app_id, RECOVERY_CONSISTENCY_CHECK="0",
                    PYTHONPATH=str(ROOT))
-        env.update({f"DATABASE_URL_{service.upper()}": url for service, url in self.settings.service_database_urls})
+        env.update(self.settings.service_database_env())
         env.update(extra)
         return env
 

@@ -25,7 +25,7 @@ def app_env(settings: Settings, **extra: str) -> dict[str, str]:
                SERVICE_NAME=settings.service_name, PYTHONPATH=str(ROOT),
                DB_ROLE_PREFIX=settings.db_role_prefix)  # the session's own roles (tests/conftest.py)
     # Each service on its role, as `make dev` and Compose run them (DATABASE_URL_<SERVICE>).
-    env.update({f"DATABASE_URL_{service.upper()}": url for service, url in settings.service_database_urls})
+    env.update(settings.service_database_env())
     env.update(extra)
     return env
 
