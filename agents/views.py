@@ -1,18 +1,21 @@
-"""The materialized views as Faust tables: stage 1's job and the aggregate agents.
+"""The materialized views as Faust tables: every entity's table and the aggregations declared on it.
 
-Stage 1 (`ApplyOrderEvents`, a job of the `process_orders` agent in `agents/entity_pass.py`,
-so it shares one pass over `orders-v2` with down-conversion) keeps `orders` and derives the
-per-partition aggregates; stage 2 (`apply_<view>_updates`) merges them into the views keyed
-by customer, status and minute. See `app.views` for why this makes every view idempotent.
+Stage 1 (`ApplyEvents`, a job of the entity's `process_<entity>` agent in
+`agents/entity_pass.py`, so it shares one pass over the entity's topic with down-conversion)
+keeps the entity's latest-state table and derives the per-partition values of the
+aggregations its model declares (`__aggregations__`, `app/aggregations.py`); stage 2
+(`apply_<aggregation>_updates`, one agent per aggregation) merges them into the aggregation's
+table. See `app.views` for why this makes every view idempotent. An entity that declares no
+aggregation gets its table alone, with no code.
 
 Both stages work in batches (`agents/batching.take_ready`: at most `BATCH` events, a window
 that grows from 5 to 200 ms while a backlog waits behind the batch and shrinks back) and
 write each changed key once per batch, as Kafka Streams' record cache does at commit (KIP-63):
-one changelog message per distinct table key and one repartition message per aggregate key
+one changelog message per distinct table key and one repartition message per aggregation key
 and source partition, instead of one per event. Last-wins coalescing is exact here: stage 1
 sends absolute per-partition values with the offset of the batch's last event as version, and
 stage 2 keeps the value of the highest (epoch, version) per part. A batch has no await between
-its events, so a rebalance cannot clear the aggregates in the middle of one.
+its events, so a rebalance cannot clear the aggregations in the middle of one.
 """
 from __future__ import annotations
 
@@ -27,147 +30,133 @@ from faust.types import EventT
 
 from agents.batching import BATCH, WITHIN, take_ready
 from agents.entity_pass import Decoded, Job
-from agents.latest import processing, state_table, write_as
-from app.wire.deadletter import Outgoing, dead_letter, incoming, produce_all
-from app.wire.schemas import field_type, load, non_null
+from agents.tables import processing, state_table, write_as
 from app.settings import Settings
+from app.topology import aggregations_of, root_models, updates_topic
+from app.views import Aggregation, BadUpdate, BatchItem, PartitionAggregates, apply_batch, merge_part, parse_update, present_state
 from app.web.tables import View
-from app.topology import updates_topic
-from app.views import (
-    WINDOW_KEEP,
-    BadUpdate,
-    BatchItem,
-    PartitionAggregates,
-    apply_batch,
-    merge_part,
-    parse_update,
-    present_count,
-    present_customer,
-    present_order,
-)
+from app.wire.deadletter import Outgoing, dead_letter, incoming, produce_all
 
 log = logging.getLogger(__name__)
 
 
-#: The (entity, schema version) whose topic stage 1 reads.
-SOURCE = ("orders", 2)
+class ApplyEvents:
+    """Stage 1 for one entity: its latest-state table and its aggregations' per-partition values."""
+
+    stage = "views"
+
+    def __init__(self, table: faust.Table, aggregations: Sequence[Aggregation],
+                 topics: dict[str, str]) -> None:
+        self.table = table
+        self.aggregations = tuple(aggregations)
+        self.topics = topics  # aggregation name -> its repartition topic
+        # Per source partition; cleared on a rebalance and rebuilt from the table on the
+        # partition's next event (`app.views.apply_batch`).
+        self.aggregates: dict[int, PartitionAggregates] = {}
+
+    def entries_of(self, partition: int) -> list[dict[str, Any]]:
+        return [v for v in self.table.values() if v and v.get("p") == partition]
+
+    def run(self, events: Sequence[EventT], records: Sequence[Decoded]) -> list[Outgoing]:
+        items: list[BatchItem] = []
+        for event, record in zip(events, records, strict=True):
+            msg = event.message
+            if isinstance(record, Exception):  # poison is dead-lettered by the down-converter; skip it here
+                log.warning("views: undecodable message at %s/%s/%s: %s", msg.topic, msg.partition, msg.offset, record)
+                items.append((msg.partition, msg.offset, None, event))
+            else:
+                items.append((msg.partition, msg.offset, record, event))
+        written, changed = apply_batch(self.aggregations, self.aggregates, self.table.get, self.entries_of,
+                                       items, time.time_ns)
+        for key, (event, entry) in written.items():
+            write_as(event, self.table, key, entry)  # one changelog message per key per batch
+        # One message per aggregation key and partition, with its value after the batch, sent
+        # straight to the producer (Faust's Topic.send costs ~150 µs a message) and acked
+        # before the batch is.
+        out = []
+        for p, part in changed.items():
+            for aggregation in self.aggregations:
+                topic = self.topics[aggregation.name]
+                state = part.agg.parts[aggregation.name]
+                for key in part.keys[aggregation.name]:
+                    body = {"p": p, "epoch": part.agg.epoch, "version": part.version,
+                            "value": aggregation.value(state, key)}
+                    # A window's messages carry its start as their timestamp.
+                    stamp = float(key) if aggregation.window is not None else None
+                    out.append(Outgoing(topic, key.encode(), json.dumps(body).encode(), None, [], stamp))
+        return out
+
+    def sent(self, out: list[Outgoing]) -> None:
+        pass
 
 
-def install(app: faust.App, settings: Settings) -> tuple[dict[str, View], Job]:
-    """Declare the view tables and the stage-2 agents; returns the tables by name (for the web
-    layer) and stage 1, the job to run on every batch of `orders-v2`."""
-    partitions = settings.topic_partitions
+async def merge_into(app: faust.App, target: faust.Table, stream: faust.StreamT[Any],
+                     aggregation: Aggregation) -> None:
+    """Stage 2 of one aggregation: each batch's newest part per key, written once per key."""
+    keep = aggregation.keep
+    async for events in take_ready(stream, BATCH, WITHIN):
+        merged: dict[str, tuple[Any, Any]] = {}
+        poison = []
+        horizon = time.time() - keep if keep is not None else None
+        if horizon is not None and events:
+            # Windows are kept `keep` seconds (wall clock); older ones are dropped, not updated.
+            with processing(events[0]):
+                for old in [k for k in list(target.keys()) if int(k) < horizon]:
+                    del target[old]
+        for event in events:
+            msg = event.message
+            try:
+                key, update = parse_update(msg.key, msg.value, aggregation)
+            except BadUpdate as exc:
+                log.warning("views: dead-lettering %s/%s/%s: %s", msg.topic, msg.partition, msg.offset, exc)
+                poison.append(dead_letter(msg.topic, incoming(msg), exc))
+                continue
+            if horizon is not None and int(key) < horizon:
+                continue
+            stored = merged[key][1] if key in merged else target.get(key)
+            value = merge_part(stored, update["p"], update["epoch"], update["version"], update["value"])
+            if value is not None:
+                merged[key] = (event, value)
+        if poison:
+            await produce_all(app, poison, stage=stream.prefix)
+        for key, (event, value) in merged.items():
+            write_as(event, target, key, value)  # one changelog message per key per batch
 
-    orders, customer_orders, orders_by_status, orders_per_minute = (
-        state_table(app, settings, name)
-        for name in ("orders", "customer_orders", "orders_by_status", "orders_per_minute"))
 
-    def updates(view: str, *, raw: bool = False) -> faust.TopicT:
-        # Stage 1 sends JSON; stage 2 reads raw bytes and validates them itself, so poison
-        # is dead-lettered instead of crashing the agent (Faust's decode error would).
-        return app.topic(updates_topic(settings.app_id, view), partitions=partitions, internal=True,
-                         key_type=None if raw else str, key_serializer="raw",
-                         value_serializer="raw" if raw else "json")
+def _declare_stage2(app: faust.App, settings: Settings, aggregation: Aggregation, target: faust.Table) -> None:
+    # Stage 1 sends JSON; stage 2 reads raw bytes and validates them itself, so poison is
+    # dead-lettered instead of crashing the agent (Faust's decode error would).
+    topic = app.topic(updates_topic(settings.app_id, aggregation.name), partitions=settings.topic_partitions,
+                      internal=True, key_type=None, key_serializer="raw", value_serializer="raw")
 
-    customer_updates = updates("customer_orders")
-    status_updates = updates("orders_by_status")
-    minute_updates = updates("orders_per_minute")
-    source = load(*SOURCE)
-    # The only keys orders_by_status can have: the status enum's symbols.
-    status_symbols = frozenset(non_null(field_type({"fields": source.data_fields()}, "status"))["symbols"])
-    aggregates: dict[int, PartitionAggregates] = {}
+    async def apply_updates(stream: faust.StreamT[Any]) -> None:
+        await merge_into(app, target, stream, aggregation)
+
+    app.agent(topic, name=f"apply_{aggregation.name}_updates")(apply_updates)
+
+
+def install(app: faust.App, settings: Settings) -> tuple[dict[str, View], dict[tuple[str, int], Job]]:
+    """Declare every entity's table, its aggregations' tables and their stage-2 agents; returns
+    the tables by name (for the web layer) and each entity topic's stage-1 job."""
+    views: dict[str, View] = {}
+    jobs: dict[tuple[str, int], Job] = {}
+    stage1: list[ApplyEvents] = []
+    for model in root_models():
+        entity = model.__entity__
+        table = state_table(app, settings, entity)
+        views[entity] = View(table, f"latest state per {entity} key", present_state)
+        aggregations = aggregations_of(entity)
+        for aggregation in aggregations:
+            target = state_table(app, settings, aggregation.name)
+            views[aggregation.name] = View(target, aggregation.description, aggregation.present, aggregation.window)
+            _declare_stage2(app, settings, aggregation, target)
+        job = ApplyEvents(table, aggregations, {a.name: updates_topic(settings.app_id, a.name) for a in aggregations})
+        jobs[(entity, model.__schema_version__)] = job
+        stage1.append(job)
 
     @app.on_partitions_revoked.connect
     async def forget_aggregates(sender: Any, revoked: Any, **_: Any) -> None:
-        aggregates.clear()  # rebuilt from `orders` for each partition on its next event
+        for job in stage1:
+            job.aggregates.clear()  # rebuilt from the table for each partition on its next event
 
-    def emit(p: int, version: int, agg: PartitionAggregates, customers: set[str], statuses: set[str],
-             minutes: set[int]) -> list[Outgoing]:
-        """Stage 1's messages for one partition's changed aggregate keys (key-hashed partitions)."""
-        def update(topic: faust.TopicT, key: str, value: Any, timestamp: float | None = None) -> Outgoing:
-            body = {"p": p, "epoch": agg.epoch, "version": version, "value": value}
-            return Outgoing(topic.get_topic_name(), key.encode(), json.dumps(body).encode(), None, [], timestamp)
-
-        return ([update(customer_updates, c, agg.customer_value(c)) for c in customers]
-                + [update(status_updates, s, agg.statuses.get(s, 0)) for s in statuses]
-                + [update(minute_updates, str(m), agg.minutes.get(m, 0), float(m)) for m in minutes])
-
-    class ApplyOrderEvents:
-        """Stage 1, a job of the `process_orders` agent (`agents/entity_pass.py`)."""
-
-        stage = "views"
-
-        def run(self, events: Sequence[EventT], records: Sequence[Decoded]) -> list[Outgoing]:
-            items: list[BatchItem] = []
-            for event, record in zip(events, records, strict=True):
-                msg = event.message
-                if isinstance(record, Exception):  # poison is dead-lettered by the down-converter; skip it here
-                    log.warning("views: undecodable message at %s/%s: %s", msg.partition, msg.offset, record)
-                    items.append((msg.partition, msg.offset, None, event))
-                else:
-                    items.append((msg.partition, msg.offset, record, event))
-            written, changed = apply_batch(
-                aggregates, orders.get, lambda p: [v for v in orders.values() if v and v.get("p") == p],
-                items, time.time_ns)
-            for key, (event, entry) in written.items():
-                write_as(event, orders, key, entry)  # one changelog message per order per batch
-            # One message per aggregate key and partition, with its value after the batch, sent
-            # straight to the producer (Faust's Topic.send costs ~150 µs a message) and acked
-            # before the batch is.
-            return [m for p, part in changed.items() for m in emit(
-                p, part.version, part.agg, part.customers, part.statuses, part.minutes)]
-
-        def sent(self, out: list[Outgoing]) -> None:
-            pass
-
-    async def merge_into(target: faust.Table, stream: faust.StreamT[Any], kind: str) -> None:
-        async for events in take_ready(stream, BATCH, WITHIN):
-            merged: dict[str, tuple[Any, Any]] = {}
-            poison = []
-            horizon = time.time() - WINDOW_KEEP
-            if kind == "minute" and events:
-                # Windows are kept one hour (wall clock); older ones are dropped, not updated.
-                with processing(events[0]):
-                    for old in [k for k in list(target.keys()) if int(k) < horizon]:
-                        del target[old]
-            for event in events:
-                msg = event.message
-                try:
-                    key, update = parse_update(msg.key, msg.value, kind, status_symbols)
-                except BadUpdate as exc:
-                    log.warning("views: dead-lettering %s/%s/%s: %s", msg.topic, msg.partition, msg.offset, exc)
-                    poison.append(dead_letter(msg.topic, incoming(msg), exc))
-                    continue
-                if kind == "minute" and int(key) < horizon:
-                    continue
-                stored = merged[key][1] if key in merged else target.get(key)
-                value = merge_part(stored, update["p"], update["epoch"], update["version"], update["value"])
-                if value is not None:
-                    merged[key] = (event, value)
-            if poison:
-                await produce_all(app, poison, stage=stream.prefix)
-            for key, (event, value) in merged.items():
-                write_as(event, target, key, value)  # one changelog message per key per batch
-
-    async def apply_customer_orders_updates(stream: faust.StreamT[Any]) -> None:
-        await merge_into(customer_orders, stream, "customer")
-
-    async def apply_orders_by_status_updates(stream: faust.StreamT[Any]) -> None:
-        await merge_into(orders_by_status, stream, "status")
-
-    async def apply_orders_per_minute_updates(stream: faust.StreamT[Any]) -> None:
-        await merge_into(orders_per_minute, stream, "minute")
-
-    app.agent(updates("customer_orders", raw=True),
-              name="apply_customer_orders_updates")(apply_customer_orders_updates)
-    app.agent(updates("orders_by_status", raw=True),
-              name="apply_orders_by_status_updates")(apply_orders_by_status_updates)
-    app.agent(updates("orders_per_minute", raw=True),
-              name="apply_orders_per_minute_updates")(apply_orders_per_minute_updates)
-    return {
-        "orders": View(orders, "latest state per order", present_order),
-        "customer_orders": View(customer_orders, "aggregate per customer", present_customer),
-        "orders_by_status": View(orders_by_status, "count per status", present_count),
-        "orders_per_minute": View(orders_per_minute, "tumbling window 60 s, kept 1 h (key: window start, epoch s)",
-                                  present_count),
-    }, ApplyOrderEvents()
+    return views, jobs

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from mode import Service
 
-from agents import cache, downconvert, entity_pass, latest, views
+from agents import cache, downconvert, entity_pass, views
 from app.cache import CacheResource
 from app.capture.agreement import check_models
 from app.ops import endpoints as ops
@@ -21,15 +21,13 @@ from app.orm import EventedBase
 from app.registry import load_models
 from app.outbox.relay import Relay
 from app.settings import Settings
-from app.topology import current_version, root_models
 from app.transport import App, DirectTopic
-from app.views import present_state
 
 
 class WorkerApp(App):
     """The worker's Faust app, with what `create_app` wires into it, typed."""
 
-    #: The view tables by name (`agents/views.py`), served by `app/web/`.
+    #: The view tables by name (`agents/views.py`: entities' and aggregations'), served by `app/web/`.
     views: dict[str, View]
     #: The one cache repository (`entity_cache`: Faust's App already has a `cache` attribute).
     entity_cache: CacheResource | None
@@ -85,18 +83,13 @@ def create_app(settings: Settings) -> WorkerApp:
         **({"consumer_group_instance_id": settings.group_instance_id} if settings.group_instance_id else {}),
     )
     downconverted = DownconvertCounts()  # counted by the agents, exported by the metrics
-    app.views, apply_order_events = views.install(app, settings)
+    # Every entity's latest-state table and the aggregations its model declares (agents/views.py).
+    app.views, stage1 = views.install(app, settings)
     # One pass over each current topic runs every job that reads it (agents/entity_pass.py).
     jobs: dict[tuple[str, int], list[entity_pass.Job]] = {
         key: [job] for key, job in downconvert.jobs(settings, counted=downconverted).items()}
-    jobs.setdefault(views.SOURCE, []).append(apply_order_events)
-    # Every other entity gets its latest-state table with no code (`agents/latest.py`).
-    for model in root_models():
-        entity = model.__entity__
-        if entity not in app.views:
-            table = latest.state_table(app, settings, entity)
-            app.views[entity] = View(table, f"latest state per {entity} key", present_state)
-            jobs.setdefault((entity, current_version(entity)), []).append(latest.LatestState(table))
+    for key, job in stage1.items():
+        jobs.setdefault(key, []).append(job)
     entity_pass.install(app, jobs)
     # Without Redis there is no cache to keep fresh (reads go to the database), and
     # `/entities` answers 503.

@@ -9,19 +9,18 @@ re-exported here.
 """
 from __future__ import annotations
 
-from app.capture.base import root_models
-from app.wire.schemas import ACCESS_TOPIC, dlq_topic, topic_name
+from app.capture.base import EventedBase, root_models
+from app.views import Aggregation
+from app.wire.schemas import ACCESS_TOPIC, dlq_topic, load, topic_name
 from app.settings import LEGACY_MODES, Settings
 
-__all__ = ["AGGREGATES", "DOWNCONVERT", "DUAL_PUBLISH", "RELAY_DLQ_TOPIC", "changelog_topic",
+__all__ = ["aggregation_names", "aggregations_of", "DOWNCONVERT", "DUAL_PUBLISH", "RELAY_DLQ_TOPIC", "changelog_topic",
            "current_topic", "current_version", "downconvert_targets", "dual_publish_targets",
            "evented_topics", "inbox_dead_letter_topic", "is_view_topic", "legacy_modes", "root_models", "updates_topic",
            "view_dead_letter_topics", "worker_topics"]
 
 #: Where the relay dead-letters an outbox row it cannot publish.
 RELAY_DLQ_TOPIC = "outbox.dlq"
-#: The views kept by stage 2 (`agents/views.py`), each fed by its own repartition topic.
-AGGREGATES = ("customer_orders", "orders_by_status", "orders_per_minute")
 
 #: How an older schema version of an entity is served.
 DUAL_PUBLISH, DOWNCONVERT = LEGACY_MODES
@@ -35,12 +34,31 @@ def legacy_modes(overrides: dict[tuple[str, int], str] | None = None) -> dict[st
     return out
 
 
-def current_version(entity: str) -> int:
-    """The schema version the root model of `entity` writes."""
+def root_model(entity: str) -> type[EventedBase]:
+    """The root model of `entity`."""
     for model in root_models():
         if model.__entity__ == entity:
-            return model.__schema_version__
+            return model
     raise LookupError(f"no evented model for entity {entity!r}")
+
+
+def current_version(entity: str) -> int:
+    """The schema version the root model of `entity` writes."""
+    return root_model(entity).__schema_version__
+
+
+def aggregations_of(entity: str) -> list[Aggregation]:
+    """The aggregations `entity`'s model declares, checked against its current schema
+    (`ValueError` naming the first field the schema cannot give)."""
+    model = root_model(entity)
+    fields = load(entity, model.__schema_version__).data_fields()
+    return [declared.bind(fields) for declared in model.__aggregations__]
+
+
+def aggregation_names() -> list[str]:
+    """Every aggregation's table name, kept by stage 2 (`agents/views.py`) from its own
+    repartition topic."""
+    return [declared.name for model in root_models() for declared in model.__aggregations__]
 
 
 def current_topic(entity: str) -> str:
@@ -93,7 +111,7 @@ def updates_topic(app_id: str, view: str) -> str:
 
 def view_dead_letter_topics(app_id: str) -> list[str]:
     """The dead-letter topics of the repartition topics (created before the worker starts)."""
-    return [dlq_topic(updates_topic(app_id, view)) for view in AGGREGATES]
+    return [dlq_topic(updates_topic(app_id, view)) for view in aggregation_names()]
 
 
 def is_view_topic(app_id: str, topic: str) -> bool:

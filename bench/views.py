@@ -41,7 +41,7 @@ import aiohttp
 from app.embedded.broker import EmbeddedBroker
 from app.embedded.process import free_port
 from app.orm import Database
-from app.views import minute_of
+from models.order import ORDERS_PER_MINUTE
 from bench.common import (Config, Env, Line, LoopMonitor, TailReader, execute, median, note, process_cpu, settle,
                           spread)
 from bench.workers import (PREFILL_KEY_BASE, SHARED, Child, CountReader, StreamConfig, app_worker_argv, child_env,
@@ -189,7 +189,7 @@ async def run(env: Env, cfg: Config) -> list[Line]:
     n = scfg.views_events
     created = datetime.now(timezone.utc)
     events = v2_events(n, created)
-    minute = minute_of(int(created.timestamp() * 1_000_000))
+    minute = ORDERS_PER_MINUTE.start(int(created.timestamp() * 1_000_000))
     keys = [str(PREFILL_KEY_BASE + i) for i in range(n)]
     res: dict[str, list[Any]] = {k: [] for k in ("apply", "raw", "idle10", "idle1500", "broker10", "broker1500",
                                                  "lookups", "raw_lookups", "lag10", "lag1500")}

@@ -11,7 +11,8 @@ from typing import Any, TypeVar
 import aiohttp
 import asyncpg
 
-from app.views import WINDOW_KEEP, micros, minute_of, present_count, present_customer, present_order
+from app.views import micros, present_count, present_state
+from models.order import CUSTOMER_ORDERS, ORDERS_PER_MINUTE
 from chaos.topiclog import Seen
 from services.billing import INVOICED
 
@@ -72,10 +73,10 @@ def orders_per_minute(events: Iterable[Seen], now: float | None = None) -> dict[
     for seen in events:
         if seen.data is not None and (seen.key not in first or seen.sequence < first[seen.key].sequence):
             first[seen.key] = seen
-    horizon = (time.time() if now is None else now) - WINDOW_KEEP + 60  # a minute of slack at the edge
+    horizon = (time.time() if now is None else now) - ORDERS_PER_MINUTE.keep + 60  # a minute of slack at the edge
     counts: dict[int, int] = defaultdict(int)
     for seen in first.values():
-        minute = minute_of(micros(seen.data["created_at"]))  # type: ignore[index]
+        minute = ORDERS_PER_MINUTE.start(micros(seen.data["created_at"]))  # type: ignore[index]
         if minute >= horizon:
             counts[minute] += 1
     return dict(counts)
@@ -182,7 +183,7 @@ async def view_mismatches(base: str, db: Snapshot, minutes: dict[int, int] | Non
             if entry is MISSING:
                 wrong += differs(f"orders[{key}] lookup failed")
                 continue
-            state = None if entry is None else present_order(entry)
+            state = None if entry is None else present_state(entry)
             if not order_matches(state, db.orders.get(key)):
                 wrong += differs(f"orders[{key}] = {state!r:.80} != {db.orders.get(key)!r:.80}")
             elif entry is not None and entry["seq"] != db.sequences["orders"][key]:
@@ -199,7 +200,7 @@ async def view_mismatches(base: str, db: Snapshot, minutes: dict[int, int] | Non
         customer_keys = sorted({str(r["customer_id"]) for r in db.orders.values()} | set(db.customers))
         stored = await asyncio.gather(*(lookup("customer_orders", k) for k in customer_keys))
         for key, entry in zip(customer_keys, stored, strict=True):
-            got = None if entry in (None, MISSING) else present_customer(entry)
+            got = None if entry in (None, MISSING) else CUSTOMER_ORDERS.present(entry)
             want = want_customers.get(key)
             fields = ("count", "total_cents", "last_order_at") if db.created else ("count", "total_cents")
             if entry is MISSING or (got is None) != (want is None) or (

@@ -6,12 +6,21 @@ from datetime import datetime
 from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, String, func
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from app.aggregations import count_by, sum_by, window_count
 from app.orm import EventedBase
 from app.wire.convert import ConversionError, Data, converter
 
 STATUSES = ("pending", "paid", "shipped", "cancelled")
 #: v1 carries the amount as a double: beyond this many cents it would silently change.
 MAX_EXACT_CENTS = 2**53
+
+#: Per customer: how many orders, their totals per currency, the time of the latest.
+CUSTOMER_ORDERS = sum_by("customer_orders", key="customer_id", sums={"total_cents": "amount_cents"},
+                         split_by="currency", latest={"last_order_at": "created_at"})
+#: How many orders are in each status now.
+ORDERS_BY_STATUS = count_by("orders_by_status", "status")
+#: How many orders were created in each minute of the last hour.
+ORDERS_PER_MINUTE = window_count("orders_per_minute", time="created_at", size=60, keep=3600)
 
 
 class Order(EventedBase):
@@ -24,6 +33,8 @@ class Order(EventedBase):
     # How older versions are served: "dual-publish" (the relay writes both topics) or
     # "downconvert" (the worker's down-conversion agent derives v1 from v2).
     __legacy__ = {1: "downconvert"}
+    # The worker's tables derived from the orders' events, beside `orders` (`/tables/<name>/`).
+    __aggregations__ = (CUSTOMER_ORDERS, ORDERS_BY_STATUS, ORDERS_PER_MINUTE)
     __table_args__ = (CheckConstraint(f"status IN {STATUSES!r}", name="orders_status_valid"),)
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)

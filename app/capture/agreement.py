@@ -71,7 +71,9 @@ def disagreements(base: type["EventedBase"], schema_dir: Path | None = None) -> 
             out.append(f"{model.__name__}: {shown} has no readable `data` record ({type(exc).__name__}: {exc})")
             continue
         out += _model_problems(model, root, fields, shown)
-    return out
+        if model.__extends__ is None:
+            out += _aggregation_problems(model, fields, shown)
+    return out + _table_name_clashes(base)
 
 
 def check_models(base: type["EventedBase"], schema_dir: Path | None = None) -> None:
@@ -123,6 +125,31 @@ def _model_problems(model: Any, root: Any, fields: list[dict[str, Any]], shown: 
             continue
         out.append(f"{model.__name__}: field {field['name']!r} of {where} has no column in table {table.name} "
                    "and no default, so no event could fill it: add the column, or give the field a default")
+    return out
+
+
+def _aggregation_problems(model: Any, fields: list[dict[str, Any]], shown: str) -> list[str]:
+    """The model's `__aggregations__` that name what its schema cannot give."""
+    out = [f"{model.__name__}: {problem} in {shown}"
+           for declared in getattr(model, "__aggregations__", ()) for problem in declared.problems(fields)]
+    times = sorted({declared.time for declared in getattr(model, "__aggregations__", ()) if declared.time is not None})
+    if len(times) > 1:
+        out.append(f"{model.__name__}: its window_count aggregations use different time fields {times}: "
+                   "an entity's windows must share one")
+    return out
+
+
+def _table_name_clashes(base: type["EventedBase"]) -> list[str]:
+    """Aggregations named like an entity or like each other: the worker has one table per name."""
+    roots = [m.class_ for m in base.registry.mappers if getattr(m.class_, "__extends__", None) is None]
+    owners: dict[str, str] = {model.__entity__: f"entity {model.__entity__!r}" for model in roots}
+    out = []
+    for model in sorted(roots, key=lambda m: m.__name__):
+        for declared in getattr(model, "__aggregations__", ()):
+            if declared.name in owners:
+                out.append(f"{model.__name__}: aggregation {declared.name!r} has the name of {owners[declared.name]}, "
+                           "and the worker keeps one table per name: rename it")
+            owners.setdefault(declared.name, f"an aggregation of {model.__name__}")
     return out
 
 

@@ -28,6 +28,7 @@ from sqlalchemy.orm import (
     UOWTransaction,
 )
 
+from app.aggregations import Declared
 from app.capture import ownership
 from app.capture.entities import capture_sql, plan_for
 
@@ -44,7 +45,8 @@ class EventedBase(AsyncAttrs, DeclarativeBase):
     Class attributes a model sets:
     - `__entity__`: topic family (`orders` -> `orders-v2`); `__owner__`: owner service;
       `__schema_version__`: current schema version; `__legacy__`: older version -> how it is
-      served (`"dual-publish"` or `"downconvert"`);
+      served (`"dual-publish"` or `"downconvert"`); `__aggregations__`: the tables the worker
+      derives from the entity's events (`app/aggregations.py`: `count_by`, `sum_by`, `window_count`);
     - for an extension instead: `__extends__` (the root model) and `__extension_field__`
       (the field of the root's data record holding it). Its events are raised as the root.
     """
@@ -53,6 +55,7 @@ class EventedBase(AsyncAttrs, DeclarativeBase):
     __owner__: ClassVar[str]
     __schema_version__: ClassVar[int]
     __legacy__: ClassVar[dict[int, str]] = {}
+    __aggregations__: ClassVar[tuple[Declared, ...]] = ()
     __extends__: ClassVar[type["EventedBase"] | None] = None
     __extension_field__: ClassVar[str | None] = None
 

@@ -85,7 +85,7 @@ class KeyLookups:
         value = None if stored is None else view.present(stored)
         if value is None:
             raise HttpError(404, "key not found", headers, table=name, key=key)
-        return page_view.json({"table": name, **self.reads.item_json(name, key, value)}, headers=headers)
+        return page_view.json({"table": name, **self.reads.item_json(view, key, value)}, headers=headers)
 
     def from_copy(self, page_view: FaustView, name: str, view: View, key: str, tp: TP,
                   max_lag: int | None, reason: str) -> Response:

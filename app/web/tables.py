@@ -2,7 +2,7 @@
 
 A worker lists only the keys of the changelog partitions it owns (standby copies are listed by
 their owner), sorted by key (numeric keys numerically, first) and paged by key cursor.
-Windowed tables (`orders_per_minute`) show each window's start and end.
+Windowed tables (a `window_count` aggregation) show each window's start and end.
 """
 from __future__ import annotations
 
@@ -19,15 +19,12 @@ from faust.web import View as FaustView
 from yarl import URL
 
 from app.settings import Settings
-from app.views import MINUTE
 from app.web.errors import HttpError
 from app.web.pages import render_index, render_listing
 from app.web.params import check_key, parse_int, wants_html
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
-#: Tables whose keys are window starts (epoch seconds), with their window size in seconds.
-WINDOWS = {"orders_per_minute": MINUTE}
 
 
 @dataclass
@@ -37,6 +34,8 @@ class View:
     table: faust.Table
     kind: str
     present: Any  # stored value -> what readers see (None: hidden)
+    #: Window size in seconds when the keys are window starts (epoch seconds).
+    window: int | None = None
 
 
 @dataclass(frozen=True)
@@ -135,10 +134,10 @@ class TableReads:
             return Page(items[:limit], items[limit - 1][0])
         return Page(items, None)
 
-    def item_json(self, name: str, key: str, value: Any) -> dict[str, Any]:
-        """One item as JSON, with its window for windowed tables."""
+    def item_json(self, view: View, key: str, value: Any) -> dict[str, Any]:
+        """One item of `view` as JSON, with its window for windowed tables."""
         out: dict[str, Any] = {"key": key, "value": value}
-        size = WINDOWS.get(name)
+        size = view.window
         if size is not None:
             window = window_of(key, size)
             if window is not None:
@@ -184,9 +183,9 @@ class TableReads:
             "table": name, "kind": view.kind, "worker": str(self.canonical()),
             "partitions": {"active": active, "standby": standby},
             "limit": limit, "after": after, "prefix": prefix or None,
-            "items": [self.item_json(name, key, value) for key, value in page.items],
+            "items": [self.item_json(view, key, value) for key, value in page.items],
             "next": page.next,
         }
         if html_wanted:
-            return page_view.html(render_listing(body, windowed=name in WINDOWS))
+            return page_view.html(render_listing(body, windowed=view.window is not None))
         return page_view.json(body)

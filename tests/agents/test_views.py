@@ -22,7 +22,8 @@ from app.orm import Database
 from app.settings import Settings
 from app.cli.topics import group_offsets
 from app.kafka import fetched_end_offsets, topic_partitions
-from app.views import minute_of, present_count, present_customer, present_order
+from app.views import present_count, present_state
+from models.order import CUSTOMER_ORDERS, ORDERS_PER_MINUTE
 from chaos.agreement import orders_per_minute
 from chaos.topiclog import Seen
 from models import Order, OrderShipping
@@ -167,7 +168,7 @@ async def test_views_equal_the_database_after_random_writes_and_duplicates(
     # orders: every live order equals its row; deleted ones are gone.
     async def orders_match() -> bool:
         for oid, o in states.items():
-            view = present_order(await table_value(base, "orders", str(oid)) or {})
+            view = present_state(await table_value(base, "orders", str(oid)) or {})
             want = {"status": o.status, "amount_cents": o.amount_cents, "customer_id": o.customer_id,
                     "shipping": None if oid not in shipping else {
                         "address": shipping[oid].address, "carrier": shipping[oid].carrier,
@@ -181,7 +182,7 @@ async def test_views_equal_the_database_after_random_writes_and_duplicates(
     assert deleted
     for oid in deleted[:50]:
         stored = await table_value(base, "orders", str(oid))
-        assert stored is not None and present_order(stored) is None  # a tombstone, hidden
+        assert stored is not None and present_state(stored) is None  # a tombstone, hidden
 
     # Changelog keys are the raw keys, as on the event topics (recovery and standbys use them).
     async with TopicReader(settings.bootstrap_servers, f"{view_app_id}-orders-changelog", decode=False) as cl:
@@ -197,7 +198,7 @@ async def test_views_equal_the_database_after_random_writes_and_duplicates(
             totals[o.currency] = totals.get(o.currency, 0) + o.amount_cents
         want = {"count": len(mine), "total_cents": totals,
                 "last_order_at": max(int(o.created_at.timestamp() * 1_000_000) for o in mine)}
-        got = present_customer(await table_value(base, "customer_orders", str(customer)) or {})
+        got = CUSTOMER_ORDERS.present(await table_value(base, "customer_orders", str(customer)) or {})
         assert got == want, (customer, got, want)
 
     # orders_by_status equals the statuses of every order in the `orders` view (checked
@@ -223,7 +224,7 @@ async def test_views_equal_the_database_after_random_writes_and_duplicates(
         mine = (await conn.execute(text(
             "SELECT (extract(epoch FROM created_at) * 1000000)::bigint FROM orders WHERE id = ANY(:ids)"),
             {"ids": created})).scalars().all()
-    assert {minute_of(m) for m in mine} <= set(expected)
+    assert {ORDERS_PER_MINUTE.start(m) for m in mine} <= set(expected)
     for minute, count in expected.items():
         stored = await table_value(base, "orders_per_minute", str(minute))
         assert present_count(stored or {}) == count, (minute, stored, count)

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import BigInteger, ForeignKey, String
 from sqlalchemy.orm import DeclarativeBase, mapped_column
 
+from app.aggregations import count_by, window_count
 from app.capture.agreement import ModelSchemaMismatch, check_models, disagreements, unevented_column
 from app.cli.preflight import StartupError, init_db
 from app.cli.relay import run_relay
@@ -103,6 +104,21 @@ def test_an_extension_is_checked_against_its_record_and_its_key_is_implied(tmp_p
     assert problem.startswith("ProductStock.on_hand") and "the 'stock' record in" in problem
     [missing] = disagreements(base, schema(tmp_path, ID, NAME))
     assert missing.startswith("ProductStock: its extension field 'stock'")
+
+
+def test_an_aggregation_naming_a_field_the_schema_lacks_is_refused(tmp_path: Path) -> None:
+    base = catalog({"__aggregations__": (count_by("products_by_name", "name"), count_by("by_colour", "colour"))})
+    [problem] = disagreements(base, schema(tmp_path, ID, NAME))
+    assert problem == (f"Product: aggregation 'by_colour': 'colour' is not a field of the entity's schema "
+                       f"(fields: id, name) in {tmp_path.name}/products/v1.avsc")
+
+
+def test_an_aggregation_named_like_an_entity_or_windows_on_two_time_fields_are_refused(tmp_path: Path) -> None:
+    base = catalog({"__aggregations__": (count_by("products", "name"),
+                                         window_count("per_minute", time="id"), window_count("per_hour", time="made_at"))})
+    problems = disagreements(base, schema(tmp_path, ID, NAME, {"name": "made_at", "type": "long", "default": 0}))
+    assert any("windows must share one" in p and "['id', 'made_at']" in p for p in problems)
+    assert any(p.startswith("Product: aggregation 'products' has the name of entity 'products'") for p in problems)
 
 
 def test_a_model_without_a_schema_file_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,8 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from app.cache import encode_entry
-from app.views import micros, minute_of
+from app.views import micros
+from models.order import ORDERS_PER_MINUTE
 from chaos.agreement import (Snapshot, check_invoices, order_matches, orders_per_minute, v1_matches,
                              view_mismatches)
 from chaos.checker import Checker, Report, convertible
@@ -230,7 +231,7 @@ def test_orders_per_minute_counts_each_key_once_at_its_first_creation() -> None:
               event("2", 1, offset=4, created=later), event("2", 1, offset=5, created=later),  # a duplicate
               event("3", 1, offset=6, created=NOW - timedelta(hours=2))]  # older than the view keeps
     counts = orders_per_minute(events, now=NOW.timestamp())
-    assert counts == {minute_of(micros(NOW)): 1, minute_of(micros(later)): 1}
+    assert counts == {ORDERS_PER_MINUTE.start(micros(NOW)): 1, ORDERS_PER_MINUTE.start(micros(later)): 1}
 
 
 def test_invoices_that_match_the_orders_have_no_problem() -> None:
@@ -319,7 +320,7 @@ def two_orders() -> Snapshot:
 
 async def test_views_that_agree_have_no_mismatch(views: tuple[str, dict[tuple[str, str], Any]]) -> None:
     base, tables = views
-    db, minute = two_orders(), minute_of(micros(NOW))
+    db, minute = two_orders(), ORDERS_PER_MINUTE.start(micros(NOW))
     agreeing(tables, db, minute)
     assert await view_mismatches(base, db, {minute: 2}) == (0, [])
 
@@ -338,7 +339,7 @@ async def test_views_that_agree_have_no_mismatch(views: tuple[str, dict[tuple[st
 async def test_a_view_off_by_one_is_reported_on_its_row(views: tuple[str, dict[tuple[str, str], Any]], table: str,
                                                         key: str, wrong: Any, example: str) -> None:
     base, tables = views
-    db, minute = two_orders(), minute_of(micros(NOW))
+    db, minute = two_orders(), ORDERS_PER_MINUTE.start(micros(NOW))
     agreeing(tables, db, minute)
     key, example = key.replace("MINUTE", str(minute)), example.replace("MINUTE", str(minute))
     if wrong is None:

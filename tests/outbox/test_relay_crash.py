@@ -16,7 +16,7 @@ from app.orm import Database
 from app.outbox.store import SHARDS
 from app.outbox.relay import RELAY_LOCK, Relay
 from app.settings import Settings
-from app.views import apply_order, plain_state
+from app.views import apply_event, plain_state
 from models import Order
 from tests.http import get_json, get_text
 from tests.kafka import TopicReader
@@ -114,7 +114,7 @@ async def test_a_crash_between_ack_and_delete_republishes_with_the_same_event_id
     stored: dict[str, Any] = {}
     applied = 0
     for m in sorted(mine, key=lambda m: (m.partition, m.offset)):
-        result = apply_order(m.key, stored.get(m.key), m.record["sequence"], plain_state(m.record["data"]),
+        result = apply_event(m.key, stored.get(m.key), m.record["sequence"], plain_state(m.record["data"]),
                              m.partition)
         if result is not None:
             stored[m.key] = result[0]

@@ -532,7 +532,8 @@ class HeldBehind:
 def test_a_local_copy_answers_up_to_max_lag_and_is_refused_one_message_past_it(lag: int) -> None:
     handlers = WebViews(faust.App(f"probe-{uuid.uuid4().hex[:8]}"), Settings(), {})
     handlers.staleness = HeldBehind(lag)  # type: ignore[assignment]
-    view = SimpleNamespace(table=SimpleNamespace(data={"7": {"status": "paid"}}), present=lambda stored: stored)
+    view = SimpleNamespace(table=SimpleNamespace(data={"7": {"status": "paid"}}), present=lambda stored: stored,
+                           window=None)
     tp = TP("orders-changelog", 0)
     reply = handlers.from_copy(FakeView(), "orders", view, "7", tp, lag, "the owner cannot be reached")  # type: ignore[arg-type]
     assert reply.status == 200 and reply.json()["value"] == {"status": "paid"}

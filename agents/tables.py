@@ -1,29 +1,22 @@
-"""Every entity's latest-state table (`/tables/<entity>/`), kept by a job of the entity's one pass.
+"""The view tables as Faust tables: declaring one, and writing a key as if while processing an event.
 
-No code per entity: `app/main.py` gives each root entity a table named after it, unless a
-view module keeps one already (the orders views' stage 1 keeps `orders`, with the creation
-times its aggregates need). The table holds, per key, the newest event's state and sequence
-(`app.views.apply_latest`: a duplicate or older event changes nothing, a delete leaves a
-tombstone), written once per key per batch into the changelog partition of the event that
-last changed it, so lookups are routed to the worker that owns the key's partition and
-standby workers keep copies, as for every view.
+Every view table (an entity's latest state, each aggregation) has raw string keys and a
+compacted JSON changelog with as many partitions as the event topics, and is written once per
+key per batch into the changelog partition of the event that last changed the key, so lookups
+are routed to the worker that owns the key's partition and standby workers keep copies.
 """
 from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import faust
 from faust.streams import _current_event
-from faust.types import EventT
 
-from agents.entity_pass import Decoded
 from app.settings import Settings
 from app.topology import changelog_topic
-from app.views import apply_latest, plain_state
-from app.wire.deadletter import Outgoing
 
 
 def state_table(app: faust.App, settings: Settings, name: str) -> faust.Table:
@@ -61,29 +54,3 @@ def write_as(event: Any, table: faust.Table, key: str, value: Any) -> None:
     """`table[key] = value` as if while processing `event`."""
     with processing(event):
         table[key] = value
-
-
-class LatestState:
-    """The job keeping an entity's latest-state table, one write per changed key per batch."""
-
-    stage = "views"
-
-    def __init__(self, table: faust.Table) -> None:
-        self.table = table
-
-    def run(self, events: Sequence[EventT], records: Sequence[Decoded]) -> list[Outgoing]:
-        written: dict[str, tuple[EventT, dict[str, Any]]] = {}
-        for event, record in zip(events, records, strict=True):
-            if isinstance(record, Exception):
-                continue  # poison: dead-lettered by the stages that own its topic's output
-            key = record["key"]
-            current = written[key][1] if key in written else self.table.get(key)
-            entry = apply_latest(current, record["sequence"], plain_state(record["data"]), event.message.partition)
-            if entry is not None:
-                written[key] = (event, entry)
-        for key, (event, entry) in written.items():
-            write_as(event, self.table, key, entry)
-        return []
-
-    def sent(self, out: list[Outgoing]) -> None:
-        pass
