@@ -1,6 +1,6 @@
 """The README's "Add an entity", followed literally in a package of its own: a new service's entity
-gets its events, topic, role, cache, `/entities/`, latest-state table and owner API with no edit
-of the library or of this repository's folders.
+gets its events, topic, role, cache, `/entities/`, latest-state table, a declared aggregation and
+owner API with no edit of the library or of this repository's folders.
 
 Everything runs as the README says and in processes of their own (`init-db`, the worker, the
 service's writer), so the test session's own model registry never sees the new model. The
@@ -47,8 +47,10 @@ async def main() -> None:
     db = Database(settings.database_url_for("catalog"), service="catalog")
     try:
         async with db.session() as s:
-            kept, gone = Product(name="Widget", supplier_cost_cents=123), Product(name="Gadget", supplier_cost_cents=5)
-            s.add_all([kept, gone])
+            kept = Product(name="Widget", category="tools", supplier_cost_cents=123)
+            gone = Product(name="Gadget", category="tools", supplier_cost_cents=5)
+            toy = Product(name="Yo-yo", category="toys", supplier_cost_cents=1)
+            s.add_all([kept, gone, toy])
         async with db.session() as s:
             (await s.get_one(Product, kept.id)).name = "Widget II"
             await s.delete(await s.get_one(Product, gone.id))
@@ -75,7 +77,8 @@ def schema(entity: str) -> dict[str, object]:
     raw["name"], raw["namespace"] = "ProductEvent", f"events.{entity}.v1"
     data = next(f for f in raw["fields"] if f["name"] == "data")
     data["type"] = ["null", {"type": "record", "name": "Product", "fields": [
-        {"name": "id", "type": "long"}, {"name": "name", "type": "string"}]}]
+        {"name": "id", "type": "long"}, {"name": "name", "type": "string"},
+        {"name": "category", "type": "string"}]}]
     return raw
 
 
@@ -142,18 +145,27 @@ async def test_a_new_services_entity_gets_everything_with_no_library_edit(
                    for m in messages if m.key == str(kept)]
         assert [(r["op"], r["sequence"], r["service"]) for r in records] == [
             ("create", 1, "catalog"), ("update", 2, "catalog")]
-        assert records[-1]["data"] == {"id": kept, "name": "Widget II"}  # no cost, no search text
+        assert records[-1]["data"] == {"id": kept, "name": "Widget II", "category": "tools"}  # no cost, no search text
         # Its cache and /entities (the worker's role reads the evented columns alone).
         state = await until(lambda: get_json(f"{base}/entities/{entity}/{kept}/"),
                             lambda r: r[0] == 200 and r[1]["state"]["name"] == "Widget II", timeout=60,
                             what="the entity through the cache")
-        assert set(state[1]["state"]) == {"id", "name"}
+        assert set(state[1]["state"]) == {"id", "name", "category"}
         assert (await get_json(f"{base}/entities/{entity}/{gone}/"))[0] == 404
         # Its latest-state table.
         row = await until(lambda: get_json(f"{base}/tables/{entity}/{kept}/"),
                           lambda r: r[0] == 200 and r[1]["value"]["name"] == "Widget II", timeout=60,
                           what="the entity's latest-state table")
         assert "supplier_cost_cents" not in json.dumps(row[1])
+        # Its aggregation: products per category, the deleted one taken out again.
+        tools = await until(lambda: get_json(f"{base}/tables/products_by_category/tools/"),
+                            lambda r: r[0] == 200 and r[1]["value"] == 1, timeout=60,
+                            what="the declared aggregation")
+        assert tools[1]["table"] == "products_by_category"
+        assert (await get_json(f"{base}/tables/products_by_category/toys/"))[1]["value"] == 1
+        listed = (await get_json(f"{base}/tables/"))[1]["tables"]
+        assert {"name": "products_by_category", "kind": "count per category"}.items() <= next(
+            t for t in listed if t["name"] == "products_by_category").items()
         # Its owner API: the sensitive field for the service allowed to read it, nobody else.
         owner_api = f"{base}/services/catalog/{entity}/{kept}/"
         status, body = await get_json(owner_api, headers={"Authorization": f"Bearer {TOKEN}"})

@@ -41,7 +41,7 @@ def test_each_readme_command_line_parses(args: str) -> None:
 
 #: Lines that read (or only create what is missing) and return: run against this session's servers.
 READ_ONLY = ("outbox status", "schemas check", "dlq list orders-v2.dlq", "topic consumers orders-v1",
-             "asyncapi --out asyncapi.json", "init-db")
+             "asyncapi --out asyncapi.json", "init-db", "snapshot --dry-run")
 
 
 async def test_the_read_only_readme_commands_run(settings: Settings, schema: None, tmp_path: Path) -> None:

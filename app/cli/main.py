@@ -20,13 +20,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     dev = sub.add_parser("dev", help="start embedded servers for unset URLs, the worker, and a demo writer")
     dev.add_argument("--demo", action="store_true", help="also run a demo service writing orders")
-    dev.add_argument("--rate", type=float, default=20.0, help="demo writes per second (default 20)")
+    dev.add_argument("--rate", type=float, default=20.0, help="demo writes per second (default 20; 0: no writer, billing only)")
     dev.add_argument("--data-dir", default=".run", help="where embedded servers keep data and logs")
     dev.add_argument("--for-seconds", type=float, default=0.0, help="stop after this long (0: until Ctrl-C)")
     sub.add_parser("worker", help="run the Faust worker (faust -A app.main worker -l info)")
     sub.add_parser("relay", help="run only the outbox relay, without Faust (workers with RELAY_IN_WORKER=0); "
                                  "/metrics and /health on RELAY_WEB_PORT")
     sub.add_parser("init-db", help="create the entity tables, the outbox and one PostgreSQL role per service")
+    snapshot = sub.add_parser("snapshot", help="publish every live key's current state through the outbox, at its "
+                                               "current sequence (consumers that have it skip it)")
+    snapshot.add_argument("entities", nargs="*", metavar="ENTITY", help="only these entities (default: all)")
+    snapshot.add_argument("--dry-run", action="store_true", help="print how many events each entity would publish")
     outbox = sub.add_parser("outbox", help="outbox commands")
     outbox_sub = outbox.add_subparsers(dest="outbox_command", required=True)
     outbox_sub.add_parser("status", help="pending rows and the age of the oldest")
@@ -103,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "init-db":
             made = asyncio.run(init_db(settings))
             print(f"tables, outbox and roles ready; services connect as: {', '.join(made)}")
+        elif args.command == "snapshot":
+            from app.cli.snapshot import run_snapshot
+            asyncio.run(run_snapshot(settings, args.entities, dry_run=args.dry_run))
         elif args.command == "relay":
             require(settings, "kafka_broker", "KAFKA_BROKER")
             from app.cli.relay import run_relay

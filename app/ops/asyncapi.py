@@ -93,7 +93,7 @@ def _channels(settings: Settings) -> list[Channel]:
     from app.registry import load_models
     from app.topology import RELAY_DLQ_TOPIC as DLQ_TOPIC
     from app.wire.schemas import ACCESS_TOPIC, dlq_topic, load
-    from app.topology import DOWNCONVERT, DUAL_PUBLISH, current_version, legacy_modes
+    from app.topology import DOWNCONVERT, DUAL_PUBLISH, current_version, legacy_modes, root_model
 
     load_models(settings)  # the entities whose topics the document lists
     out: list[Channel] = []
@@ -105,8 +105,9 @@ def _channels(settings: Settings) -> list[Channel]:
         jobs = []
         if DOWNCONVERT in modes.values():
             jobs.append("down-conversion, serving the older versions")
-        # Every entity's latest-state table (agents/latest.py), and the views built from it.
-        jobs.append(f"the latest-state table `{entity}` and the views derived from it")
+        # Every entity's latest-state table and the aggregations its model declares (agents/views.py).
+        declared = ", ".join(f"`{a.name}`" for a in root_model(entity).__aggregations__)
+        jobs.append(f"the latest-state table `{entity}`" + (f" and its aggregations {declared}" if declared else ""))
         if jobs:
             agents.append(f"`process_{entity}` ({'; '.join(jobs)})")
         agents.append(f"`refresh_cache_{entity}` (the Redis entity cache, when REDIS_URL is set)")

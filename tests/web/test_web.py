@@ -35,7 +35,7 @@ from models import Customer, Order, OrderShipping
 from tests.processes import listening, start_worker, stop
 from tests.waiting import until
 
-# The orders views, and every other entity's latest-state table (agents/latest.py), with no code.
+# Every entity's latest-state table and the orders' declared aggregations (agents/views.py), with no code.
 VIEWS = {"orders", "customer_orders", "orders_by_status", "orders_per_minute", "customers", "invoices"}
 #: The workers' HTTP_HEADER_TIMEOUT_S, HTTP_BODY_TIMEOUT_S and HTTP_MAX_CONNECTIONS.
 HEADER_TIMEOUT = 1.5
