@@ -33,40 +33,33 @@ async def write_orders(db: Database) -> tuple[str, str, str]:
     return str(kept.id), str(plain.id), str(gone.id)
 
 
-async def outbox_rows(settings: Settings, keys: set[str]) -> list[dict[str, Any]]:
-    """The outbox rows of `keys`, as the tables' owner (no service role may read the outbox)."""
+async def as_owner(settings: Settings, sql: str, keys: set[str]) -> list[asyncpg.Record]:
+    """`sql` with the keys as $1, as the tables' owner: no service role may read the outbox."""
     conn = await asyncpg.connect(settings.asyncpg_dsn)
     try:
-        rows = await conn.fetch("SELECT key, event_id::text, op, service, sequence, data::text FROM outbox "
-                                "WHERE entity = 'orders' AND key = ANY($1::text[]) ORDER BY id", list(keys))
+        return await conn.fetch(sql, list(keys))
     finally:
         await conn.close()
-    return [dict(r) for r in rows]
+
+
+async def outbox_rows(settings: Settings, keys: set[str]) -> list[dict[str, Any]]:
+    """The outbox rows of `keys`, in outbox order."""
+    return [dict(r) for r in await as_owner(
+        settings, "SELECT key, event_id::text, op, service, sequence, data::text FROM outbox "
+                  "WHERE entity = 'orders' AND key = ANY($1::text[]) ORDER BY id", keys)]
 
 
 async def sequences(settings: Settings, keys: set[str]) -> dict[str, int]:
-    conn = await asyncpg.connect(settings.asyncpg_dsn)
-    try:
-        rows = await conn.fetch("SELECT key, seq FROM event_sequences WHERE entity = 'orders' AND key = ANY($1::text[])",
-                                list(keys))
-    finally:
-        await conn.close()
-    return {r["key"]: r["seq"] for r in rows}
-
-
-async def delete_outbox_rows(settings: Settings, keys: set[str]) -> None:
-    conn = await asyncpg.connect(settings.asyncpg_dsn)
-    try:
-        await conn.execute("DELETE FROM outbox WHERE key = ANY($1::text[])", list(keys))
-    finally:
-        await conn.close()
+    return {r["key"]: r["seq"] for r in await as_owner(
+        settings, "SELECT key, seq FROM event_sequences WHERE entity = 'orders' AND key = ANY($1::text[])", keys)}
 
 
 async def test_a_snapshot_writes_each_live_key_once_at_its_sequence_and_again_identically(
         settings: Settings, db: Database) -> None:
     kept, plain, gone = await write_orders(db)
     keys = {kept, plain, gone}
-    await delete_outbox_rows(settings, keys)  # the writes' own events: not what is tested here
+    # The writes' own events: not what is tested here.
+    await as_owner(settings, "DELETE FROM outbox WHERE key = ANY($1::text[])", keys)
     before = await sequences(settings, keys)
     assert before == {kept: 2, plain: 1, gone: 2}
     [result] = await run_snapshot(settings, ["orders"], dry_run=False)
