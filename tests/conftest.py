@@ -152,11 +152,35 @@ async def relay(settings: Settings, db: Database) -> AsyncIterator[Relay]:
     await asyncio.wait_for(task, 20)
 
 
+def own_redis_database(url: str, offset: int) -> str:
+    """`url` with its database number moved up by `offset`, emptied."""
+    import redis
+
+    base, _, number = url.rpartition("/")
+    database = (int(number) if number.isdigit() else 0) + offset
+    own = f"{base}/{database}" if number.isdigit() else f"{url.rstrip('/')}/{database}"
+    client = redis.Redis.from_url(own)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return own
+
+
 @pytest.fixture(scope="session")
-def redis_url(run_dir: Path) -> Iterator[str]:
-    """`REDIS_URL` when set, else an embedded Redis started for this session."""
+def redis_url(run_dir: Path, worker_id: str) -> Iterator[str]:
+    """`REDIS_URL` when set, else an embedded Redis started for this session.
+
+    Under `pytest -n N` each test process takes a database of its own: `REDIS_URL`'s for the
+    first, the next ones for the others (`/9` -> `/10`, ...), emptied first, as `.ci/run` empties
+    `REDIS_URL`'s: entity ids restart in each session's PostgreSQL database, so two sessions in
+    one Redis database would read each other's entries as cache hits.
+    """
     url = os.environ.get("REDIS_URL")
     if url:
+        index = int(worker_id.removeprefix("gw")) if worker_id.startswith("gw") else 0
+        if index:
+            url = own_redis_database(url, index)
         yield url
         return
     from app.embedded.redis import EmbeddedRedis

@@ -15,12 +15,14 @@ from app.settings import Settings
 from tests.processes import ROOT, app_env
 
 README = (ROOT / "README.md").read_text()
+#: The full tables the README links to: their command lines must stay true as well.
+DOCS = "".join(path.read_text() for path in sorted((ROOT / "docs").glob("*.md")))
 
 
-def app_lines() -> list[str]:
-    """The arguments of every `python -m app ...` in the README (code blocks and inline code)."""
+def app_lines(text: str = README) -> list[str]:
+    """The arguments of every `python -m app ...` in `text` (code blocks and inline code)."""
     found = []
-    for match in re.finditer(r"(?:^|`)python -m app ([^`\n#]*)", README, re.M):
+    for match in re.finditer(r"(?:^|`)python -m app ([^`\n#]*)", text, re.M):
         args = match.group(1).strip()
         if "<" not in args:  # `python -m app <command> --help` style placeholders
             found.append(args)
@@ -34,14 +36,15 @@ def test_the_readme_shows_every_command() -> None:
     assert commands == set(subparsers.choices), set(subparsers.choices) ^ commands  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("args", app_lines())
+@pytest.mark.parametrize("args", app_lines() + app_lines(DOCS))
 def test_each_readme_command_line_parses(args: str) -> None:
     build_parser().parse_args(shlex.split(args))  # SystemExit (usage error) fails the test
 
 
 #: Lines that read (or only create what is missing) and return: run against this session's servers.
 READ_ONLY = ("outbox status", "schemas check", "dlq list orders-v2.dlq", "topic consumers orders-v1",
-             "asyncapi --out asyncapi.json", "init-db", "snapshot --dry-run")
+             "asyncapi --out asyncapi.json", "init-db", "snapshot --dry-run",
+             "topic list")
 
 
 async def test_the_read_only_readme_commands_run(settings: Settings, schema: None, tmp_path: Path) -> None:

@@ -33,6 +33,52 @@ DERIVED_DIRS = ("redis", "broker", "faust-data")
 STATE_DIRS = ("postgres", *DERIVED_DIRS)
 
 
+#: How long the banner waits for the processes to be ready before it prints anyway.
+READY_TIMEOUT = 120.0
+
+
+def remembered_port(run: Path, name: str) -> int:
+    """The port server `name` had in the last run when it is free again, else a free one; kept in
+    `<run>/ports.json`, so the URLs (and a pasted `export` line) stay the same between runs."""
+    import json
+
+    from app.embedded.process import free_port
+
+    path = run / "ports.json"
+    try:
+        ports = json.loads(path.read_text())
+    except (OSError, ValueError):
+        ports = {}
+    port = ports.get(name)
+    if not isinstance(port, int) or not port_is_free(port):
+        port = free_port()
+    ports[name] = port
+    path.write_text(json.dumps(ports))
+    return port
+
+
+def port_is_free(port: int) -> bool:
+    """Whether 127.0.0.1:`port` can be bound now."""
+    import socket
+
+    with socket.socket() as probe:
+        # As the servers bind: connections of the last run in TIME_WAIT do not hold the port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def open_log(run: Path, name: str) -> IO[bytes]:
+    """`<run>/<name>.log`, new for this run; the last run's is kept as `<name>.log.1`."""
+    log = run / f"{name}.log"
+    if log.exists():
+        log.replace(run / f"{name}.log.1")
+    return open(log, "wb")
+
+
 def wipe_state(run: Path, names: tuple[str, ...] = STATE_DIRS) -> list[str]:
     """Delete the `names` an earlier embedded run left under `run`; returns what was there."""
     from app.embedded.postgres import EmbeddedPostgres
@@ -71,13 +117,14 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
     try:
         if not settings.database_url:
             # Durable commits: a committed write must survive a crash to become its event.
-            servers.append(EmbeddedPostgres.start(run / "postgres", settings={"synchronous_commit": "on"}))
+            servers.append(EmbeddedPostgres.start(run / "postgres", port=remembered_port(run, "postgres"),
+                                                  settings={"synchronous_commit": "on"}))
             env["DATABASE_URL"] = servers[-1].url
         if not settings.redis_url:
-            servers.append(EmbeddedRedis.start(run / "redis"))
+            servers.append(EmbeddedRedis.start(run / "redis", port=remembered_port(run, "redis")))
             env["REDIS_URL"] = servers[-1].url
         if not settings.kafka_broker:
-            servers.append(EmbeddedBroker.start(run / "broker"))
+            servers.append(EmbeddedBroker.start(run / "broker", port=remembered_port(run, "broker")))
             env["KAFKA_BROKER"] = servers[-1].url
             env.setdefault("RECOVERY_CONSISTENCY_CHECK", "0")  # see Settings: Tansu's end offsets
             env.setdefault("FAUST_DATA_DIR", str(run / "faust-data"))  # wiped with the rest
@@ -101,7 +148,7 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
         names: list[str] = []
 
         def spawn(name: str, *args: str, **extra: str) -> None:
-            log = open(run / f"{name}.log", "ab")
+            log = open_log(run, name)
             logs.append(log)
             names.append(name)
             children.append(subprocess.Popen([sys.executable, *args], env={**env, **extra}, stdout=log,
@@ -118,14 +165,18 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
             spawn("demo", "-m", "app", "demo", "--rate", str(rate))
         if demo:  # the consuming side: invoices from the demo's orders, through the inbox
             spawn("billing", "-m", "app", "billing")
-        print(banner(full, run, children, names, snapshot=not settings.kafka_broker), flush=True)
+        print("starting: " + ", ".join(names) + " (waiting until they are ready)", flush=True)
         from app.ops.liveness import STALL_EXIT_CODE
         commands = [list(child.args) for child in children]  # type: ignore[arg-type]
+        ended = asyncio.run(wait_ready(full, children, names))
+        if ended is None:
+            print(banner(full, run, children, names, snapshot=not settings.kafka_broker), flush=True)
         while True:
-            ended = asyncio.run(watch(full, children, for_seconds))
             if ended is None:
-                return 0
-            index, code = ended
+                ended = asyncio.run(watch(full, children, for_seconds))
+                if ended is None:
+                    return 0
+            (index, code), ended = ended, None
             name, log = names[index], run / f"{names[index]}.log"
             if code != STALL_EXIT_CODE or name != "worker":
                 break
@@ -155,9 +206,58 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
             log.close()
 
 
+def ready_urls(settings: Settings, names: list[str]) -> dict[str, str]:
+    """name -> the readiness URL of each child that serves one (the demo writer does not)."""
+    out = {}
+    for name in names:
+        if name == "worker":
+            out[name] = f"http://127.0.0.1:{settings.web_port}/health/ready"
+        elif name.startswith("relay") and settings.relay_web_port:
+            port = settings.relay_web_port + (int(name.split("-")[1]) - 1 if "-" in name else 0)
+            out[name] = f"http://127.0.0.1:{port}/health/ready"
+        elif name == "billing" and settings.billing_web_port:
+            out[name] = f"http://127.0.0.1:{settings.billing_web_port}/health/ready"
+    return out
+
+
+async def wait_ready(settings: Settings, children: list[subprocess.Popen[bytes]], names: list[str],
+                     timeout: float = READY_TIMEOUT) -> tuple[int, int] | None:
+    """Wait until every child that has a readiness endpoint answers 200 there (the worker: tables
+    recovered, the relay connected); (index, return code) of a child that exits first. After
+    `timeout` it says who is not ready, and why, and lets the stack run."""
+    import aiohttp
+
+    waiting = ready_urls(settings, names)
+    why: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while waiting:
+            for index, child in enumerate(children):
+                if child.poll() is not None:
+                    return index, child.returncode
+            for name, url in list(waiting.items()):
+                try:
+                    async with session.get(url) as response:
+                        if response.status == 200:
+                            del waiting[name]
+                        else:
+                            why[name] = "; ".join((await response.json(content_type=None)).get("reasons", []))
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                    why[name] = f"not answering yet ({type(exc).__name__})"
+            if waiting and time.monotonic() > deadline:
+                print("not ready after {:.0f} s: {}".format(timeout, "; ".join(
+                    f"{name}: {why.get(name) or 'no answer'}" for name in waiting)), file=sys.stderr, flush=True)
+                return None
+            await asyncio.sleep(0.25)
+    return None
+
+
 def banner(settings: Settings, run: Path, children: list[subprocess.Popen[bytes]], names: list[str],
            snapshot: bool = False) -> str:
-    """Where to look, printed once at start."""
+    """Where to look, printed once every process is ready; ends with the `export` line the CLI
+    commands need in another shell."""
+    import shlex
+
     lines = [
         "microservice-events dev stack",
         f"  PostgreSQL  {settings.database_url}",
@@ -175,7 +275,10 @@ def banner(settings: Settings, run: Path, children: list[subprocess.Popen[bytes]
     if snapshot:
         lines.append("  state       the database is kept; topics, views and cache are rebuilt from it at every "
                      "start (the embedded broker keeps nothing; see README)")
-    lines.append("  Ctrl-C stops everything.")
+    lines.append("  Ctrl-C stops everything. For `python -m app ...` in another shell:")
+    lines.append("export " + " ".join(f"{name}={shlex.quote(value)}" for name, value in (
+        ("DATABASE_URL", settings.database_url), ("KAFKA_BROKER", settings.kafka_broker),
+        ("REDIS_URL", settings.redis_url)) if value))
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""`python -m app topic ...`: consumer groups and their lag on a topic; archive a topic to a file."""
+"""`python -m app topic ...`: list topics, tail one decoded, consumer groups and their lag on a
+topic, archive a topic to a file."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,14 @@ async def topic_command(settings: Settings, args: argparse.Namespace) -> int:
     logging.getLogger("aiokafka").setLevel(logging.WARNING)  # keep the output to what was asked
     await check_broker(settings)
     try:
+        if args.topic_command == "list":
+            for line in format_topic_list(await topic_list(settings, internal=args.all)):
+                print(line)
+            return 0
+        if args.topic_command == "tail":
+            await tail_topic(settings, args.topic, from_start=args.from_start, last=args.last,
+                             count=args.count, for_seconds=args.for_seconds)
+            return 0
         if args.topic_command == "consumers":
             for line in format_group_offsets(args.topic, await group_offsets(settings, args.topic)):
                 print(line)
@@ -43,6 +53,98 @@ async def topic_command(settings: Settings, args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+@dataclass(frozen=True)
+class TopicSize:
+    """A topic's partitions and messages (the sum of its true end offsets: what was ever written,
+    retention aside)."""
+
+    topic: str
+    partitions: int
+    messages: int
+
+
+async def topic_list(settings: Settings, *, internal: bool = False) -> list[TopicSize]:
+    """Every topic with its partitions and messages; the worker's internal topics (changelogs,
+    repartition topics: `<app id>-…`) only with `internal`."""
+    consumer = make_consumer(settings)
+    await consumer.start()
+    try:
+        names = sorted(t for t in await consumer.topics() if not t.startswith("__")
+                       and (internal or not t.startswith(f"{settings.app_id}-")))
+        tps = {t: await topic_partitions(consumer, t) for t in names}
+        reported = await consumer.end_offsets([tp for parts in tps.values() for tp in parts]) if tps else {}
+        ends = await fetched_end_offsets(settings.bootstrap_servers, reported)
+    finally:
+        await consumer.stop()
+    return [TopicSize(t, len(parts), sum(ends.get(tp, 0) for tp in parts)) for t, parts in tps.items()]
+
+
+def format_topic_list(rows: list[TopicSize]) -> list[str]:
+    if not rows:
+        return ["no topics"]
+    width = max(len(r.topic) for r in rows)
+    return [f"{r.topic:<{width}}  {r.partitions:>3} partition(s)  {r.messages:>10,} message(s)" for r in rows]
+
+
+def describe(topic: str, value: bytes | None) -> str:
+    """A message value as a user debugging reads it: the decoded event (JSON) on an event topic,
+    else JSON or text as sent, else the bytes' repr."""
+    import json
+
+    if value is None:
+        return "null (tombstone)"
+    with contextlib.suppress(Exception):  # not an event topic, or not an event: shown as it is below
+        record = decode(schema_for_topic(topic), value)
+        return json.dumps(record, default=str, sort_keys=False)
+    with contextlib.suppress(ValueError):
+        return json.dumps(json.loads(value))
+    with contextlib.suppress(UnicodeDecodeError):
+        return value.decode()
+    return repr(value)
+
+
+def format_message(msg: Any) -> str:
+    """`topic[partition]@offset key=… time=…` then the headers, then the value, on one line each."""
+    from datetime import UTC, datetime
+
+    when = datetime.fromtimestamp(msg.timestamp / 1000, UTC).isoformat(timespec="milliseconds")
+    key = msg.key.decode(errors="replace") if msg.key is not None else None
+    lines = [f"{msg.topic}[{msg.partition}]@{msg.offset} key={key} time={when}"]
+    for name, raw in msg.headers or ():
+        lines.append(f"  {name}: {raw.decode(errors='replace') if raw is not None else None}")
+    lines.append(f"  {describe(msg.topic, msg.value)}")
+    return "\n".join(lines)
+
+
+async def tail_topic(settings: Settings, topic: str, *, from_start: bool = False, last: int = 10,
+                     count: int = 0, for_seconds: float = 0.0) -> int:
+    """Print the last `last` messages of each partition (every message with `from_start`), then
+    new ones as they come, until `count` were printed or `for_seconds` passed (0: Ctrl-C)."""
+    consumer = make_consumer(settings)
+    await consumer.start()
+    printed = 0
+    try:
+        tps = await topic_partitions(consumer, topic)
+        consumer.assign(tps)
+        if from_start:
+            await consumer.seek_to_beginning(*tps)
+        else:
+            ends = await fetched_end_offsets(settings.bootstrap_servers, await consumer.end_offsets(tps))
+            for tp in tps:
+                consumer.seek(tp, max(0, ends.get(tp, 0) - last))
+        deadline = time.monotonic() + for_seconds if for_seconds > 0 else None
+        while deadline is None or time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for msg in sorted((m for msgs in batch.values() for m in msgs), key=lambda m: (m.timestamp, m.partition)):
+                print(format_message(msg), flush=True)
+                printed += 1
+                if count and printed >= count:
+                    return printed
+    finally:
+        await consumer.stop()
+    return printed
 
 
 class ProgressLine:

@@ -31,6 +31,7 @@ from app.ops.progress import ProgressSensor
 from app.settings import Settings
 from app.ops.status_page import StatusHistory, page, status_body
 from app.web.errors import guarded
+from app.web.params import wants_html
 
 if TYPE_CHECKING:
     from app.cache import CacheResource, CacheStats
@@ -90,7 +91,22 @@ def install(app: faust.App, settings: Settings, *, relay: Relay | None = None,
     return ops
 
 
+#: What `/` lists for a client that does not want HTML.
+INDEX = {"status": "OK", "links": {"status": "/status", "status_json": "/status.json", "tables": "/tables/",
+                                   "metrics": "/metrics", "ready": "/health/ready", "asyncapi": "/asyncapi.json"}}
+
+
 def _pages(app: faust.App, ops: Ops, settings: Settings) -> None:
+    @app.page("/", name="mse-index")
+    class Index(FaustView):
+        """`/`: a browser is sent to the status page; a client gets Faust's `{"status": "OK"}`
+        (what probes of the root expect) with links to everything else."""
+
+        async def get(self, request: Request, **_: Any) -> Response:
+            if wants_html(request.headers.get("Accept", ""), request.query):
+                return self.text("", status=302, headers={"Location": "/status"})
+            return self.json(INDEX)
+
     @app.page("/metrics", name="mse-metrics")
     class Metrics(FaustView):
         """Prometheus metrics."""

@@ -49,7 +49,8 @@ def page_html(title: str, subtitle: str, body: str) -> str:
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
-            f'<header><h1><a href="/tables/">tables</a> / {esc(title)}</h1><p>{esc(subtitle)}</p></header>'
+            f'<header><h1><a href="/tables/">tables</a> / {esc(title)}</h1><p>{esc(subtitle)}</p>'
+            f'<nav><a href="/status">status</a> · <a href="/tables/">tables</a></nav></header>'
             f"<main>{body}</main></body></html>")
 
 

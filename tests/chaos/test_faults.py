@@ -5,6 +5,7 @@ to `test-artifacts/chaos-report.md`. `make chaos` runs the same faults as a long
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,10 +18,8 @@ from chaos.checker import Report, count_messages
 from chaos.run import Session
 from chaos.suite import run_fault
 from app.wire.schemas import dlq_topic
-from tests.chaos.conftest import ROWS
-from tests.processes import ROOT
+from tests.chaos.conftest import REPORT
 
-ARTIFACTS = ROOT / "test-artifacts"
 
 
 @pytest.fixture
@@ -36,13 +35,11 @@ async def run(session: Session, name: str) -> Report:
     """Run fault `name` under load at the suite's settings (`chaos.suite`); the report is kept,
     and every promise must hold."""
     report = await run_fault(session, name)
-    ARTIFACTS.mkdir(exist_ok=True)
-    table = ARTIFACTS / "chaos-report.md"
-    if not table.exists():
-        table.write_text(Report.HEADER + "\n")
-    with table.open("a") as out:
+    REPORT.parent.mkdir(exist_ok=True)
+    with contextlib.suppress(FileExistsError), REPORT.open("x") as new:  # "x": once, whichever test process is first
+        new.write(Report.HEADER + "\n")
+    with REPORT.open("a") as out:
         out.write(report.row() + "\n")
-    ROWS.append(report.row())
     reads = {t: {"messages": log.messages, "events": len(log.events), "errors": log.errors[:3]}
              for t, log in session.checker.logs.items()}
     assert report.ok, f"{report.row()}\n{report.examples}\nread: {reads}\nlogs: {session.stack.root}"

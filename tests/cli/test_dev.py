@@ -68,6 +68,12 @@ async def test_a_second_run_serves_the_first_runs_orders_and_billing_applies_not
     assert second["billing"]["applied"] == 0
     assert second["billing"]["skipped_old"] + second["billing"]["skipped_duplicate"] == 10
     assert second["orders"] == first["orders"]
+    # The banner, printed once everything is ready, ends with the same `export` line both times
+    # (the embedded servers keep their ports), and each run has its own logs.
+    exports = [re.search(r"^export DATABASE_URL=\S+ KAFKA_BROKER=\S+ REDIS_URL=\S+$", run["out"], re.M)
+               for run in (first, second)]
+    assert exports[0] and exports[1] and exports[0].group(0) == exports[1].group(0), (first["out"], second["out"])
+    assert (tmp_path / "run" / "worker.log.1").exists() and (tmp_path / "run" / "billing.log.1").exists()
 
 
 async def _dev_run(env: dict[str, str], tmp_path: Path, run: int,

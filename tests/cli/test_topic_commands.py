@@ -1,4 +1,4 @@
-"""`topic consumers` / `topic archive` against the session's embedded Tansu broker (fresh topics per test)."""
+"""`topic list` / `topic tail` / `topic consumers` / `topic archive` against the session's embedded Tansu broker (fresh topics per test)."""
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +18,7 @@ from app.wire.codec import encode_message
 from app.wire.schemas import load
 from app.settings import Settings
 from app.cli.topics import ProgressLine, archive_topic, format_group_offsets, group_offsets
-from app.kafka import LAG_CAVEAT, TopicError, read_to_end, read_until
+from app.kafka import LAG_CAVEAT, TopicError, ensure_topics, read_to_end, read_until
 from tests.processes import run_app
 from tests.waiting import until
 
@@ -258,3 +258,35 @@ async def test_read_to_end_gives_up_naming_the_partition_when_no_progress_is_mad
     with pytest.raises(TopicError, match=r"no progress for 0 s short of the end: stuck\[0\] at 2 < 5"):
         async for _ in read_to_end(StuckConsumer(), tps, idle_ms=1, stall_seconds=0):  # type: ignore[arg-type]
             pass
+
+
+async def test_list_shows_each_topic_with_partitions_and_messages_and_hides_the_workers_own(kafka: Settings) -> None:
+    topic = await fresh_topic(kafka, partitions=3)
+    await produce(kafka, topic, [(b"k", b"v", p) for p in (0, 1, 1)])
+    internal = f"{kafka.app_id}-{topic}-changelog"
+    await ensure_topics(kafka, [internal])
+    code, out, err = await run_app(kafka, "topic", "list")
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith(topic + " "))
+    assert line.split() == [topic, "3", "partition(s)", "3", "message(s)"]
+    assert internal not in out
+    code, out, _ = await run_app(kafka, "topic", "list", "--all")
+    assert code == 0 and internal in out
+
+
+async def test_tail_prints_the_last_messages_decoded_with_their_headers_and_stops_at_count(kafka: Settings) -> None:
+    await ensure_topics(kafka, ["orders-v1"])
+    schema = load("orders", 1)
+    records = [order(i) for i in (51, 52, 53)]
+    for record in records:
+        value, headers = encode_message(schema, record)
+        await produce(kafka, "orders-v1", [(record["key"].encode(), value, 0)], headers=headers)
+    code, out, err = await run_app(kafka, "topic", "tail", "orders-v1", "--last", "2", "--count", "2",
+                                   "--for-seconds", "30")
+    assert code == 0, err
+    blocks = [block for block in out.split("\norders-v1[") if block]
+    assert len(blocks) == 2, out
+    # The two last of partition 0 (this test's newest), in order: decoded, with their headers.
+    assert "key=52" in blocks[0] and "key=53" in blocks[1], out
+    assert f'"event_id": "{records[2]["event_id"]}"' in blocks[1] and '"amount": 66.25' in blocks[1]
+    assert "  ce_type: " in blocks[1] and "  ce_id: " + records[2]["event_id"] in blocks[1]

@@ -146,6 +146,16 @@ async def all_items(w: Worker, table: str, query: str = "") -> list[dict[str, An
             return items
 
 
+async def test_the_root_sends_a_browser_to_the_status_page_and_a_client_to_everything_else(worker: Worker) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(worker.url + "/", headers={"Accept": BROWSER}, allow_redirects=False) as response:
+            assert response.status == 302 and response.headers["Location"] == "/status"
+    body = (await get(worker.url, "/")).json()
+    assert body["status"] == "OK" and body["links"]["status"] == "/status" and body["links"]["tables"] == "/tables/"
+    page = await get(worker.url, "/tables/", accept=BROWSER)
+    assert page.status == 200 and '<a href="/status">status</a>' in page.text
+
+
 async def test_index_lists_every_view_with_kind_key_count_and_partitions(worker: Worker, db: Database) -> None:
     orders = await create_orders(db, 3, customer_id=7001)
     await visible(worker, [str(o.id) for o in orders])
