@@ -14,14 +14,15 @@ import sys
 import time
 
 from bench import (cache, catchup, downconvert, freshness, inbox, latency, orm_writes, relay_throughput, restart,
-                   views)
+                   snapshot, views)
 from bench.common import (OTHER_CPU, Config, Env, Line, create_schema, fresh_database, markdown_table, median,
                           note, servers)
 from bench.workers import StreamConfig
 
 BENCHMARKS = {"orm": orm_writes.run, "latency": latency.run, "relay": relay_throughput.run,
               "downconvert": downconvert.run, "views": views.run, "cache": cache.run,
-              "catchup": catchup.run, "freshness": freshness.run, "restart": restart.run, "inbox": inbox.run}
+              "catchup": catchup.run, "freshness": freshness.run, "restart": restart.run, "inbox": inbox.run,
+              "snapshot": snapshot.run}
 
 
 async def _main(server_url: str, broker: object, external: bool, cfg: Config, only: list[str]) -> list[Line]:

@@ -22,6 +22,25 @@ from app.settings import Settings
 from tests.waiting import until
 
 
+#: The fault tests, longest first (seconds measured 2026-12-07): under `pytest -n N` they are
+#: handed out first, so each test process starts with its share of the long ones and the short
+#: tests fill in around them, instead of one long fault starting last.
+LONGEST_FIRST = ("rolling_restarts", "worker_killed_five_times", "two_workers_started_onto_a_backlog",
+                 "storm_of_every_fault", "surviving_worker_takes_over", "worker_paused", "broker_paused",
+                 "worker_added_during_a_backlog", "billing_killed", "redis_restarted", "postgres_restart",
+                 "poison_on_every_input_topic")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not getattr(config.option, "numprocesses", None):
+        return  # one process: the usual order
+
+    def rank(item: pytest.Item) -> int:
+        return next((i for i, part in enumerate(LONGEST_FIRST) if part in item.name), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: everything else keeps its order, after the faults
+
+
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One directory for the servers this test session starts."""

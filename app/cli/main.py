@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--last", type=int, default=10, help="messages per partition shown before following (default 10)")
     tail.add_argument("--count", type=int, default=0, help="stop after this many messages (0: never)")
     tail.add_argument("--for-seconds", type=float, default=0.0, help="stop after this long (0: until Ctrl-C)")
+    tail.add_argument("--schema", metavar="ENTITY:VERSION", default=None,
+                      help="decode with this schema (default: from the topic name <entity>-v<N>)")
     consumers = topic_sub.add_parser("consumers", help="consumer groups with committed offsets on a topic, lag per partition")
     consumers.add_argument("topic")
     archive = topic_sub.add_parser("archive", help="write every message of a topic, up to its end when the command "

@@ -36,8 +36,9 @@ async def topic_command(settings: Settings, args: argparse.Namespace) -> int:
                 print(line)
             return 0
         if args.topic_command == "tail":
+            schema = archive_schema(args.topic, args.schema) if args.schema else None
             await tail_topic(settings, args.topic, from_start=args.from_start, last=args.last,
-                             count=args.count, for_seconds=args.for_seconds)
+                             count=args.count, for_seconds=args.for_seconds, schema=schema)
             return 0
         if args.topic_command == "consumers":
             for line in format_group_offsets(args.topic, await group_offsets(settings, args.topic)):
@@ -88,15 +89,15 @@ def format_topic_list(rows: list[TopicSize]) -> list[str]:
     return [f"{r.topic:<{width}}  {r.partitions:>3} partition(s)  {r.messages:>10,} message(s)" for r in rows]
 
 
-def describe(topic: str, value: bytes | None) -> str:
-    """A message value as a user debugging reads it: the decoded event (JSON) on an event topic,
-    else JSON or text as sent, else the bytes' repr."""
+def describe(topic: str, value: bytes | None, schema: EventSchema | None = None) -> str:
+    """A message value as a user debugging reads it: the decoded event (JSON) on an event topic
+    (or with `schema`), else JSON or text as sent, else the bytes' repr."""
     import json
 
     if value is None:
         return "null (tombstone)"
     with contextlib.suppress(Exception):  # not an event topic, or not an event: shown as it is below
-        record = decode(schema_for_topic(topic), value)
+        record = decode(schema or schema_for_topic(topic), value)
         return json.dumps(record, default=str, sort_keys=False)
     with contextlib.suppress(ValueError):
         return json.dumps(json.loads(value))
@@ -105,7 +106,7 @@ def describe(topic: str, value: bytes | None) -> str:
     return repr(value)
 
 
-def format_message(msg: Any) -> str:
+def format_message(msg: Any, schema: EventSchema | None = None) -> str:
     """`topic[partition]@offset key=… time=…` then the headers, then the value, on one line each."""
     from datetime import UTC, datetime
 
@@ -114,12 +115,12 @@ def format_message(msg: Any) -> str:
     lines = [f"{msg.topic}[{msg.partition}]@{msg.offset} key={key} time={when}"]
     for name, raw in msg.headers or ():
         lines.append(f"  {name}: {raw.decode(errors='replace') if raw is not None else None}")
-    lines.append(f"  {describe(msg.topic, msg.value)}")
+    lines.append(f"  {describe(msg.topic, msg.value, schema)}")
     return "\n".join(lines)
 
 
 async def tail_topic(settings: Settings, topic: str, *, from_start: bool = False, last: int = 10,
-                     count: int = 0, for_seconds: float = 0.0) -> int:
+                     count: int = 0, for_seconds: float = 0.0, schema: EventSchema | None = None) -> int:
     """Print the last `last` messages of each partition (every message with `from_start`), then
     new ones as they come, until `count` were printed or `for_seconds` passed (0: Ctrl-C)."""
     consumer = make_consumer(settings)
@@ -138,7 +139,7 @@ async def tail_topic(settings: Settings, topic: str, *, from_start: bool = False
         while deadline is None or time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=200)
             for msg in sorted((m for msgs in batch.values() for m in msgs), key=lambda m: (m.timestamp, m.partition)):
-                print(format_message(msg), flush=True)
+                print(format_message(msg, schema), flush=True)
                 printed += 1
                 if count and printed >= count:
                     return printed
