@@ -36,7 +36,7 @@ dev: $(VENV)/.installed
 test: $(VENV)/.installed
 	scripts/ensure-chromium
 	$(PY) -m app schemas check
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25 -n 2 --dist load
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 -n 3 --dist loadgroup
 
 bench: $(VENV)/.installed
 	$(PY) -m bench.run
