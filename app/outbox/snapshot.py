@@ -28,7 +28,7 @@ import asyncpg
 from sqlalchemy.dialects import postgresql
 
 from app.capture.base import EventedBase
-from app.capture.entities import plan_for, state_sql
+from app.capture.entities import _identifier, _literal, plan_for, state_sql
 from app.capture.ownership import owner_of
 
 #: Keys per transaction.
@@ -49,16 +49,17 @@ def plan(root: type[EventedBase]) -> SnapshotPlan:
     """The snapshot statements of root model `root` (its extensions nested in its state)."""
     p = plan_for(root)
     entity = p.root_entity
-    key, table = p.key_column.name, p.table.name
-    literal = f"'{entity}'"  # an entity name is checked where models are loaded (topic-safe)
+    # Names from code, checked as the capture triggers check them before they go into SQL.
+    key, table = _identifier(p.key_column.name), _identifier(p.table.name)
+    literal, topic, owner = _literal(entity), _literal(p.schema.topic), _literal(owner_of(root))
     keys_sql = (f'SELECT "{key}" AS k, "{key}"::text AS t FROM "{table}" '
                 f'WHERE $1::text IS NULL OR "{key}" > CAST($1 AS {p.key_column.type.compile(dialect=postgresql.dialect())}) '
                 f'ORDER BY "{key}" LIMIT $2')
     insert_sql = f"""
 WITH inserted AS (
   INSERT INTO outbox (topic, entity, schema_version, key, event_id, op, service, sequence, data)
-  SELECT '{p.schema.topic}', {literal}, {int(p.version)}, q.key,
-         md5({literal} || ':' || q.key || ':' || q.seq)::uuid, 'create', '{owner_of(root)}', q.seq, st.state
+  SELECT {topic}, {literal}, {int(p.version)}, q.key,
+         md5({literal} || ':' || q.key || ':' || q.seq)::uuid, 'create', {owner}, q.seq, st.state
   FROM event_sequences q, LATERAL (SELECT {state_sql(root, "q.key")} AS state) st
   WHERE q.entity = {literal} AND q.key = ANY($1::text[]) AND st.state IS NOT NULL
   ORDER BY q.key
