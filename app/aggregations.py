@@ -109,6 +109,17 @@ class _Declared:
         return replace(self, keys_rule=KeyRule.of(types[key]))  # type: ignore[type-var]
 
 
+class _Counted(_Declared):
+    """What the counting declarations share: each part's value is an int, readers see the sum."""
+
+    def problem(self, key: str, value: Any) -> str | None:
+        return self.keys_rule.problem(self.name, key) or (
+            None if is_int(value) else f"update value {value!r:.60} is not a count of {self.name}")
+
+    def present(self, stored: dict[str, Any]) -> int:
+        return present_count(stored)
+
+
 def _group(state: State | None, key: str) -> str | None:
     if state is None or state.get(key) is None:
         return None
@@ -116,7 +127,7 @@ def _group(state: State | None, key: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class CountBy(_Declared):
+class CountBy(_Counted):
     """How many of the entity's keys have each value of `field` (`groupBy(field).count()`)."""
 
     name: str
@@ -155,13 +166,6 @@ class CountBy(_Declared):
     def value(self, part: dict[str, int], key: str) -> int:
         return part.get(key, 0)
 
-    def problem(self, key: str, value: Any) -> str | None:
-        return self.keys_rule.problem(self.name, key) or (
-            None if is_int(value) else f"update value {value!r:.60} is not a count of {self.name}")
-
-    def present(self, stored: dict[str, Any]) -> int:
-        return present_count(stored)
-
 
 @dataclass(frozen=True)
 class SumBy(_Declared):
@@ -178,9 +182,6 @@ class SumBy(_Declared):
     window: ClassVar[None] = None
     time: ClassVar[None] = None
     keep: ClassVar[None] = None
-
-    def __hash__(self) -> int:
-        return hash(self.name)
 
     @property
     def description(self) -> str:
@@ -291,7 +292,7 @@ class SumBy(_Declared):
 
 
 @dataclass(frozen=True)
-class WindowCount(_Declared):
+class WindowCount(_Counted):
     """How many of the entity's keys were created in each tumbling window of `size` seconds of
     their `time` field, kept `keep` seconds (`windowedBy(TumblingWindows).count()`)."""
 
@@ -332,13 +333,6 @@ class WindowCount(_Declared):
 
     def value(self, part: dict[int, int], key: str) -> int:
         return part.get(int(key), 0)
-
-    def problem(self, key: str, value: Any) -> str | None:
-        return self.keys_rule.problem(self.name, key) or (
-            None if is_int(value) else f"update value {value!r:.60} is not a count of {self.name}")
-
-    def present(self, stored: dict[str, Any]) -> int:
-        return present_count(stored)
 
 
 #: Anything `__aggregations__` may hold.

@@ -206,6 +206,11 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
             log.close()
 
 
+def relay_port(settings: Settings, name: str) -> int:
+    """The web port of relay process `name` (`relay`, `relay-2`, ...): RELAY_WEB_PORT, +1, ..."""
+    return settings.relay_web_port + (int(name.split("-")[1]) - 1 if "-" in name else 0)
+
+
 def ready_urls(settings: Settings, names: list[str]) -> dict[str, str]:
     """name -> the readiness URL of each child that serves one (the demo writer does not)."""
     out = {}
@@ -213,8 +218,7 @@ def ready_urls(settings: Settings, names: list[str]) -> dict[str, str]:
         if name == "worker":
             out[name] = f"http://127.0.0.1:{settings.web_port}/health/ready"
         elif name.startswith("relay") and settings.relay_web_port:
-            port = settings.relay_web_port + (int(name.split("-")[1]) - 1 if "-" in name else 0)
-            out[name] = f"http://127.0.0.1:{port}/health/ready"
+            out[name] = f"http://127.0.0.1:{relay_port(settings, name)}/health/ready"
         elif name == "billing" and settings.billing_web_port:
             out[name] = f"http://127.0.0.1:{settings.billing_web_port}/health/ready"
     return out
@@ -267,8 +271,7 @@ def banner(settings: Settings, run: Path, children: list[subprocess.Popen[bytes]
     for name, child in zip(names, children):
         web = f"web http://127.0.0.1:{settings.web_port}/, " if name == "worker" else ""
         if name.startswith("relay") and settings.relay_web_port:
-            port = settings.relay_web_port + (int(name.split("-")[1]) - 1 if "-" in name else 0)
-            web = f"metrics http://127.0.0.1:{port}/metrics, "
+            web = f"metrics http://127.0.0.1:{relay_port(settings, name)}/metrics, "
         if name == "billing" and settings.billing_web_port:
             web = f"status http://127.0.0.1:{settings.billing_web_port}/status.json, "
         lines.append(f"  {name:<11} pid {child.pid}, {web}log {run / f'{name}.log'}")

@@ -6,7 +6,6 @@ any; see `app/outbox/snapshot.py` for why consumers that are up to date skip the
 """
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Sequence
 
@@ -14,23 +13,10 @@ import asyncpg
 
 from app.capture.base import root_models
 from app.cli.preflight import StartupError, check_database
+from app.cli.progress import Throttled
 from app.outbox.snapshot import SnapshotResult, count_entity, snapshot_entity
 from app.registry import load_models
 from app.settings import Settings
-
-
-class Progress:
-    """Prints `snapshot <entity>: N key(s) published` to stderr, at most once a second."""
-
-    def __init__(self, every: float = 1.0) -> None:
-        self.every = every
-        self._last = time.monotonic()
-
-    def __call__(self, result: SnapshotResult) -> None:
-        now = time.monotonic()
-        if now - self._last >= self.every:
-            self._last = now
-            print(f"snapshot {result.entity}: {result.published} key(s) published", file=sys.stderr, flush=True)
 
 
 def chosen_roots(names: Sequence[str]) -> list[type]:
@@ -60,7 +46,9 @@ async def run_snapshot(settings: Settings, entities: Sequence[str], *, dry_run: 
                 results.append(SnapshotResult(root.__entity__, count, count))
                 continue
             t0 = time.monotonic()
-            result = await snapshot_entity(conn, root, Progress())
+            line = Throttled()
+            result = await snapshot_entity(
+                conn, root, lambda r: line.print(f"snapshot {r.entity}: {r.published} key(s) published"))
             results.append(result)
             if quiet:
                 continue

@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from app.cli.preflight import check_broker
+from app.cli.progress import Throttled
 from app.kafka import (LAG_CAVEAT, TopicError, delete_topics, fetched_end_offsets, make_admin, make_consumer,
                        read_until, topic_partitions)
 from app.settings import Settings
@@ -72,9 +73,9 @@ async def topic_list(settings: Settings, *, internal: bool = False) -> list[Topi
     consumer = make_consumer(settings)
     await consumer.start()
     try:
-        names = sorted(t for t in await consumer.topics() if not t.startswith("__")
+        names = sorted(t for t in await consumer.topics() if not t.startswith("__")  # one metadata fetch
                        and (internal or not t.startswith(f"{settings.app_id}-")))
-        tps = {t: await topic_partitions(consumer, t) for t in names}
+        tps = {t: [TopicPartition(t, p) for p in sorted(consumer.partitions_for_topic(t) or ())] for t in names}
         reported = await consumer.end_offsets([tp for parts in tps.values() for tp in parts]) if tps else {}
         ends = await fetched_end_offsets(settings.bootstrap_servers, reported)
     finally:
@@ -152,15 +153,12 @@ class ProgressLine:
     """Prints `archiving <topic>: N of M message(s) (P%)` to stderr, at most once a second."""
 
     def __init__(self, topic: str, every: float = 1.0) -> None:
-        self.topic, self.every = topic, every
-        self._last = time.monotonic()
+        self.topic = topic
+        self.line = Throttled(every)
 
     def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self._last >= self.every:
-            self._last = now
-            share = f" ({100 * done / total:.0f}%)" if total else ""
-            print(f"archiving {self.topic}: {done} of {total} message(s){share}", file=sys.stderr, flush=True)
+        share = f" ({100 * done / total:.0f}%)" if total else ""
+        self.line.print(f"archiving {self.topic}: {done} of {total} message(s){share}")
 
 
 def archive_schema(topic: str, override: str | None) -> EventSchema:
