@@ -19,7 +19,7 @@ from app.web.tables import View
 from app.ops.metrics import DownconvertCounts
 from app.orm import EventedBase
 from app.registry import load_models
-from app.outbox.relay import Relay
+from app.outbox import relay_host
 from app.settings import Settings
 from app.transport import App, DirectTopic
 
@@ -99,21 +99,21 @@ def create_app(settings: Settings) -> WorkerApp:
     app.web_views = web.install(app, settings, app.views, app.entity_cache)
     # The owner services' HTTP APIs this worker serves (OWNER_APIS; the demo: customers).
     owner = owner_apis.install(app, settings)
-    # The relay runs here unless operators run it as its own process (`python -m app relay`).
-    relay = Relay(settings) if settings.relay_in_worker else None
+    # The worker runs the relay (a child process by default: RELAY_MODE), unless operators run
+    # it as processes of their own (`python -m app relay`, RELAY_MODE=off).
+    relay = relay_host.host_for(settings)
 
     @app.service
     class Lifecycle(Service):
-        """Runs the outbox relay (when it is in the worker) and closes clients with the worker."""
+        """Runs the outbox relay (when the worker runs it) and closes clients with the worker."""
 
-        @Service.task
-        async def _relay(self) -> None:
+        async def on_start(self) -> None:
             if relay is not None:
-                await relay.run()
+                await relay.start()
 
         async def on_stop(self) -> None:
             if relay is not None:
-                relay.stop()
+                await relay.stop()
             await owner.close()
             if app.entity_cache is not None:
                 await app.entity_cache.close()

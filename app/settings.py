@@ -8,6 +8,10 @@ from collections.abc import Mapping
 
 
 LEGACY_MODES = ("dual-publish", "downconvert")
+#: Where the worker runs the outbox relay (app/outbox/relay_host.py): a child process it
+#: supervises, a thread with its own event loop, the agents' event loop, or not at all
+#: (`python -m app relay` processes publish the outbox).
+RELAY_MODES = ("process", "thread", "loop", "off")
 
 
 @dataclass(frozen=True)
@@ -68,13 +72,13 @@ class Settings:
     # Relay tuning: rows per fetch, and the poll interval used when NOTIFY is missed.
     relay_batch: int = 2000
     relay_poll_interval: float = 1.0
-    # Run the outbox relay inside the worker (one process for everything), or leave it to
-    # `python -m app relay` processes, so its Avro encoding does not share the stream
-    # agents' event loop (README: Performance).
-    relay_in_worker: bool = True
+    # Where the worker runs the outbox relay, one of RELAY_MODES. "process" by default: a child
+    # the worker starts and stops, so the relay never waits for a turn of the agents' busy
+    # event loop (bench/freshness.py). `RELAY_IN_WORKER=0`, the older spelling, means "off".
+    relay_mode: str = "process"
     # The port a standalone relay (`python -m app relay`) serves /metrics and /health on; 0 = none.
     relay_web_port: int = 6067
-    # Relay processes `python -m app dev` starts when the worker runs none (RELAY_IN_WORKER=0);
+    # Relay processes `python -m app dev` starts when the worker runs none (RELAY_MODE=off);
     # they divide the outbox shards among themselves, on web ports relay_web_port, +1, ...
     relay_processes: int = 1
     # ORM reads are buffered and written as one access event per entity per flush.
@@ -143,7 +147,7 @@ class Settings:
             consumer_auto_offset_reset=env.get("CONSUMER_AUTO_OFFSET_RESET", "earliest"),
             producer_linger_ms=float(env.get("PRODUCER_LINGER_MS", "2")),
             producer_max_batch_bytes=int(env.get("PRODUCER_MAX_BATCH_BYTES", str(512 * 1024))),
-            relay_in_worker=env.get("RELAY_IN_WORKER", "1") not in ("0", "false", "no"),
+            relay_mode=_relay_mode(env),
             relay_web_port=int(env.get("RELAY_WEB_PORT", "6067")),
             relay_processes=int(env.get("RELAY_PROCESSES", "1")),
             relay_batch=int(env.get("RELAY_BATCH", "2000")),
@@ -207,6 +211,19 @@ class Settings:
             out[key] = mode.strip()
         return out
 
+    @property
+    def relay_in_worker(self) -> bool:
+        """Whether the worker runs the outbox relay (in any of its modes)."""
+        return self.relay_mode != "off"
+
+    def relay_child_env(self) -> dict[str, str]:
+        """What a relay child of the worker (`ProcessRelay`) must see in its environment to
+        publish as this worker would, whether these settings came from the environment or not."""
+        return {"DATABASE_URL": self.database_url, "KAFKA_BROKER": self.kafka_broker,
+                "MODELS": ",".join(self.models), "LEGACY_MODES": self.legacy_modes,
+                "DB_ROLE_PREFIX": self.db_role_prefix, "RELAY_BATCH": str(self.relay_batch),
+                "RELAY_WEB_PORT": "0", **self.service_database_env()}
+
     def with_(self, **changes: object) -> "Settings":
         """A copy with some fields changed (tests build theirs this way)."""
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -237,6 +254,17 @@ class Settings:
     def asyncpg_dsn_for(self, service: str) -> str:
         """`database_url_for(service)` in the form asyncpg accepts."""
         return self.database_url_for(service).replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+def _relay_mode(env: Mapping[str, str]) -> str:
+    """`RELAY_MODE`, or "off" for the older `RELAY_IN_WORKER=0`; refuses an unknown mode."""
+    mode = env.get("RELAY_MODE", "").strip().lower()
+    if not mode:
+        return "off" if env.get("RELAY_IN_WORKER", "1") in ("0", "false", "no") else "process"
+    if mode not in RELAY_MODES:
+        raise ValueError(f"RELAY_MODE={mode!r} is not one of {', '.join(RELAY_MODES)}: set one of them, or unset it "
+                         "for the default (process)")
+    return mode
 
 
 def _names(value: str) -> tuple[str, ...]:

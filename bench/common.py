@@ -159,6 +159,9 @@ def servers() -> Iterator[tuple[str, EmbeddedBroker, bool]]:
         if external:
             url = make_url(url).set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
             note(f"PostgreSQL from DATABASE_URL ({make_url(url).host}:{make_url(url).port})")
+            postmaster = _postmaster_pid()
+            if postmaster is not None:  # its CPU (backends included) in the breakdowns, as an embedded one's
+                SERVER_PIDS["postgres"] = postmaster
         else:
             pg = EmbeddedPostgres.start(run_dir / "postgres")
             started.append(pg)
@@ -387,6 +390,21 @@ def process_cpu(pid: int) -> float:
         return total
     except Exception:
         return float("nan")
+
+
+def _postmaster_pid() -> int | None:
+    """The PID of a PostgreSQL server running on this machine (DATABASE_URL's, when local)."""
+    try:
+        import psutil
+
+        for proc in psutil.process_iter(["name", "ppid"]):
+            if proc.info["name"] == "postgres":
+                with contextlib.suppress(psutil.Error):
+                    if psutil.Process(proc.info["ppid"]).name() != "postgres":
+                        return int(proc.pid)
+    except Exception:
+        return None
+    return None
 
 
 def machine_busy() -> tuple[float, float]:

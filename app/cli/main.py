@@ -24,8 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--data-dir", default=".run", help="where embedded servers keep data and logs")
     dev.add_argument("--for-seconds", type=float, default=0.0, help="stop after this long (0: until Ctrl-C)")
     sub.add_parser("worker", help="run the Faust worker (faust -A app.main worker -l info)")
-    sub.add_parser("relay", help="run only the outbox relay, without Faust (workers with RELAY_IN_WORKER=0); "
-                                 "/metrics and /health on RELAY_WEB_PORT")
+    relay = sub.add_parser("relay", help="run only the outbox relay, without Faust (workers with RELAY_MODE=off); "
+                                         "/metrics and /health on RELAY_WEB_PORT")
+    relay.add_argument("--supervised", action="store_true",
+                       help="as a worker's child (RELAY_MODE=process): stats as JSON lines on stdout, no web "
+                            "server, stop when stdin closes")
     sub.add_parser("init-db", help="create the entity tables, the outbox and one PostgreSQL role per service")
     snapshot = sub.add_parser("snapshot", help="publish every live key's current state through the outbox, at its "
                                                "current sequence (consumers that have it skip it)")
@@ -123,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "relay":
             require(settings, "kafka_broker", "KAFKA_BROKER")
             from app.cli.relay import run_relay
-            asyncio.run(run_relay(settings))
+            asyncio.run(run_relay(settings, supervised=args.supervised))
         elif args.command == "outbox":
             from app.cli.outbox import outbox_status
             asyncio.run(outbox_status(settings))

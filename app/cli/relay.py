@@ -1,8 +1,8 @@
 """`python -m app relay`: the outbox relay as its own process, with /metrics and /health.
 
-Run it next to workers started with `RELAY_IN_WORKER=0`, so the relay's Avro encoding does
-not share the stream agents' event loop (README: Performance). Several may run: one holds the
-relay lock and publishes, the others wait on standby and take over when it dies.
+Run it next to workers started with `RELAY_MODE=off`: several may run, and they share the
+outbox shards (app/outbox/relay.py). A worker in `RELAY_MODE=process` (the default) starts one
+as its child with `--supervised` (app/outbox/relay_host.py).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from app.cli.preflight import check_all, check_models_agree
 from app.ops.metrics import RelayCollector
 from app.ops.process_web import process_web, start_web
 from app.outbox.relay import Relay
+from app.outbox.relay_host import report_stats, report_until_orphaned
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -38,8 +40,9 @@ def relay_web(relay: Relay) -> web.Application:
     return process_web(registry, ready)
 
 
-async def serve(settings: Settings) -> None:
-    """Relay until SIGTERM or SIGINT; the web server runs when `relay_web_port` is not 0."""
+async def serve(settings: Settings, *, supervised: bool = False) -> None:
+    """Relay until SIGTERM or SIGINT (or, `supervised`, until stdin closes); the web server
+    runs when `relay_web_port` is not 0."""
     relay = Relay(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -47,17 +50,23 @@ async def serve(settings: Settings) -> None:
     runner: web.AppRunner | None = None
     if settings.relay_web_port:
         runner = await start_web(relay_web(relay), settings.web_host, settings.relay_web_port, "relay")
+    reporter = asyncio.ensure_future(report_until_orphaned(relay)) if supervised else None
     try:
         await relay.run()
     finally:
+        if reporter is not None:
+            reporter.cancel()
+            with contextlib.suppress(OSError):  # the last counts, unless the worker is gone
+                report_stats(relay, sys.stdout)
         if runner is not None:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         log.info("relay stopped after publishing %d events", relay.stats.published)
 
 
-async def run_relay(settings: Settings) -> None:
+async def run_relay(settings: Settings, *, supervised: bool = False) -> None:
     """Run the relay until interrupted."""
     check_models_agree(settings)  # loads the models whose topics it publishes, and checks them
-    await check_all(settings)
-    await serve(settings)
+    if not supervised:  # a worker's child: the worker checked the servers before starting it
+        await check_all(settings)
+    await serve(settings, supervised=supervised)

@@ -35,7 +35,7 @@ from app.web.params import wants_html
 
 if TYPE_CHECKING:
     from app.cache import CacheResource, CacheStats
-    from app.outbox.relay import Relay
+    from app.outbox.relay_host import RelayHost
     from app.web.tables import View
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class Ops:
         return not reasons, reasons
 
 
-def install(app: faust.App, settings: Settings, *, relay: Relay | None = None,
+def install(app: faust.App, settings: Settings, *, relay: RelayHost | None = None,
             downconverted: DownconvertCounts | None = None, views: Mapping[str, View] | None = None,
             cache: CacheResource | None = None, policy: WatchdogPolicy | None = None) -> Ops:
     """Add the progress sensor, the watchdog and the ops endpoints to `app`; returns them."""

@@ -7,10 +7,10 @@ import faust
 
 if TYPE_CHECKING:
     from app.ops.watchdog import Watchdog
-    from app.outbox.relay import Relay
+    from app.outbox.relay_host import RelayHost
 
 
-def not_ready(app: faust.App, relay: Relay | None, watchdog: Watchdog | None) -> list[str]:
+def not_ready(app: faust.App, relay: RelayHost | None, watchdog: Watchdog | None) -> list[str]:
     """Why the worker should not get traffic yet; [] when it is ready."""
     reasons = []
     recovery = app.tables.recovery  # type: ignore[attr-defined]

@@ -42,7 +42,8 @@ from app.topology import evented_topics
 if TYPE_CHECKING:
     from app.web.tables import View
     from app.cache import CacheStats
-    from app.outbox.relay import Relay, RelayStats
+    from app.outbox.relay import RelayStats
+    from app.outbox.relay_host import RelayHost
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class Sources:
 
     app: faust.App
     progress: ProgressSensor
-    relay: Relay | None
+    relay: RelayHost | None
     downconverted: DownconvertCounts
     views: Mapping[str, View]
     #: label -> CacheStats of the worker's cache repository ("worker"), once opened.

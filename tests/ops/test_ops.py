@@ -155,7 +155,7 @@ def test_each_app_exports_every_family_from_a_registry_of_its_own() -> None:
 
 def test_a_worker_without_the_relay_leaves_its_families_and_readiness_to_the_relay_process() -> None:
     app = create_app(Settings(app_id="unit-no-relay", redis_url="redis://127.0.0.1:1/0",
-                              relay_in_worker=False))
+                              relay_mode="off"))
     assert app.ops.sources.relay is None  # type: ignore[attr-defined]
     text = generate_latest(app.ops.registry).decode()  # type: ignore[attr-defined]
     names = {family.name for family in text_string_to_metric_families(text)}
@@ -313,7 +313,9 @@ async def test_metrics_export_every_stage_and_counters_move_under_load(
             "downconvert and views events": up("mse_agent_events_total", agent="process_orders"),
             "cache events": up("mse_agent_events_total", agent="refresh_cache_orders"),
             "downconverted": value(samples, "mse_downconverted_total", topic="orders-v2") >= len(orders),
-            "dead letters": up("mse_dead_letters_total", stage="downconvert", topic="orders-v2.dlq"),
+            # Both poison messages: the two may arrive in different batches.
+            "dead letters": value(samples, "mse_dead_letters_total", stage="downconvert", topic="orders-v2.dlq")
+            >= value(before, "mse_dead_letters_total", stage="downconvert", topic="orders-v2.dlq") + 2,
             # Redis may be shared with other test runs whose entries have higher sequences:
             # those writes are rejected as stale, which is still the agent deciding.
             "cache refreshes": cache_decisions(samples) >= cache_decisions(before) + len(orders),
