@@ -20,9 +20,9 @@ from typing import Any
 import asyncpg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from sqlalchemy import BigInteger, CheckConstraint, DateTime, String, func
+from sqlalchemy import BigInteger, CheckConstraint, DateTime, ForeignKey, String, func
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 import models  # noqa: F401  # registers the demo models on EventedBase
 from app.embedded.broker import EmbeddedBroker
@@ -216,7 +216,8 @@ class PlainBase(DeclarativeBase):
 
 
 class PlainOrder(PlainBase):
-    """Same columns, defaults, index and check constraint as `models.Order`; its own table."""
+    """Same columns, defaults, index, check constraint and relationship as `models.Order`; its
+    own table. The ORM's work for the `shipping` relationship is the same on both sides."""
 
     __tablename__ = "plain_orders"
     __table_args__ = (CheckConstraint(f"status IN {STATUSES!r}", name="plain_orders_status_valid"),)
@@ -230,6 +231,25 @@ class PlainOrder(PlainBase):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=func.now(), onupdate=func.now()
     )
+
+    shipping: Mapped["PlainOrderShipping | None"] = relationship(
+        back_populates="order", uselist=False, cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class PlainOrderShipping(PlainBase):
+    """`models.OrderShipping`'s twin: the one-to-one extension of PlainOrder."""
+
+    __tablename__ = "plain_order_shipping"
+
+    order_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("plain_orders.id", ondelete="CASCADE"), primary_key=True
+    )
+    address: Mapped[str] = mapped_column(String(500))
+    carrier: Mapped[str] = mapped_column(String(100))
+    tracking_number: Mapped[str | None] = mapped_column(String(100), nullable=True)
+
+    order: Mapped[PlainOrder] = relationship(back_populates="shipping")
 
 
 RAW_TABLE = "raw_orders"
