@@ -72,6 +72,10 @@ class Settings:
     # Relay tuning: rows per fetch, and the poll interval used when NOTIFY is missed.
     relay_batch: int = 2000
     relay_poll_interval: float = 1.0
+    # While the outbox is busy, the shortest time from one relay batch to the next: commits
+    # made meanwhile go out in the same record batches (app/outbox/relay.py). As Kafka's
+    # producer `linger.ms` (5 ms by default since Kafka 4.0); a lone commit is not delayed.
+    relay_linger_ms: float = 5.0
     # Where the worker runs the outbox relay, one of RELAY_MODES. "process" by default: a child
     # the worker starts and stops, so the relay never waits for a turn of the agents' busy
     # event loop (bench/freshness.py). `RELAY_IN_WORKER=0`, the older spelling, means "off".
@@ -151,6 +155,7 @@ class Settings:
             relay_web_port=int(env.get("RELAY_WEB_PORT", "6067")),
             relay_processes=int(env.get("RELAY_PROCESSES", "1")),
             relay_batch=int(env.get("RELAY_BATCH", "2000")),
+            relay_linger_ms=float(env.get("RELAY_LINGER_MS", "5")),
             stuck_after=float(env.get("STUCK_AFTER_S", "30")),
             stall_after=float(env.get("STALL_AFTER_S", "30")),
             reseek_after=float(env.get("RESEEK_AFTER_S", "5")),
@@ -222,6 +227,7 @@ class Settings:
         return {"DATABASE_URL": self.database_url, "KAFKA_BROKER": self.kafka_broker,
                 "MODELS": ",".join(self.models), "LEGACY_MODES": self.legacy_modes,
                 "DB_ROLE_PREFIX": self.db_role_prefix, "RELAY_BATCH": str(self.relay_batch),
+                "RELAY_LINGER_MS": str(self.relay_linger_ms),
                 "RELAY_WEB_PORT": "0", **self.service_database_env()}
 
     def with_(self, **changes: object) -> "Settings":

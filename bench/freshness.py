@@ -228,14 +228,21 @@ async def _round(env: Env, run_dir: Path, redis_server: EmbeddedRedis, seconds: 
                         "tansu": broker.pid, "redis": redis_server.pid, "postgres": SERVER_PIDS.get("postgres")}
                 for rate in RATES:
                     await settle()
+                    sizes0, batches0 = await _topic_sizes(broker.url, app_id), await _relay_batches(w)
                     cpu0 = _cpu_parts(pids)
                     commits, achieved, machine = await _write(env, run_dir, rate, seconds, w)
                     missing = await _wait_all(commits, seen, 60)
                     cpu1 = _cpu_parts(pids)
+                    sizes1, batches1 = await _topic_sizes(broker.url, app_id), await _relay_batches(w)
                     lat = _latencies(commits, seen)
                     per_event = {name: (cpu1[name] - cpu0[name]) / max(1, len(commits)) * 1e6 for name in cpu1}
+                    messages = {t: (sizes1.get(t, 0) - sizes0.get(t, 0)) / max(1, len(commits)) for t in sizes1}
                     r = {"achieved": achieved, "n": len(commits), "missing": missing,
-                         "cpu_us": per_event["worker"], "cpu": per_event}
+                         "cpu_us": per_event["worker"], "cpu": per_event, "messages": messages,
+                         "relay batches": (batches1 - batches0) / max(1, len(commits))}
+                    note(f"freshness {layout} {rate:.0f}/s: relay batches per commit {r['relay batches']:.2f}; "
+                         f"messages per commit {sum(messages.values()):.2f}: " + ", ".join(
+                             f"{t} {v:.2f}" for t, v in sorted(messages.items(), key=lambda kv: -kv[1]) if v))
                     for stage, values in lat.items():
                         r[stage] = (percentile(values, 50), percentile(values, 99))
                     out[rate] = r
@@ -279,6 +286,29 @@ async def _catch_up(env: Env, seen: Seen, n: int) -> dict[str, Any]:
     note(f"freshness catch-up of {n:,}: " + ", ".join(f"{stage} all in {t - t0:.1f} s ({n / max(t - t0, 1e-9):,.0f}/s)"
                                                       for stage, t in last.items()) + f"; missing {missing}")
     return r
+
+
+async def _topic_sizes(broker_url: str, app_id: str) -> dict[str, int]:
+    """Messages in each topic: the event topics and the worker's own (changelogs, repartition)."""
+    from app.cli.topics import topic_list
+    from app.settings import Settings
+
+    listed = await topic_list(Settings(kafka_broker=broker_url), internal=True)
+    return {t.topic.removeprefix(f"{app_id}-"): t.messages for t in listed
+            if not t.topic.endswith(("__assignor-__leader", ".dlq"))}
+
+
+async def _relay_batches(worker: Child) -> float:
+    """`mse_relay_batches_total` from the worker's /metrics (its relay, in whatever mode)."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as http, http.get(f"{worker.url}/metrics") as resp:
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        if family.name == "mse_relay_batches":
+            return sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+    return float("nan")
 
 
 def _relay_child(worker: int) -> int | None:
@@ -325,7 +355,7 @@ async def _wait_topics(bootstrap: str, topics: list[str], timeout: float = 60) -
 async def run(env: Env, cfg: Config) -> list[Line]:
     """Rounds of each layout at every rate: medians of each round's p50 and p99, and the worst p99
     (the targets hold in every round, not only the median one)."""
-    rounds, seconds = (1, 3.0) if cfg.quick else (5, 10.0)
+    rounds, seconds = (1, 3.0) if cfg.quick else (int(os.environ.get("BENCH_FRESHNESS_ROUNDS", "5")), 10.0)
     res: dict[str, list[dict[float, dict[str, Any]]]] = {layout: [] for layout in LAYOUTS}
     async with run_with_redis(env, "freshness") as (run_dir, redis_server):
         with tracked(redis=redis_server.pid):

@@ -262,6 +262,15 @@ class Relay:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), min(self.settings.relay_poll_interval,
                                                                     self._standby_poll))
+                if rows:
+                    # Busy: the next batch starts `relay_linger_ms` after this one at the
+                    # earliest, so commits arriving meanwhile go out together. A commit after a
+                    # quiet spell is published at once. Each batch is a record batch per
+                    # partition, and Tansu lists every batch of a partition on each fetch of it:
+                    # one per commit made every reader of the topic slower as it grew.
+                    left = self.settings.relay_linger_ms / 1000 - (time.monotonic() - now)
+                    if left > 0:
+                        await asyncio.sleep(left)
 
     async def _publish(self, producer: AIOKafkaProducer, rows: list[asyncpg.Record]) -> None:
         """Send every message of `rows`, in order per partition, and wait for every ack.
