@@ -229,7 +229,11 @@ async def _round(env: Env, run_dir: Path, redis_server: EmbeddedRedis, seconds: 
                 for rate in RATES:
                     await settle()
                     sizes0, batches0 = await _topic_sizes(broker.url, app_id), await _relay_batches(w)
+                    idle0 = _cpu_parts(pids)
+                    await asyncio.sleep(2.0)  # idle: what polling costs with the topics as they are now
                     cpu0 = _cpu_parts(pids)
+                    note(f"freshness {layout} before {rate:.0f}/s, idle, in cores: " + ", ".join(
+                        f"{n} {(cpu0[n] - idle0[n]) / 2.0:.2f}" for n in cpu0))
                     commits, achieved, machine = await _write(env, run_dir, rate, seconds, w)
                     missing = await _wait_all(commits, seen, 60)
                     cpu1 = _cpu_parts(pids)
