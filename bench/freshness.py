@@ -65,6 +65,8 @@ RATES = tuple(float(r) for r in os.environ.get("BENCH_FRESHNESS_RATES", "200,500
 STAGES = ("orders table", "stage 2", "cache")
 #: Where the worker runs the relay (RELAY_MODE); the first is the default layout.
 LAYOUTS = tuple(os.environ.get("BENCH_FRESHNESS_LAYOUTS", "process").split(","))
+#: Settings for the worker to try, e.g. "CONSUMER_FETCH_MAX_WAIT_MS=20,RELAY_LINGER_MS=15".
+WORKER_ENV = dict(item.split("=", 1) for item in os.environ.get("BENCH_FRESHNESS_WORKER_ENV", "").split(",") if item)
 #: Orders committed at once before the rates (a catch-up the rates then follow).
 BACKLOG = int(os.environ.get("BENCH_FRESHNESS_BACKLOG", "20000"))
 #: p99 targets in ms, per rate and stage (issue 31); "delivery" is write -> `orders-v2`.
@@ -208,7 +210,7 @@ async def _round(env: Env, run_dir: Path, redis_server: EmbeddedRedis, seconds: 
         try:
             async with contextlib.AsyncExitStack() as readers, faust_worker("freshness", app_worker_argv(), run_dir, DATABASE_URL=env.url,
                                     KAFKA_BROKER=broker.url, REDIS_URL=redis_server.url,
-                                    RELAY_MODE=layout) as w:
+                                    RELAY_MODE=layout, **WORKER_ENV) as w:
                 if layout == "off":
                     relay = spawn("relay", [sys.executable, "-m", "app", "relay"], run_dir / "relay.log",
                                   child_env(DATABASE_URL=env.url, KAFKA_BROKER=broker.url, RELAY_WEB_PORT="0"))
