@@ -4,9 +4,12 @@ Each round, for each layout, on a fresh empty broker and a flushed embedded Redi
 1. N orders are committed through `Database` (ORM bulk inserts of 1,000 rows per commit), so
    the outbox holds N rows and nothing runs yet.
 2. The layout's processes start, as operators run them (`python -m app worker`, `-l info`):
-   - `in-worker`: one worker, the relay inside it (the default, `RELAY_IN_WORKER=1`);
-   - `relay-process`: one worker with `RELAY_IN_WORKER=0` and `python -m app relay` beside it;
-   - `two-workers`: two workers (one consumer group, two web ports) and the relay process.
+   - `one-worker`: one worker, which runs its relay as a child process (`RELAY_MODE=process`,
+     the default);
+   - `two-workers`: two workers (one consumer group, two web ports), each with its relay child
+     (the two relays share the outbox shards);
+   - with `BENCH_CATCHUP_LAYOUTS=one-worker,two-workers,relay-on-loop` also `relay-on-loop`:
+     one worker with the relay on the agents' event loop (`RELAY_MODE=loop`, the old default).
 3. Every stage is watched from outside the worker until it has all N, and its rate is taken
    from the first to the last visible (start-up and the group join are excluded):
    - relay: `SELECT count(*) FROM outbox` (rows left), every 25 ms;
@@ -17,14 +20,14 @@ Each round, for each layout, on a fresh empty broker and a flushed embedded Redi
      read it (`/tables/`, which forwards to each key's owner), every 25 ms;
    - cache: `DBSIZE` of the Redis the worker refreshes (one key per order), every 25 ms.
    The CPU each process used over that span, per event, is reported with it.
-4. Baseline, same broker as the `in-worker` layout: the naive Faust forwarding agent
+4. Baseline, same broker as the `one-worker` layout: the naive Faust forwarding agent
    (`bench.faust_apps:naive`) copying the N events of `orders-v2` to another topic.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -48,7 +51,7 @@ from bench.workers import (Child, CountReader, StreamConfig, app_worker_argv, ch
 from models.order import STATUSES
 
 SOURCE = "orders-v2"
-LAYOUTS = ("in-worker", "relay-process", "two-workers")
+LAYOUTS = tuple(os.environ.get("BENCH_CATCHUP_LAYOUTS", "one-worker,two-workers").split(","))
 STAGES = ("relay", "orders-v1", "orders table", "stage 2", "cache")
 
 
@@ -125,7 +128,7 @@ async def _layout(env: Env, layout: str, broker: EmbeddedBroker, redis_url: str,
     common = {"APP_ID": app_id, "DATABASE_URL": env.url, "KAFKA_BROKER": broker.url, "REDIS_URL": redis_url,
               "WEB_HOST": "127.0.0.1"}
     workers = 2 if layout == "two-workers" else 1
-    relay_process = layout != "in-worker"
+    relay_mode = "loop" if layout == "relay-on-loop" else "process"
     children: list[Child] = []
     urls: list[str] = []
     # Without Redis the worker runs no cache agent (so there is no cache stage to watch).
@@ -152,14 +155,11 @@ async def _layout(env: Env, layout: str, broker: EmbeddedBroker, redis_url: str,
             cpu0: dict[str, float] = {}
             for i in range(workers):
                 port = free_port()
-                env_i = child_env(**common, WEB_PORT=str(port), RELAY_IN_WORKER="0" if relay_process else "1",
+                env_i = child_env(**common, WEB_PORT=str(port), RELAY_MODE=relay_mode,
                                   FAUST_DATA_DIR=str(run_dir / f"{app_id}-{i + 1}-data"))
                 children.append(spawn(f"worker-{i + 1}", app_worker_argv(), run_dir / f"{app_id}-{i + 1}.log",
                                       env_i, port))
                 urls.append(children[-1].url)
-            if relay_process:
-                children.append(spawn("relay", [sys.executable, "-m", "app", "relay"], run_dir / f"{app_id}-relay.log",
-                                      child_env(**common, RELAY_WEB_PORT="0")))
             pollers = [
                 _poll(0.025, lambda: conn.fetchval("SELECT $1::bigint - count(*) FROM outbox", n), watches["relay"],
                       n, stop),
@@ -219,7 +219,7 @@ async def _layout(env: Env, layout: str, broker: EmbeddedBroker, redis_url: str,
 
 
 async def run(env: Env, cfg: Config) -> list[Line]:
-    """Rounds of every layout, plus the naive forwarder on the in-worker layout's broker."""
+    """Rounds of every layout, plus the naive forwarder on the one-worker layout's broker."""
     scfg = StreamConfig.make(cfg.quick)
     n = scfg.views_events
     rounds = scfg.views_rounds
@@ -247,7 +247,7 @@ async def run(env: Env, cfg: Config) -> list[Line]:
                              + ", ".join(f"{s} {o.rates[s]:,.0f}/s" for s in STAGES)
                              + "; CPU µs/event " + ", ".join(f"{k} {v:.0f}" for k, v in o.cpu_us.items())
                              + f"; all stages in {o.seconds:.1f} s")
-                        if layout == "in-worker":
+                        if layout == "one-worker":
                             nv = await _naive(env, broker, run_dir, n)
                             naive.append(nv["rate"])
                             note(f"{tag}: naive Faust forwarder {nv['rate']:,.0f}/s, "
