@@ -1,5 +1,9 @@
 """ORM writes/s, one new Order per commit: evented `Database` vs plain SQLAlchemy vs raw asyncpg.
 
+The plain baseline maps the same columns and the same `shipping` relationship (bench.common's
+PlainOrder and PlainOrderShipping), so the ORM's own work is the same on both sides and the
+ratio is what the library adds: its checks before the flush and the capture trigger.
+
 Each round runs every variant for the same wall-clock time, in rotating order, with N writer
 tasks looping `insert one row; commit` until the deadline. The outbox is emptied between
 rounds (no relay runs here), so it never grows.
@@ -121,8 +125,8 @@ async def _compare(env: Env, cfg: Config, variants: dict[str, Write], writer_cou
             continue
         label = "1 writer" if writers == 1 else f"{writers} writers"
         lines.append(Line(f"ORM writes/s, {label}: evented vs plain SQLAlchemy",
-                          med["evented"], med["plain"], "/s", "ratio >= 0.8",
-                          lambda ours, ratio: ratio >= 0.8))
+                          med["evented"], med["plain"], "/s", "ratio >= 0.85",
+                          lambda ours, ratio: ratio >= 0.85))
         lines.append(Line(f"ORM writes/s, {label}: evented vs raw asyncpg (reference)",
                           med["evented"], med["asyncpg"], "/s", "reference"))
     return lines
