@@ -6,7 +6,7 @@ from typing import Any
 
 import faust
 
-from agents.batching import behind, take_ready
+from agents.batching import behind, next_window, take_ready
 from tests.waiting import until
 
 
@@ -108,6 +108,16 @@ def test_behind_means_more_than_a_batch_waits_in_some_partition() -> None:
     assert not behind(FakeStream({"a": 12, "b": 6}), batch)  # type: ignore[arg-type]
     assert not behind(FakeStream({"a": 15, "b": 6}), batch)  # type: ignore[arg-type]  # 3 wait: not more than the batch
     assert behind(FakeStream({"a": 12, "b": 10}), batch)  # type: ignore[arg-type]  # 4 wait behind offset 5
+
+
+def test_the_window_grows_under_a_backlog_and_is_short_again_at_once_when_caught_up() -> None:
+    within = (0.005, 0.2)
+    window = within[0]
+    for _ in range(10):  # a catch-up: every batch leaves a backlog behind it
+        window = next_window(window, within, backlog=True)
+    assert window == 0.2
+    # The first batch that leaves nothing behind: the next live event waits 5 ms, not 100.
+    assert next_window(window, within, backlog=False) == 0.005
 
 
 async def test_a_second_take_ready_on_the_same_stream_gets_every_later_event() -> None:
