@@ -91,7 +91,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:  # a setting that does not parse: name it, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     try:
         if args.command == "dev":
             from app.cli.dev import run_dev

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from app.embedded.process import free_port
+from app.settings import Settings
 from tests.processes import ROOT
 
 
@@ -37,6 +38,21 @@ def test_unreachable_broker_is_one_line_naming_it(settings) -> None:  # type: ig
 def test_missing_database_url_names_the_variable() -> None:
     done = run_app("outbox", "status")
     assert done.returncode == 2 and "DATABASE_URL" in done.stderr
+
+
+def test_an_unknown_relay_mode_is_one_line_naming_the_modes() -> None:
+    done = run_app("relay", RELAY_MODE="sidecar", DATABASE_URL="postgresql://x/y", KAFKA_BROKER="kafka://127.0.0.1:1")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: RELAY_MODE='sidecar'"), done.stderr
+    assert all(mode in lines[0] for mode in ("process", "thread", "loop", "off"))
+
+
+def test_the_worker_runs_its_relay_as_a_child_unless_told_otherwise() -> None:
+    assert Settings.from_env({}).relay_mode == "process"
+    assert Settings.from_env({"RELAY_IN_WORKER": "0"}).relay_mode == "off"  # the older spelling
+    assert Settings.from_env({"RELAY_IN_WORKER": "0", "RELAY_MODE": "thread"}).relay_mode == "thread"
+    assert not Settings.from_env({"RELAY_MODE": "off"}).relay_in_worker
 
 
 def test_every_command_has_help() -> None:
