@@ -16,6 +16,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from app.faust_compat import fetch_states, set_fetcher_wait
 from app.settings import Settings
+from app.errors import EventsError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ LAG_CAVEAT = ("note: end offsets are the broker's \"latest offset\" answers; Tan
               "of the last batch, so there the end and the lag may be short by up to one batch")
 
 
-class TopicError(RuntimeError):
+class TopicError(EventsError, RuntimeError):
     """A topic command cannot go on; the message says why in one line."""
 
 

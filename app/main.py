@@ -14,7 +14,6 @@ from app.ops import endpoints as ops
 from app.ops.endpoints import Ops
 from app.web import install as web
 from app.web import owner as owner_apis
-from app.web.install import WebViews
 from app.web.tables import View
 from app.ops.metrics import DownconvertCounts
 from app.orm import EventedBase
@@ -31,8 +30,6 @@ class WorkerApp(App):
     views: dict[str, View]
     #: The one cache repository (`entity_cache`: Faust's App already has a `cache` attribute).
     entity_cache: CacheResource | None
-    #: The `/tables/` and `/entities/` handlers.
-    web_views: WebViews
     #: Metrics, health, status page and watchdog.
     ops: Ops
 
@@ -96,7 +93,7 @@ def create_app(settings: Settings) -> WorkerApp:
     app.entity_cache = CacheResource(settings) if settings.redis_url else None
     if app.entity_cache is not None:
         cache.install(app, settings, app.entity_cache)
-    app.web_views = web.install(app, settings, app.views, app.entity_cache)
+    web.install(app, settings, app.views, app.entity_cache)  # `/tables/` and `/entities/`
     # The owner services' HTTP APIs this worker serves (OWNER_APIS; the demo: customers).
     owner = owner_apis.install(app, settings)
     # The worker runs the relay (a child process by default: RELAY_MODE), unless operators run

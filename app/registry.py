@@ -15,9 +15,10 @@ from types import ModuleType
 
 from app.settings import Settings
 from app.wire.schemas import SCHEMA_DIR, add_schema_dir
+from app.errors import EventsError
 
 
-class ModelsNotFound(ValueError):
+class ModelsNotFound(EventsError, ValueError):
     """A module `MODELS` names cannot be imported."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, replace
+from typing import get_type_hints
 from collections.abc import Mapping
 
 
@@ -85,9 +86,6 @@ class Settings:
     # Relay processes `python -m app dev` starts when the worker runs none (RELAY_MODE=off);
     # they divide the outbox shards among themselves, on web ports relay_web_port, +1, ...
     relay_processes: int = 1
-    # ORM reads are buffered and written as one access event per entity per flush.
-    access_flush_interval: float = 0.25
-    access_max_keys: int = 5000
     # Static group membership (Kafka's `group.instance.id`, KIP-345): a stable id per worker
     # process, unique in the group (e.g. the pod name of a StatefulSet). A worker restarted with
     # the same id takes its partitions back without waiting for its dead self's session to time
@@ -128,52 +126,17 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
-        """Build settings from a mapping (default: `os.environ`)."""
+        """Build settings from a mapping (default: `os.environ`); what it does not set keeps the
+        default written above. A value that does not parse is refused naming its variable."""
         env = os.environ if env is None else env
-        return cls(
-            database_url=env.get("DATABASE_URL", ""),
-            kafka_broker=env.get("KAFKA_BROKER", ""),
-            redis_url=env.get("REDIS_URL", ""),
-            service_name=env.get("SERVICE_NAME", "orders"),
-            web_port=int(env.get("WEB_PORT", "6066")),
-            web_host=env.get("WEB_HOST", "127.0.0.1"),
-            web_advertised_host=env.get("WEB_ADVERTISED_HOST", ""),
-            app_id=env.get("APP_ID", "microservice-events"),
-            legacy_modes=env.get("LEGACY_MODES", ""),
-            table_store=env.get("TABLE_STORE", ""),
-            data_dir=env.get("FAUST_DATA_DIR", ""),
-            recovery_consistency_check=env.get("RECOVERY_CONSISTENCY_CHECK", "1") not in ("0", "false", "no"),
-            service_tokens=env.get("SERVICE_TOKENS", ""),
-            owner_apis=_names(env.get("OWNER_APIS", "")),
-            field_readers=env.get("FIELD_READERS", ""),
-            consumer_fetch_max_wait_ms=int(env.get("CONSUMER_FETCH_MAX_WAIT_MS", "10")),
-            consumer_catchup_fetch_wait_ms=int(env.get("CONSUMER_CATCHUP_FETCH_WAIT_MS", "250")),
-            consumer_auto_offset_reset=env.get("CONSUMER_AUTO_OFFSET_RESET", "earliest"),
-            producer_linger_ms=float(env.get("PRODUCER_LINGER_MS", "2")),
-            producer_max_batch_bytes=int(env.get("PRODUCER_MAX_BATCH_BYTES", str(512 * 1024))),
-            relay_mode=_relay_mode(env),
-            relay_web_port=int(env.get("RELAY_WEB_PORT", "6067")),
-            relay_processes=int(env.get("RELAY_PROCESSES", "1")),
-            relay_batch=int(env.get("RELAY_BATCH", "2000")),
-            relay_linger_ms=float(env.get("RELAY_LINGER_MS", "5")),
-            stuck_after=float(env.get("STUCK_AFTER_S", "30")),
-            stall_after=float(env.get("STALL_AFTER_S", "30")),
-            reseek_after=float(env.get("RESEEK_AFTER_S", "5")),
-            group_instance_id=env.get("GROUP_INSTANCE_ID", ""),
-            http_header_timeout=float(env.get("HTTP_HEADER_TIMEOUT_S", "5")),
-            http_body_timeout=float(env.get("HTTP_BODY_TIMEOUT_S", "10")),
-            http_max_connections=int(env.get("HTTP_MAX_CONNECTIONS", "256")),
-            inbox_batch=int(env.get("INBOX_BATCH", "100")),
-            inbox_max_attempts=int(env.get("INBOX_MAX_ATTEMPTS", "5")),
-            inbox_retention_s=float(env.get("INBOX_RETENTION_S", str(7 * 24 * 3600))),
-            inbox_prune_interval_s=float(env.get("INBOX_PRUNE_INTERVAL_S", "60")),
-            billing_web_port=int(env.get("BILLING_WEB_PORT", "6070")),
-            db_role_prefix=env.get("DB_ROLE_PREFIX", "mse_"),
-            models=_names(env.get("MODELS", "models")),
-            service_database_urls=tuple(sorted(
-                (name.removeprefix("DATABASE_URL_").lower(), url) for name, url in env.items()
-                if name.startswith("DATABASE_URL_") and url)),
-        )
+        types = get_type_hints(cls)
+        values: dict[str, object] = {name: _parse(var, env[var], types[name])
+                                     for var, name in ENV.items() if var in env}
+        values["relay_mode"] = _relay_mode(env)
+        values["service_database_urls"] = tuple(sorted(
+            (name.removeprefix("DATABASE_URL_").lower(), url) for name, url in env.items()
+            if name.startswith("DATABASE_URL_") and url))
+        return cls(**values)  # type: ignore[arg-type]  # each value parsed to its field's type
 
     def service_database_env(self) -> dict[str, str]:
         """`service_database_urls` as the environment carries them (`DATABASE_URL_<SERVICE>`),
@@ -260,6 +223,43 @@ class Settings:
     def asyncpg_dsn_for(self, service: str) -> str:
         """`database_url_for(service)` in the form asyncpg accepts."""
         return self.database_url_for(service).replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+#: Environment variable -> the field it sets (its type says how the value is parsed).
+ENV = {
+    "DATABASE_URL": "database_url", "KAFKA_BROKER": "kafka_broker", "REDIS_URL": "redis_url",
+    "SERVICE_NAME": "service_name", "WEB_PORT": "web_port", "WEB_HOST": "web_host",
+    "WEB_ADVERTISED_HOST": "web_advertised_host", "APP_ID": "app_id", "LEGACY_MODES": "legacy_modes",
+    "TABLE_STORE": "table_store", "FAUST_DATA_DIR": "data_dir",
+    "RECOVERY_CONSISTENCY_CHECK": "recovery_consistency_check", "SERVICE_TOKENS": "service_tokens",
+    "OWNER_APIS": "owner_apis", "FIELD_READERS": "field_readers",
+    "CONSUMER_FETCH_MAX_WAIT_MS": "consumer_fetch_max_wait_ms",
+    "CONSUMER_CATCHUP_FETCH_WAIT_MS": "consumer_catchup_fetch_wait_ms",
+    "CONSUMER_AUTO_OFFSET_RESET": "consumer_auto_offset_reset", "PRODUCER_LINGER_MS": "producer_linger_ms",
+    "PRODUCER_MAX_BATCH_BYTES": "producer_max_batch_bytes", "RELAY_WEB_PORT": "relay_web_port",
+    "RELAY_PROCESSES": "relay_processes", "RELAY_BATCH": "relay_batch", "RELAY_LINGER_MS": "relay_linger_ms",
+    "STUCK_AFTER_S": "stuck_after", "STALL_AFTER_S": "stall_after", "RESEEK_AFTER_S": "reseek_after",
+    "GROUP_INSTANCE_ID": "group_instance_id", "HTTP_HEADER_TIMEOUT_S": "http_header_timeout",
+    "HTTP_BODY_TIMEOUT_S": "http_body_timeout", "HTTP_MAX_CONNECTIONS": "http_max_connections",
+    "INBOX_BATCH": "inbox_batch", "INBOX_MAX_ATTEMPTS": "inbox_max_attempts",
+    "INBOX_RETENTION_S": "inbox_retention_s", "INBOX_PRUNE_INTERVAL_S": "inbox_prune_interval_s",
+    "BILLING_WEB_PORT": "billing_web_port", "DB_ROLE_PREFIX": "db_role_prefix", "MODELS": "models",
+}
+
+
+def _parse(var: str, raw: str, kind: object) -> object:
+    """`raw`, the value of environment variable `var`, as a field of type `kind`."""
+    if kind is bool:
+        return raw.strip().lower() not in ("0", "false", "no")
+    if kind in (int, float):
+        try:
+            return kind(raw)  # type: ignore[operator]
+        except ValueError:
+            raise ValueError(f"{var}={raw!r} is not {'an integer' if kind is int else 'a number'}: "
+                             f"set it to one, or unset it for the default") from None
+    if kind == tuple[str, ...]:
+        return _names(raw)
+    return raw
 
 
 def _relay_mode(env: Mapping[str, str]) -> str:

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from app.errors import EventsError
+
 State = dict[str, Any]
 
 
@@ -197,7 +199,7 @@ def rebuild(aggregations: Sequence[Aggregation], entries: list[dict[str, Any]], 
     return agg
 
 
-class BadUpdate(ValueError):
+class BadUpdate(EventsError, ValueError):
     """A stage-2 message that is not an update stage 1 could have sent (poison)."""
 
 

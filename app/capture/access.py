@@ -16,6 +16,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Seconds between two writes of the buffered reads (one access event per entity each).
+FLUSH_INTERVAL = 0.25
+#: Distinct keys an access batch holds before it is written early.
+MAX_KEYS = 5000
+
 
 class AccessLog:
     """Buffers ORM reads and writes them as one access event per entity and interval.

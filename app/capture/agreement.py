@@ -23,6 +23,7 @@ from sqlalchemy.orm import mapped_column
 
 from app.wire import schemas as wire_schemas
 from app.wire.schemas import field_type, non_null, record_fields
+from app.errors import EventsError
 
 if TYPE_CHECKING:
     from app.capture.base import EventedBase
@@ -32,7 +33,7 @@ UNEVENTED = "unevented"
 HOW_TO_EXCLUDE = "unevented_column() (kept out of events) or sensitive_column() (its owner's alone)"
 
 
-class ModelSchemaMismatch(ValueError):
+class ModelSchemaMismatch(EventsError, ValueError):
     """A model and its entity's Avro schema disagree; raised before anything runs."""
 
 

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from sqlalchemy.orm import configure_mappers
 
 from app.capture import ownership
-from app.capture.access import AccessLog
+from app.capture.access import FLUSH_INTERVAL, MAX_KEYS, AccessLog
 from app.capture.base import CAPTURING, EventedBase, EventedSession, install_capture, install_listeners
 from app.inbox import store as inbox
 from app.outbox import store as outbox
@@ -50,7 +50,7 @@ class Database:
     """An async engine whose sessions raise events for every write and read."""
 
     def __init__(self, url: str, *, service: str, pool_size: int = 10,
-                 access_interval: float = 0.25, access_max_keys: int = 5000,
+                 access_interval: float = FLUSH_INTERVAL, access_max_keys: int = MAX_KEYS,
                  record_reads: bool = True, sql_filter: bool = True) -> None:
         """`url` carries the credentials: connect as the service's own role (app/capture/roles.py),
         whose privileges PostgreSQL enforces. `service` names who writes and reads (ownership

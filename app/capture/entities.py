@@ -10,6 +10,7 @@ from sqlalchemy import Column, DateTime, inspect
 from sqlalchemy.sql.elements import ClauseElement
 
 from app.wire.schemas import EventSchema, load, non_null, record_fields
+from app.errors import EventsError
 
 if TYPE_CHECKING:
     from app.capture.base import EventedBase
@@ -18,7 +19,7 @@ LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 
 
-class SchemaMismatch(ValueError):
+class SchemaMismatch(EventsError, ValueError):
     """A write whose data does not fit the entity's Avro schema; raised before anything is sent."""
 
     def __init__(self, entity: str, field: str, version: int, problem: str) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import inspect
 from sqlalchemy.orm import InstrumentedAttribute, mapped_column, undefer
+from app.errors import EventsError
 
 if TYPE_CHECKING:
     from app.capture.base import EventedBase
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 LOADED_BY = "_evented_loaded_by"
 
 
-class OwnershipError(PermissionError):
+class OwnershipError(EventsError, PermissionError):
     """A service touched data only its owner may touch; names entity, column and owner."""
 
     def __init__(self, entity: str, column: str, owner: str, service: str, action: str) -> None:
@@ -165,7 +166,7 @@ def _foreign_in_sql(service: str, foreign: tuple[Sensitive, ...], sql: str) -> S
     return None
 
 
-class UneventedWrite(PermissionError):
+class UneventedWrite(EventsError, PermissionError):
     """A write to an entity table outside the ORM (raw SQL, Core, DDL).
 
     The capture triggers would still raise its event (DDL such as TRUNCATE fires none), but

@@ -8,10 +8,13 @@ import asyncio
 import logging
 
 from app.settings import Settings
+from app.errors import EventsError
 
 
-class StartupError(RuntimeError):
+class StartupError(EventsError, RuntimeError):
     """A server the command needs is unreachable; the message names it and its address."""
+
+    transient = True  # a server that does not answer yet may later
 
 
 def require(settings: Settings, field: str, env: str) -> None:

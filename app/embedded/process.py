@@ -19,6 +19,7 @@ from typing import IO, Any, ClassVar, Self
 
 from app.embedded.exit_guard import track
 from app.embedded.pid_state import listens_on, wait_stopped
+from app.errors import EventsError
 
 __all__ = [
     "LOCALHOST",
@@ -40,7 +41,7 @@ STOP_TIMEOUT = 10.0
 POLL_INTERVAL = 0.02
 
 
-class EmbeddedServerError(RuntimeError):
+class EmbeddedServerError(EventsError, RuntimeError):
     """Raised when an embedded server fails to start; the message carries the tail of its log."""
 
 

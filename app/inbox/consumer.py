@@ -40,7 +40,7 @@ from aiokafka.errors import KafkaError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.inbox import store
-from app.inbox.events import InboxEvent, is_transient, to_event
+from app.inbox.events import InboxEvent, to_event
 from app.kafka import TopicError, adapt_fetch_wait, ensure_topics, topic_partitions
 from app.orm import Database
 from app.retries import Backoff
@@ -49,6 +49,7 @@ from app.topology import inbox_dead_letter_topic
 from app.wire.codec import schema_for_topic
 from app.wire.deadletter import Incoming, dead_letter
 from app.wire.schemas import EventSchema
+from app.errors import EventsError, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ Handler = Callable[[AsyncSession, InboxEvent], Awaitable[None]]
 BatchHandler = Callable[[AsyncSession, list[InboxEvent]], Awaitable[None]]
 
 
-class SequenceGap(Exception):
+class SequenceGap(EventsError):
     """With `strict_order`: an event whose key skipped a sequence number."""
 
 

@@ -1,23 +1,15 @@
-"""What an inbox handler gets, how a consumed message becomes it, and which failures are outages."""
+"""What an inbox handler gets, and how a consumed message becomes it."""
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 from aiokafka import ConsumerRecord
-from sqlalchemy.exc import DBAPIError
 
 from app.wire.codec import decode, schema_for_topic
 from app.wire.schemas import EventSchema
-
-#: SQLSTATE classes and codes of a failure that is the database's state, not the event's:
-#: connection (08), operator intervention such as a shutdown (57P), insufficient resources
-#: (53), serialization failure and deadlock (40001, 40P01). Retried without limit.
-_TRANSIENT_STATES = ("08", "57P", "53", "40001", "40P01")
 
 
 @dataclass(frozen=True)
@@ -59,20 +51,3 @@ def to_event(record: ConsumerRecord, schema_of: Callable[[str], EventSchema] = s
         service=event["service"], occurred_at=event["occurred_at"], data=event["data"], message=record)
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether `exc` (or what caused it) says the database or network is unavailable, so the
-    same transaction may succeed later, rather than that the event or the handler is wrong."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, DBAPIError) and current.connection_invalidated:
-            return True
-        if isinstance(current, (OSError, ConnectionError, asyncio.TimeoutError,
-                                asyncpg.exceptions.PostgresConnectionError, asyncpg.exceptions.InterfaceError)):
-            return True
-        state = getattr(current, "sqlstate", None) or getattr(getattr(current, "orig", None), "sqlstate", None)
-        if isinstance(state, str) and state.startswith(_TRANSIENT_STATES):
-            return True
-        current = current.__cause__ or getattr(current, "orig", None)
-    return False

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from app.capture.access import FLUSH_INTERVAL
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -154,7 +155,7 @@ def _channels(settings: Settings) -> list[Channel]:
     out.append(Channel(
         ACCESS_TOPIC,
         "ORM reads: every entity a session loads is noted in memory and flushed every "
-        f"{settings.access_flush_interval:g} s as one event per entity read (service, distinct "
+        f"{FLUSH_INTERVAL:g} s as one event per entity read (service, distinct "
         "keys, count, first/last time), through the outbox. Kafka key: the entity read.",
         _event_message(access), EVENT, "the outbox relay, from access-log outbox rows"))
     out.append(Channel(

@@ -47,6 +47,7 @@ from app.ops.liveness import ConsumerLiveness
 from app.ops.offsets import agent_lag, agent_topics, partition_offsets
 from app.ops.progress import AgentProgress, ProgressSensor
 from app.retries import Backoff, retries_of
+from app.errors import EventsError
 
 if TYPE_CHECKING:
     from faust.types import AgentT
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class AgentFinished(Exception):
+class AgentFinished(EventsError):
     """An agent's function returned: its actor is marked crashed with this so Faust replaces it."""
 
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from app.errors import EventsError
+
 if TYPE_CHECKING:
     from faust.web import Request, Response
     from faust.web import View as FaustView
@@ -94,7 +96,7 @@ def error_response(status: int, body: dict[str, Any], accept: str, headers: dict
     return web.Response(status=status, text=json.dumps(body), content_type="application/json", headers=headers)
 
 
-class HttpError(Exception):
+class HttpError(EventsError):
     """An error answer: status, message and extra JSON fields."""
 
     def __init__(self, status: int, error: str, headers: Mapping[str, str] | None = None,

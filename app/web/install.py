@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import faust
-from faust.types import TP
 from faust.web import Request, Response
 from faust.web import View as FaustView
 
@@ -56,15 +55,6 @@ class WebViews:
         self.lookups = KeyLookups(app, self.reads, Staleness(app))
         self.entity_reads = EntityReads(app, settings, cache)
 
-    @property
-    def staleness(self) -> Staleness:
-        """How far behind local copies are (the key lookups judge them with it)."""
-        return self.lookups.staleness
-
-    @staleness.setter
-    def staleness(self, staleness: Staleness) -> None:
-        self.lookups.staleness = staleness
-
     async def dispatch(self, view: FaustView, request: Request, handler: Handler) -> Response:
         """Run a handler; HttpError becomes its JSON answer, anything else a bare 500."""
         return await guarded(view, request, lambda: handler(view, request))
@@ -87,11 +77,6 @@ class WebViews:
             max_lag = parse_int(query["max_lag"], "max_lag", 0, None, MAX_LAG_DIGITS)
         return await self.lookups.lookup(page_view, request, name, view, key, max_lag)
 
-    def from_copy(self, page_view: FaustView, name: str, view: View, key: str, tp: TP,
-                  max_lag: int | None, reason: str) -> Response:
-        """The local copy's answer if accepted and fresh enough; else 503 (`KeyLookups.from_copy`)."""
-        return self.lookups.from_copy(page_view, name, view, key, tp, max_lag, reason)
-
     async def entities(self, page_view: FaustView, request: Request) -> Response:
         """`/entities/` and `/entities/<entity>/<key>/` (`EntityReads.entities`)."""
         return await self.entity_reads.entities(page_view, request)
@@ -103,7 +88,7 @@ def install(app: faust.App, settings: Settings, views: Mapping[str, View],
     the handlers."""
     handlers = WebViews(app, settings, views, cache)
     for view in views.values():
-        handlers.staleness.watch(view.table)
+        handlers.lookups.staleness.watch(view.table)
 
     # One catch-all route per prefix: paths are parsed from the raw request target here, so
     # every malformed path gets a JSON answer instead of aiohttp's text 404.

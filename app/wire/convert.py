@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.wire.schemas import load
+from app.errors import EventsError
 
 Data = dict[str, Any]
 
 
-class ConversionError(ValueError):
+class ConversionError(EventsError, ValueError):
     """An event that cannot be converted to the requested version."""
 
 

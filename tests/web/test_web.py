@@ -541,22 +541,22 @@ class HeldBehind:
 @pytest.mark.parametrize("lag", [0, 7])
 def test_a_local_copy_answers_up_to_max_lag_and_is_refused_one_message_past_it(lag: int) -> None:
     handlers = WebViews(faust.App(f"probe-{uuid.uuid4().hex[:8]}"), Settings(), {})
-    handlers.staleness = HeldBehind(lag)  # type: ignore[assignment]
+    handlers.lookups.staleness = HeldBehind(lag)  # type: ignore[assignment]
     view = SimpleNamespace(table=SimpleNamespace(data={"7": {"status": "paid"}}), present=lambda stored: stored,
                            window=None)
     tp = TP("orders-changelog", 0)
-    reply = handlers.from_copy(FakeView(), "orders", view, "7", tp, lag, "the owner cannot be reached")  # type: ignore[arg-type]
+    reply = handlers.lookups.from_copy(FakeView(), "orders", view, "7", tp, lag, "the owner cannot be reached")  # type: ignore[arg-type]
     assert reply.status == 200 and reply.json()["value"] == {"status": "paid"}
     assert reply.headers["X-Served-By"] == "standby" and reply.headers["X-Standby-Lag"] == str(lag)
     if lag > 0:
         with pytest.raises(HttpError) as refused:
-            handlers.from_copy(FakeView(), "orders", view, "7", tp, lag - 1, "the owner cannot be reached")  # type: ignore[arg-type]
+            handlers.lookups.from_copy(FakeView(), "orders", view, "7", tp, lag - 1, "the owner cannot be reached")  # type: ignore[arg-type]
         assert refused.value.status == 503 and refused.value.headers["Retry-After"] == "1"
         assert refused.value.body()["lag"] == lag and refused.value.body()["max_lag"] == lag - 1
         assert f"{lag} changelog messages behind" in refused.value.error
-    handlers.staleness = HeldBehind(None)  # type: ignore[assignment]  # no copy of the partition
+    handlers.lookups.staleness = HeldBehind(None)  # type: ignore[assignment]  # no copy of the partition
     with pytest.raises(HttpError) as unknown:
-        handlers.from_copy(FakeView(), "orders", view, "7", tp, 10**6, "the owner cannot be reached")  # type: ignore[arg-type]
+        handlers.lookups.from_copy(FakeView(), "orders", view, "7", tp, 10**6, "the owner cannot be reached")  # type: ignore[arg-type]
     assert unknown.value.status == 503 and "keeps no copy of partition 0" in unknown.value.error
 
 
