@@ -20,7 +20,9 @@ import faust
 
 from agents.batching import WITHIN, take_ready
 from app.cache import CacheRepository, CacheResource
-from app.wire.deadletter import dead_letter, incoming, produce_all
+from agents.producing import produce_all
+from app.wire.deadletter import dead_letter
+from app.wire.messages import incoming
 from app.wire.codec import decode
 from app.retries import Retries, retries_of
 from app.wire.schemas import EventSchema, load

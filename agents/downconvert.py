@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from faust.types import EventT
 
 from agents.entity_pass import Decoded
-from app.wire.deadletter import Incoming, Outgoing, dead_letter, incoming
+from app.wire.deadletter import dead_letter
+from app.wire.messages import Incoming, Outgoing, incoming
 from app.wire.codec import downconvert_record
 from app.topology import current_version, downconvert_targets
 from app.wire.schemas import EventSchema, dlq_topic, load

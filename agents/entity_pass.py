@@ -25,7 +25,8 @@ import faust
 from faust.types import EventT
 
 from agents.batching import BATCH, WITHIN, take_ready
-from app.wire.deadletter import Outgoing, produce_all
+from agents.producing import produce_all
+from app.wire.messages import Outgoing
 from app.wire.codec import decode
 from app.wire.schemas import EventSchema, load
 

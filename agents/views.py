@@ -35,7 +35,9 @@ from app.settings import Settings
 from app.topology import aggregations_of, root_models, updates_topic
 from app.views import Aggregation, BadUpdate, BatchItem, PartitionAggregates, apply_batch, merge_part, parse_update, present_state
 from app.web.tables import View
-from app.wire.deadletter import Outgoing, dead_letter, incoming, produce_all
+from agents.producing import produce_all
+from app.wire.deadletter import dead_letter
+from app.wire.messages import Outgoing, incoming
 
 log = logging.getLogger(__name__)
 

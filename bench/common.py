@@ -28,7 +28,8 @@ import models  # noqa: F401  # registers the demo models on EventedBase
 from app.embedded.broker import EmbeddedBroker
 from app.embedded.postgres import EmbeddedPostgres
 from app.orm import Database
-from app.outbox.relay import Message, to_messages
+from app.outbox.relay import to_messages
+from app.wire.messages import Outgoing
 from app.settings import Settings
 from models.order import STATUSES
 
@@ -299,7 +300,7 @@ async def create_topic(env: Env, topic: str, partitions: int | None = None) -> N
         await admin.close()
 
 
-def sample_message(key: str = "1") -> Message:
+def sample_message(key: str = "1") -> Outgoing:
     """A message exactly as the relay builds it for a new Order (Avro value + CloudEvents headers)."""
     now = datetime.now(timezone.utc)
     micros = int(now.timestamp() * 1_000_000)

@@ -27,8 +27,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from app.settings import Settings
 from app.kafka import TopicError, make_consumer, read_to_end, topic_partitions
 from app.wire.deadletter import (ERROR_CLASS, ERROR_MESSAGE, OUTBOX_ID, REDRIVEN_FROM, SOURCE_OFFSET,
-                                 SOURCE_PARTITION, SOURCE_TOPIC, Headers, Outgoing, outbox_row)
+                                 SOURCE_PARTITION, SOURCE_TOPIC, outbox_row)
 from app.wire.deadletter import PREFIX as DLQ_PREFIX
+from app.wire.messages import Headers, Outgoing
 
 
 class DlqError(TopicError):

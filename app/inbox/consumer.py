@@ -47,7 +47,8 @@ from app.retries import Backoff
 from app.settings import Settings
 from app.topology import inbox_dead_letter_topic
 from app.wire.codec import schema_for_topic
-from app.wire.deadletter import Incoming, dead_letter
+from app.wire.deadletter import dead_letter
+from app.wire.messages import Incoming
 from app.wire.schemas import EventSchema
 from app.errors import EventsError, is_transient
 

@@ -92,7 +92,7 @@ def _package_version() -> str:
 def _channels(settings: Settings) -> list[Channel]:
     """Every topic, in a stable order: per entity current, older versions, DLQ; then access, outbox DLQ."""
     from app.registry import load_models
-    from app.topology import RELAY_DLQ_TOPIC as DLQ_TOPIC
+    from app.topology import RELAY_DLQ_TOPIC
     from app.wire.schemas import ACCESS_TOPIC, dlq_topic, load
     from app.topology import DOWNCONVERT, DUAL_PUBLISH, current_version, legacy_modes, root_model
 
@@ -159,10 +159,10 @@ def _channels(settings: Settings) -> list[Channel]:
         "keys, count, first/last time), through the outbox. Kafka key: the entity read.",
         _event_message(access), EVENT, "the outbox relay, from access-log outbox rows"))
     out.append(Channel(
-        DLQ_TOPIC,
+        RELAY_DLQ_TOPIC,
         "Outbox rows the relay could not encode as Avro, as JSON with why and where from in the "
         "`dlq_*` headers every dead letter has; the row leaves the outbox only once this message "
-        f"is acked, so nothing is lost. `python -m app dlq list|redrive {DLQ_TOPIC}` (redrive "
+        f"is acked, so nothing is lost. `python -m app dlq list|redrive {RELAY_DLQ_TOPIC}` (redrive "
         "encodes the row again and publishes it).",
         _outbox_dead_letter_message(), DEAD_LETTER, "the outbox relay"))
     return out

@@ -114,9 +114,9 @@ class Sources:
     def dead_letters(self) -> dict[tuple[str, str], int]:
         """(stage, dead-letter topic) -> messages dead-lettered by this worker."""
         from app.wire.schemas import dlq_topic
-        from app.topology import RELAY_DLQ_TOPIC as DLQ_TOPIC
+        from app.topology import RELAY_DLQ_TOPIC
 
-        out = {("relay", DLQ_TOPIC): self.relay.stats.dead_lettered if self.relay is not None else 0}
+        out = {("relay", RELAY_DLQ_TOPIC): self.relay.stats.dead_lettered if self.relay is not None else 0}
         for topic, count in self.downconverted.dead_lettered.items():
             out[("downconvert", dlq_topic(topic))] = count
         return out

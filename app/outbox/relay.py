@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ from app.kafka import ensure_topics
 from app.retries import Backoff
 from app.wire.convert import convert_record
 from app.wire.codec import encode_message, schema_for_topic
-from app.wire.deadletter import Outgoing, outbox_dead_letter
+from app.wire.deadletter import outbox_dead_letter
+from app.wire.messages import Outgoing, envelope
 from app.wire.schemas import load
 from app.topology import RELAY_DLQ_TOPIC, dual_publish_targets, evented_topics
 from app.outbox.store import CHANNEL, LAG_SQL, SHARDS
@@ -44,7 +44,6 @@ RELAY_LOCK = 7325002
 MEMBER_LOCK = 7325003
 #: NOTIFY channel of relay membership changes (a relay joined, or gave shards back).
 RELAYS_CHANNEL = "outbox_relays"
-DLQ_TOPIC = RELAY_DLQ_TOPIC  # the name topology gives it
 # Kafka's default partitioner (murmur2 of the key), as Java clients and aiokafka's send() use.
 _PARTITIONER = DefaultPartitioner()
 
@@ -80,46 +79,24 @@ class RelayStats:
     last_error_at: float = 0.0
 
 
-@dataclass
-class Message:
-    """One Kafka message built from an outbox row."""
-
-    topic: str
-    key: bytes
-    value: bytes
-    headers: list[tuple[str, bytes]]
-
-
-def to_messages(row: asyncpg.Record | dict[str, Any], dual: tuple[int, ...] = ()) -> list[Message]:
+def to_messages(row: asyncpg.Record | dict[str, Any], dual: tuple[int, ...] = ()) -> list[Outgoing]:
     """The Kafka messages of one outbox row: its own version, then each dual-published one."""
     schema = schema_for_topic(row["topic"])
-    data = row["data"]
-    record = {
-        "event_id": str(row["event_id"]),
-        "message_version": 1,
-        "schema_version": row["schema_version"],
-        "service": row["service"],
-        "entity": row["entity"],
-        "key": row["key"],
-        "op": row["op"],
-        "occurred_at": row["occurred_at"],
-        "sequence": row["sequence"],
-        "data": json.loads(data) if isinstance(data, str) else data,
-    }
+    record = envelope(row)
     key = row["key"].encode()
     value, headers = encode_message(schema, record)
-    messages = [Message(row["topic"], key, value, headers)]
+    messages = [Outgoing(row["topic"], key, value, None, headers)]
     for version in dual:
         old = load(schema.entity, version)
         value, headers = encode_message(old, convert_record(record, version))
-        messages.append(Message(old.topic, key, value, headers))
+        messages.append(Outgoing(old.topic, key, value, None, headers))
     return messages
 
 
 def dead_letter(row: asyncpg.Record, exc: BaseException) -> Outgoing:
     """A row that cannot be encoded, on the outbox dead-letter topic in the agents' dead-letter
     format (app/wire/deadletter.py), as JSON `python -m app dlq redrive` can publish again."""
-    return outbox_dead_letter(DLQ_TOPIC, row, exc)
+    return outbox_dead_letter(RELAY_DLQ_TOPIC, row, exc)
 
 
 class Relay:
@@ -185,7 +162,7 @@ class Relay:
             )
             await producer.start()
             try:
-                await ensure_topics(self.settings, [*self.topics, DLQ_TOPIC])
+                await ensure_topics(self.settings, [*self.topics, RELAY_DLQ_TOPIC])
                 self.stats.error = ""  # the database and the broker answer again
                 await self._relay(conn, producer)
                 # Stopping: leave, and tell the others to take the shards now (a relay that
@@ -278,7 +255,7 @@ class Relay:
         Messages go out as one record batch per topic-partition (aiokafka's batch API): the
         per-message `send()` path costs more than encoding the event itself.
         """
-        messages: list[Message | Outgoing] = []
+        messages: list[Outgoing] = []
         for row in rows:
             try:
                 messages.extend(to_messages(row, self.dual.get(row["topic"], ())))

@@ -9,28 +9,21 @@ the consumed message, untouched (key, value, its own headers after ours), on
 application/json`) on `outbox.dlq`, its `dlq_source_topic` the topic the row was meant for:
 its event never reached a topic, so the row is what can be published again.
 `python -m app dlq list|redrive` read both (app/cli/dlq.py). Agents produce their output (dead
-letters included) before their input is acked, and the relay deletes a row only once its
+letters included) before their input is acked (agents/producing.py), and the relay deletes a row only once its
 letter is acked, so a crash sends a letter twice at worst and never loses one.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from app.retries import retries_of
+from app.wire.messages import Headers, Incoming, Outgoing
 from app.wire.schemas import dlq_topic
 
-if TYPE_CHECKING:
-    import faust
-
 log = logging.getLogger(__name__)
-
-Headers = list[tuple[str, bytes]]
 
 #: Every header a dead letter adds starts with this; redrive drops them.
 PREFIX = "dlq_"
@@ -44,29 +37,6 @@ OUTBOX_ID = "dlq_outbox_id"
 REDRIVEN_FROM = "dlq_redriven_from"
 #: Outbox columns JSON has no type for, written as text (`outbox_row` reads them back).
 _ROW_AS_TEXT = ("event_id", "occurred_at")
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """What an agent needs of one consumed message."""
-
-    key: bytes | None
-    value: bytes | None
-    partition: int
-    offset: int
-    headers: Headers
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """One message to produce."""
-
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    partition: int | None
-    headers: Headers
-    timestamp: float | None = None  # seconds; None: now
 
 
 def reason(exc: BaseException, source_topic: str, *, partition: int | None = None,
@@ -100,20 +70,3 @@ def outbox_row(value: bytes) -> dict[str, Any]:
     row: dict[str, Any] = json.loads(value)
     row["occurred_at"] = datetime.fromisoformat(row["occurred_at"])
     return row
-
-
-def incoming(message: faust.types.Message) -> Incoming:
-    """The parts of a consumed Faust message a dead letter keeps."""
-    return Incoming(message.key, message.value, message.partition, message.offset, list(message.headers or ()))
-
-
-async def produce_all(app: faust.App, messages: list[Outgoing], *, stage: str = "produce") -> None:
-    """Send `messages` in order and wait for every ack, retrying until the broker takes them."""
-    async def attempt() -> None:
-        # Sent one after the other (each send only queues), then every ack awaited together.
-        futures = [await app.producer.send(m.topic, m.key, m.value, m.partition, m.timestamp, m.headers)
-                   for m in messages]
-        await asyncio.gather(*futures)
-
-    # The input is not acked until this is produced: never lose it.
-    await retries_of(app).until_done(stage, attempt, first_backoff=0.1, max_backoff=5.0)

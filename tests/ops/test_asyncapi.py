@@ -18,7 +18,7 @@ from referencing import Registry
 from app.ops.asyncapi import AVRO_SCHEMA_FORMAT, build_document
 from app.wire.codec import ce_headers, schema_for_topic
 from app.topology import current_version, evented_topics, legacy_modes
-from app.outbox.relay import DLQ_TOPIC
+from app.topology import RELAY_DLQ_TOPIC
 from app.wire.schemas import SCHEMA_DIR, field_type, topic_name
 from app.settings import Settings
 
@@ -118,7 +118,7 @@ def test_info_server_and_content_type(document: Document) -> None:
 def test_every_topic_the_system_uses_is_a_channel(document: Document) -> None:
     addresses = [c["address"] for c in document["channels"].values()]
     assert len(addresses) == len(set(addresses))
-    assert set(addresses) == {*evented_topics(), DLQ_TOPIC}
+    assert set(addresses) == {*evented_topics(), RELAY_DLQ_TOPIC}
     assert {"orders-v2", "orders-v1", "customers-v1", "access-v1", "orders-v2.dlq", "outbox.dlq"} <= set(addresses)
 
 
@@ -127,7 +127,7 @@ def test_messages_carry_the_avsc_files_as_they_are(document: Document) -> None:
     for channel in document["channels"].values():
         for message in channel["messages"].values():
             payload = message["payload"]
-            if channel["address"] == DLQ_TOPIC:
+            if channel["address"] == RELAY_DLQ_TOPIC:
                 assert message["contentType"] == "application/json" and "schemaFormat" not in payload
                 continue
             schema = schema_for_topic(channel["address"].removesuffix(".dlq"))
@@ -165,7 +165,8 @@ def test_event_headers_are_what_the_relay_writes(document: Document) -> None:
 
 
 def test_dead_letter_headers_are_what_the_agent_writes(document: Document) -> None:
-    from app.wire.deadletter import Incoming, dead_letter
+    from app.wire.deadletter import dead_letter
+    from app.wire.messages import Incoming
 
     source = schema_for_topic("orders-v2")
     original = ce_headers(source, uuid4(), "orders", "update", datetime.now(timezone.utc))

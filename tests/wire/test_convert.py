@@ -7,7 +7,7 @@ import pytest
 
 from agents.downconvert import convert_batch
 from agents.entity_pass import decode_all
-from app.wire.deadletter import Incoming
+from app.wire.messages import Incoming
 from app.wire.schemas import dlq_topic
 from app.wire.convert import CONVERTERS, ConversionError, Converter, chain, convert_record
 from models.order import orders_v2_to_v1
