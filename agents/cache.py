@@ -94,4 +94,5 @@ def _declare(app: faust.App, resource: CacheResource, schema: EventSchema, *, de
             if batch:
                 await apply_all(resource.repo, batch, stage=name, retries=retries)
 
+    refresh_cache.stages = ("cache",)  # type: ignore[attr-defined]  # its metric stage (app/ops/metrics.py)
     app.agent(topic, name=name)(refresh_cache)

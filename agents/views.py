@@ -134,6 +134,8 @@ def _declare_stage2(app: faust.App, settings: Settings, aggregation: Aggregation
     async def apply_updates(stream: faust.StreamT[Any]) -> None:
         await merge_into(app, target, stream, aggregation)
 
+    # Internal repartition input: it counts for no pipeline stage (app/ops/metrics.py).
+    apply_updates.stages = ()  # type: ignore[attr-defined]
     app.agent(topic, name=f"apply_{aggregation.name}_updates")(apply_updates)
 
 

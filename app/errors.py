@@ -24,6 +24,13 @@ class EventsError(Exception):
     transient: ClassVar[bool] = False
 
 
+class StartupError(EventsError, RuntimeError):
+    """A server a command or service needs is unreachable or not set up; the message names it
+    and its address, in one line (app/cli/preflight.py checks them before anything runs)."""
+
+    transient = True  # a server that does not answer yet may later
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) says a server or the network is unavailable, so the
     same operation may succeed later, rather than that the input or the handler is wrong."""

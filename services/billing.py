@@ -70,7 +70,7 @@ async def check_tables(db: Database) -> None:
     from sqlalchemy import text
     from sqlalchemy.exc import ProgrammingError
 
-    from app.cli.preflight import StartupError
+    from app.errors import StartupError
 
     try:
         async with db.engine.connect() as conn:

@@ -7,8 +7,7 @@ import pkgutil
 
 import app
 from app.capture.entities import SchemaMismatch
-from app.cli.preflight import StartupError
-from app.errors import EventsError, is_transient
+from app.errors import EventsError, StartupError, is_transient
 
 
 def own_exception_classes() -> list[type[BaseException]]:

@@ -7,14 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from app.errors import StartupError
 from app.settings import Settings
-from app.errors import EventsError
 
-
-class StartupError(EventsError, RuntimeError):
-    """A server the command needs is unreachable; the message names it and its address."""
-
-    transient = True  # a server that does not answer yet may later
+__all__ = ["StartupError", "check_all", "check_broker", "check_database", "check_models_agree", "create_topics",
+           "init_db", "require"]
 
 
 def require(settings: Settings, field: str, env: str) -> None:

@@ -71,12 +71,12 @@ class DownconvertCounts:
 
 
 def stages_of(agent: AgentT, sources: set[str]) -> tuple[str, ...]:
-    """The pipeline stages an agent's events count for, if it reads event topics: the jobs of
-    a `process_<entity>` agent (`agents/entity_pass.py`), else its module in `agents/`."""
-    module = getattr(agent.fun, "__module__", "") or ""
-    if not module.startswith("agents.") or not sources & set(agent.get_topic_names()):
-        return ()  # e.g. the views' second stage, which reads internal repartition topics
-    return getattr(agent.fun, "stages", None) or (module.rsplit(".", 1)[1],)
+    """The pipeline stages an agent's events count for: what its function declares (`stages`,
+    e.g. the jobs of a `process_<entity>` agent, agents/entity_pass.py), if it reads event
+    topics; an agent that declares none counts for none."""
+    if not sources & set(agent.get_topic_names()):
+        return ()
+    return tuple(getattr(agent.fun, "stages", ()))
 
 
 # -- what a scrape reads -------------------------------------------------------------------
