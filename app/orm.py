@@ -3,9 +3,10 @@
 DESIGN.md's public contract; the code lives in `app/capture/`, one module per part.
 """
 from app.capture.agreement import ModelSchemaMismatch, unevented_column
-from app.capture.base import EventedBase, EventedSession
+from app.capture.listeners import EventedSession
+from app.capture.model import EventedBase
 from app.capture.database import Database
-from app.capture.entities import SchemaMismatch
+from app.capture.plans import SchemaMismatch
 from app.capture.ownership import OwnershipError, UneventedWrite, sensitive_column
 
 __all__ = ["EventedBase", "Database", "EventedSession", "ModelSchemaMismatch", "OwnershipError", "SchemaMismatch",

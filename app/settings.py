@@ -13,6 +13,9 @@ LEGACY_MODES = ("dual-publish", "downconvert")
 #: supervises, a thread with its own event loop, the agents' event loop, or not at all
 #: (`python -m app relay` processes publish the outbox).
 RELAY_MODES = ("process", "thread", "loop", "off")
+#: The stream worker's service name and PostgreSQL role (the relay, the cache agent,
+#: `/entities`); not an entity owner (app/capture/roles.py).
+WORKER = "worker"
 
 
 @dataclass(frozen=True)

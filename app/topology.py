@@ -4,12 +4,11 @@ The relay, the stream agents, the CLI, replay, the AsyncAPI document and the met
 these facts here instead of each walking the model registry (or building topic names) itself:
 event topics and their dead letters, the relay's dead-letter topic, and the worker's view
 topics (table changelogs and the views' repartition topics). `root_models` lives in
-app/capture/base.py, next to the base, which installs the capture triggers with it; it is
-re-exported here.
+app/capture/model.py, next to the base, and is re-exported here.
 """
 from __future__ import annotations
 
-from app.capture.base import EventedBase, root_models
+from app.capture.model import EventedBase, root_models
 from app.views import Aggregation
 from app.wire.schemas import ACCESS_TOPIC, dlq_topic, load, topic_name
 from app.settings import LEGACY_MODES, Settings

@@ -29,6 +29,7 @@ from app.embedded.broker import EmbeddedBroker
 from app.embedded.postgres import EmbeddedPostgres
 from app.orm import Database
 from app.outbox.relay import to_messages
+from app.schema import create_all
 from app.wire.messages import Outgoing
 from app.settings import Settings
 from models.order import STATUSES
@@ -257,10 +258,10 @@ RAW_TABLE = "raw_orders"
 
 
 async def create_schema(env: Env) -> None:
-    """Entity tables + outbox (through `Database.create_all`), the plain and the raw table."""
+    """Entity tables + outbox (`app.schema.create_all`), the plain and the raw table."""
     db = Database(env.url, service="orders")
     try:
-        await db.create_all()
+        await create_all(db.engine)
         async with db.engine.begin() as conn:
             await conn.run_sync(PlainBase.metadata.create_all)
     finally:

@@ -7,7 +7,7 @@ import random
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.capture.database import create_schema
+from app.schema import create_all
 from app.orm import Database
 from app.settings import Settings
 from models import Customer, Order, OrderShipping
@@ -50,8 +50,7 @@ async def run_demo(settings: Settings, *, rate: float, count: int = 0) -> None:
         # create tables, by design).
         admin = create_async_engine(settings.database_url)
         try:
-            async with admin.begin() as conn:
-                await conn.run_sync(create_schema)
+            await create_all(admin)
         finally:
             await admin.dispose()
     db = Database(settings.database_url_for("orders"), service="orders")

@@ -6,7 +6,7 @@ import inspect
 import pkgutil
 
 import app
-from app.capture.entities import SchemaMismatch
+from app.capture.plans import SchemaMismatch
 from app.errors import EventsError, StartupError, is_transient
 
 

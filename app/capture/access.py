@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from app.outbox import store as outbox
+from sqlalchemy import Connection, text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-if TYPE_CHECKING:
-    from app.capture.database import Database
+from app.wire.schemas import ACCESS_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,9 @@ class AccessLog:
     client) but in a separate, batched transaction, never in the reader's own.
     """
 
-    def __init__(self, db: "Database", interval: float, max_keys: int) -> None:
-        self._db = db
+    def __init__(self, engine: AsyncEngine, service: str, interval: float, max_keys: int) -> None:
+        self._engine = engine
+        self._service = service
         self._interval = interval
         self._max_keys = max_keys
         self._batches: dict[tuple[str, str | None], _AccessBatch] = {}
@@ -64,9 +66,9 @@ class AccessLog:
             return
         batches, self._batches = self._batches, {}
         try:
-            async with self._db.engine.begin() as conn:
-                await conn.run_sync(lambda c: outbox.record_access(
-                    c, self._db.service, {k: b.as_data(k[1]) for k, b in batches.items()}))
+            async with self._engine.begin() as conn:
+                await conn.run_sync(lambda c: record_access(
+                    c, self._service, {k: b.as_data(k[1]) for k, b in batches.items()}))
         except Exception as exc:  # best-effort: a failed access batch must not break reads
             self.dropped += sum(b.reads for b in batches.values())
             log.warning("access events dropped: %s", exc)
@@ -96,3 +98,18 @@ class _AccessBatch:
             "keys": sorted(self.keys),
             "on_behalf_of": on_behalf_of,
         }
+
+
+_ACCESS = text("""
+INSERT INTO outbox (topic, entity, schema_version, key, op, service, sequence, occurred_at, data)
+VALUES (:topic, :entity, 1, :entity, 'read', :service, 0, :first_at, CAST(:data AS json))""")
+
+
+def record_access(conn: Connection, service: str,
+                  batches: dict[tuple[str, str | None], dict[str, Any]]) -> None:
+    """Write one `access-v1` outbox row per entity read (and service it was read for)."""
+    conn.execute(_ACCESS, [
+        {"topic": ACCESS_TOPIC, "entity": entity, "service": service,
+         "first_at": batch.pop("first_at"), "data": json.dumps(batch)}
+        for (entity, _), batch in batches.items()
+    ])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Column
 from sqlalchemy.orm import mapped_column
@@ -24,9 +24,8 @@ from sqlalchemy.orm import mapped_column
 from app.wire import schemas as wire_schemas
 from app.wire.schemas import field_type, non_null, record_fields
 from app.errors import EventsError
+from app.capture.model import EventedBase
 
-if TYPE_CHECKING:
-    from app.capture.base import EventedBase
 
 #: `Column.info` key of a column kept out of events on purpose (see `unevented_column`).
 UNEVENTED = "unevented"
@@ -44,7 +43,7 @@ def unevented_column(*args: Any, **kwargs: Any) -> Any:
     return mapped_column(*args, info=info, **kwargs)
 
 
-def disagreements(base: type["EventedBase"], schema_dir: Path | None = None) -> list[str]:
+def disagreements(base: type[EventedBase], schema_dir: Path | None = None) -> list[str]:
     """One line per disagreement between the models on `base` and their schemas: found on the
     search path (`app.wire.schemas.schema_path`), or in `schema_dir` when given. In a directory
     other than the project's, only the entities it has a folder for are checked (`schemas check
@@ -77,7 +76,7 @@ def disagreements(base: type["EventedBase"], schema_dir: Path | None = None) -> 
     return out + _table_name_clashes(base)
 
 
-def check_models(base: type["EventedBase"], schema_dir: Path | None = None) -> None:
+def check_models(base: type[EventedBase], schema_dir: Path | None = None) -> None:
     """Raise `ModelSchemaMismatch` (one line: the first disagreement) if there is any."""
     problems = disagreements(base, schema_dir)
     if problems:
@@ -140,7 +139,7 @@ def _aggregation_problems(model: Any, fields: list[dict[str, Any]], shown: str) 
     return out
 
 
-def _table_name_clashes(base: type["EventedBase"]) -> list[str]:
+def _table_name_clashes(base: type[EventedBase]) -> list[str]:
     """Aggregations named like an entity or like each other: the worker has one table per name."""
     roots = [m.class_ for m in base.registry.mappers if getattr(m.class_, "__extends__", None) is None]
     owners: dict[str, str] = {model.__entity__: f"entity {model.__entity__!r}" for model in roots}

@@ -5,15 +5,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import Connection, event
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import configure_mappers
 
 from app.capture import ownership
 from app.capture.access import FLUSH_INTERVAL, MAX_KEYS, AccessLog
-from app.capture.base import CAPTURING, EventedBase, EventedSession, install_capture, install_listeners
-from app.inbox import store as inbox
-from app.outbox import store as outbox
+from app.capture.listeners import CAPTURING, EventedSession, install_listeners
+from app.capture.model import EventedBase
 
 
 def _sql_filter(service: str) -> Any:
@@ -37,15 +36,6 @@ def _sql_filter(service: str) -> Any:
     return check
 
 
-def create_schema(conn: Connection) -> None:
-    """Create the entity tables, the outbox and its triggers, the inbox, and the capture
-    triggers (idempotent); `init-db` runs it as the tables' owner, no service's handle."""
-    EventedBase.metadata.create_all(conn)
-    outbox.install(conn)
-    inbox.install(conn)
-    install_capture(conn)
-
-
 class Database:
     """An async engine whose sessions raise events for every write and read."""
 
@@ -66,7 +56,7 @@ class Database:
             # Every statement of this engine, however it was written, passes these checks.
             event.listen(self.engine.sync_engine, "before_cursor_execute", _sql_filter(service))
         self.access: AccessLog | None = (
-            AccessLog(self, access_interval, access_max_keys) if record_reads else None
+            AccessLog(self.engine, service, access_interval, access_max_keys) if record_reads else None
         )
         self._sessions = async_sessionmaker(
             self.engine, sync_session_class=EventedSession, expire_on_commit=False,
@@ -87,11 +77,6 @@ class Database:
             except BaseException:
                 await session.rollback()
                 raise
-
-    async def create_all(self) -> None:
-        """`create_schema` on this engine (a service whose role may create tables: demos, benches)."""
-        async with self.engine.begin() as conn:
-            await conn.run_sync(create_schema)
 
     async def close(self) -> None:
         """Flush the access log and close every pooled connection."""

@@ -13,14 +13,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cache, lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import inspect
 from sqlalchemy.orm import InstrumentedAttribute, mapped_column, undefer
 from app.errors import EventsError
+from app.capture.model import EventedBase
 
-if TYPE_CHECKING:
-    from app.capture.base import EventedBase
 
 #: Key under which `_on_load` notes, in an instance's __dict__, which service loaded it.
 LOADED_BY = "_evented_loaded_by"
@@ -85,13 +84,13 @@ def normalize_sql(sql: str) -> str:
     return _UNICODE_IDENT.sub(decode, sql).replace('"', "").lower()
 
 
-def owner_of(model: type["EventedBase"]) -> str:
+def owner_of(model: type[EventedBase]) -> str:
     """The owner service of a model (an extension is owned by its root's owner)."""
     root = model.__extends__ or model
     return root.__owner__
 
 
-def sensitive_columns(base: type["EventedBase"]) -> list[Sensitive]:
+def sensitive_columns(base: type[EventedBase]) -> list[Sensitive]:
     """Every sensitive column of every evented model."""
     out = []
     for mapper in base.registry.mappers:
@@ -125,7 +124,7 @@ class SensitiveAttribute(InstrumentedAttribute[Any]):
 _GUARDED: dict[int, Sensitive] = {}
 
 
-def guard_attributes(base: type["EventedBase"]) -> None:
+def guard_attributes(base: type[EventedBase]) -> None:
     """Make every sensitive attribute a `SensitiveAttribute` (idempotent)."""
     for item in sensitive_columns(base):
         attr = getattr(item.model, item.attr)
@@ -135,13 +134,13 @@ def guard_attributes(base: type["EventedBase"]) -> None:
 
 
 @cache
-def foreign_sensitive(base: type["EventedBase"], service: str) -> tuple[Sensitive, ...]:
+def foreign_sensitive(base: type[EventedBase], service: str) -> tuple[Sensitive, ...]:
     """Sensitive columns `service` does not own."""
     return tuple(s for s in sensitive_columns(base) if s.owner != service)
 
 
 @cache
-def owned_undefers(base: type["EventedBase"], service: str) -> dict[type, list[Any]]:
+def owned_undefers(base: type[EventedBase], service: str) -> dict[type, list[Any]]:
     """model -> `undefer()` options of the sensitive columns `service` owns on it."""
     out: dict[type, list[Any]] = {}
     for s in sensitive_columns(base):
@@ -201,7 +200,7 @@ def written_table(tables: frozenset[str], sql: str) -> str | None:
     return match.group(1) or match.group(2) if match else None
 
 
-def check_write(service: str, model: type["EventedBase"]) -> None:
+def check_write(service: str, model: type[EventedBase]) -> None:
     """Refuse a write of an entity `service` does not own."""
     owner = owner_of(model)
     if owner != service:

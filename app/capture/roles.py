@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Table, text
 from sqlalchemy.engine import make_url
 
-if TYPE_CHECKING:
-    from app.capture.base import EventedBase
-
-#: The role of the stream worker (relay, cache agent, `/entities`); not an entity owner.
-WORKER = "worker"
+from app.capture.model import EventedBase
+# The stream worker's role: defined in app/settings.py (the relay reads it there), named here
+# with the services' roles it is provisioned beside.
+from app.settings import WORKER
 #: Held while provisioning, so two `init-db` runs do not interleave their REVOKE/GRANTs.
 _LOCK = 7325002
 
@@ -59,7 +57,7 @@ def role_name(prefix: str, service: str) -> str:
     return name
 
 
-def entity_tables(base: type["EventedBase"]) -> list[EntityTables]:
+def entity_tables(base: type[EventedBase]) -> list[EntityTables]:
     """Every entity with its tables, from the models."""
     by_entity: dict[str, tuple[str, list[Table], set[tuple[str, str]]]] = {}
     for mapper in sorted(base.registry.mappers, key=lambda m: m.class_.__name__):
@@ -73,7 +71,7 @@ def entity_tables(base: type["EventedBase"]) -> list[EntityTables]:
             for entity, (owner, tables, sensitive) in sorted(by_entity.items())]
 
 
-def services(base: type["EventedBase"], extra: tuple[str, ...] = ()) -> list[str]:
+def services(base: type[EventedBase], extra: tuple[str, ...] = ()) -> list[str]:
     """Every service that gets a role: the owners in the models, plus `extra` (readers only)."""
     owners = {e.owner for e in entity_tables(base)}
     if WORKER in owners:
@@ -89,7 +87,7 @@ def _lit(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def grant_sql(base: type["EventedBase"], prefix: str, extra: tuple[str, ...] = ()) -> list[str]:
+def grant_sql(base: type[EventedBase], prefix: str, extra: tuple[str, ...] = ()) -> list[str]:
     """The statements that (re)set every privilege, idempotently; roles must exist."""
     entities = entity_tables(base)
     all_services = services(base, extra)
@@ -167,7 +165,7 @@ def grant_sql(base: type["EventedBase"], prefix: str, extra: tuple[str, ...] = (
     return out
 
 
-def provision(conn: Connection, base: type["EventedBase"], prefix: str,
+def provision(conn: Connection, base: type[EventedBase], prefix: str,
               passwords: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     """Create the roles (LOGIN) that do not exist, set passwords given, and grant; returns the roles.
 
@@ -199,14 +197,14 @@ def provision(conn: Connection, base: type["EventedBase"], prefix: str,
     return names
 
 
-def drop_roles(conn: Connection, base: type["EventedBase"], prefix: str,
+def drop_roles(conn: Connection, base: type[EventedBase], prefix: str,
                extra: tuple[str, ...] = ()) -> None:
     """Drop the roles (after every database that granted them something was dropped)."""
     for service in services(base, extra):
         conn.execute(text(f"DROP ROLE IF EXISTS {_q(role_name(prefix, service))}"))
 
 
-def service_urls(base: type["EventedBase"], prefix: str, url: str, extra: tuple[str, ...] = ()) -> dict[str, str]:
+def service_urls(base: type[EventedBase], prefix: str, url: str, extra: tuple[str, ...] = ()) -> dict[str, str]:
     """service -> `url` connecting as that service's role (no password: trust or `.pgpass`)."""
     return {service: service_url(url, role_name(prefix, service)) for service in services(base, extra)}
 

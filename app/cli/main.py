@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              for_seconds=args.for_seconds))
         if args.command == "schemas":
             from app.registry import load_models
-            from app.wire.compat import run_check
+            from app.cli.schemas import run_check
             load_models(settings)  # the models, and the converters between versions beside them
             sys.exit(run_check(Path(args.dir) if args.dir else None))
         if args.command == "asyncapi":

@@ -33,8 +33,7 @@ from app.wire.messages import Outgoing, envelope
 from app.wire.schemas import load
 from app.topology import RELAY_DLQ_TOPIC, dual_publish_targets, evented_topics
 from app.outbox.store import CHANNEL, LAG_SQL, SHARDS
-from app.capture.roles import WORKER
-from app.settings import Settings
+from app.settings import WORKER, Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,8 @@
-"""The transactional outbox: rows written with each write, and the relay that publishes them."""
+"""The outbox table: its DDL, shards, NOTIFY channel and lag query (rows are written by app/capture/)."""
 from __future__ import annotations
-
-import json
-from typing import Any
 
 from sqlalchemy import Connection, text
 
-from app.wire.schemas import ACCESS_TOPIC
 
 #: Outbox shards: relays divide them among themselves (app/outbox/relay.py).
 SHARDS = 16
@@ -14,7 +10,7 @@ SHARDS = 16
 #: Idempotent DDL. `event_sequences` holds the per-aggregate sequence: its row lock
 #: serializes writers of one aggregate, and it outlives a delete, so a re-created key
 #: keeps counting up instead of restarting at 1 behind events consumers already applied.
-#: `xact` and `outbox_id` are the capture trigger's (app/capture/entities.py `capture_sql`): the
+#: `xact` and `outbox_id` are the capture trigger's (app/capture/outbox_trigger.py `capture_sql`): the
 #: transaction that last wrote the key's event, and that event's outbox row.
 DDL = [
     """CREATE TABLE IF NOT EXISTS event_sequences (
@@ -50,7 +46,7 @@ DDL = [
        BEGIN PERFORM pg_notify('outbox', ''); RETURN NULL; END $$""",
     "DROP TRIGGER IF EXISTS outbox_notify ON outbox",
     # Not for rows the capture triggers write (trigger depth 1): they notify once per
-    # transaction themselves (app/capture/entities.py `capture_sql`).
+    # transaction themselves (app/capture/outbox_trigger.py `capture_sql`).
     """CREATE TRIGGER outbox_notify AFTER INSERT ON outbox
        FOR EACH STATEMENT WHEN (pg_trigger_depth() < 1) EXECUTE FUNCTION outbox_notify()""",
 ]
@@ -59,24 +55,9 @@ CHANNEL = "outbox"
 #: Pending rows and the age of the oldest, in seconds: the relay's lag gauge and `outbox status`.
 LAG_SQL = "SELECT count(*), EXTRACT(epoch FROM clock_timestamp() - min(occurred_at)) FROM outbox"
 
-_ACCESS = text("""
-INSERT INTO outbox (topic, entity, schema_version, key, op, service, sequence, occurred_at, data)
-VALUES (:topic, :entity, 1, :entity, 'read', :service, 0, :first_at, CAST(:data AS json))""")
-
-
 def install(conn: Connection) -> None:
     """Create the outbox, the sequences table and the NOTIFY trigger."""
     # An advisory lock keeps concurrent installers (several workers starting) from racing.
     conn.execute(text("SELECT pg_advisory_xact_lock(7325001)"))
     for statement in DDL:
         conn.execute(text(statement))
-
-
-def record_access(conn: Connection, service: str,
-                  batches: dict[tuple[str, str | None], dict[str, Any]]) -> None:
-    """Write one `access-v1` outbox row per entity read (and service it was read for)."""
-    conn.execute(_ACCESS, [
-        {"topic": ACCESS_TOPIC, "entity": entity, "service": service,
-         "first_at": batch.pop("first_at"), "data": json.dumps(batch)}
-        for (entity, _), batch in batches.items()
-    ])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,41 +302,3 @@ def check_dir(schema_dir: Path, converters: Mapping[tuple[str, int, int], Conver
     report = check_schemas(schemas, converters)
     report.problems = parse_problems + report.problems
     return report
-
-
-def run_check(schema_dir: Path | None = None) -> int:
-    """The `schemas check` command: print the report; 0 when all is well, 1 otherwise.
-
-    Without `schema_dir`, every folder of the search path (the project's `schemas/`, then those
-    of the models' packages) is checked.
-    """
-    from app.wire.schemas import schema_dirs
-
-    directories = schema_dirs() if schema_dir is None else [schema_dir]
-    missing = [d for d in directories if not d.is_dir()]
-    if missing:
-        print(f"error: schema directory {missing[0]} does not exist", file=sys.stderr)
-        return 1
-    report = Report()
-    for directory in directories:
-        found = check_dir(directory)
-        report.ok += found.ok
-        report.problems += found.problems
-    directory = directories[0] if len(directories) == 1 else ", ".join(map(str, directories))
-    # The models against the same files (`app.capture.agreement`): a column the schema lacks
-    # would be dropped from every event.
-    from app.capture.agreement import disagreements
-    from app.orm import EventedBase
-
-    models = disagreements(EventedBase, schema_dir)
-    report.problems += models
-    if not models:
-        report.ok.append("models: every column is in its schema or kept out of events on purpose")
-    for line in report.ok:
-        print(line)
-    for line in report.problems:
-        print(line, file=sys.stderr)
-    if report.problems:
-        print(f"schemas check: {len(report.problems)} problem(s) in {directory}", file=sys.stderr)
-        return 1
-    return 0

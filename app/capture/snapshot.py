@@ -27,8 +27,9 @@ from typing import Any
 import asyncpg
 from sqlalchemy.dialects import postgresql
 
-from app.capture.base import EventedBase
-from app.capture.entities import _identifier, _literal, plan_for, state_sql
+from app.capture.model import EventedBase
+from app.capture.outbox_trigger import _identifier, _literal, state_sql
+from app.capture.plans import plan_for
 from app.capture.ownership import owner_of
 
 #: Keys per transaction.

@@ -1,11 +1,11 @@
-"""EventedBase and its session listeners: every write of an entity table leaves an outbox row in its transaction.
+"""The session listeners: every write of an entity table leaves an outbox row in its transaction.
 
 How a write becomes an event:
 - `before_flush` (and `do_orm_execute` for ORM bulk `insert()/update()/delete()`) checks
   ownership and validates new and changed objects against the entity's Avro schema, so a bad
   write fails before any SQL is sent;
 - PostgreSQL does the rest: a deferred capture trigger on every entity table
-  (`app.capture.entities.capture_sql`, installed by `Database.create_all`) bumps the aggregate's
+  (`app.capture.outbox_trigger.capture_sql`, installed by `init-db`) bumps the aggregate's
   sequence under its row lock and writes one outbox row per aggregate per transaction, with
   the aggregate's state as committed, at COMMIT, in no round trip of the writer's own;
 - the relay (`app.outbox.relay.Relay`) publishes committed rows. Rollback discards the rows with
@@ -15,50 +15,23 @@ from __future__ import annotations
 
 import logging
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any
 
-from sqlalchemy import Connection, event
+from sqlalchemy import event
 from sqlalchemy.engine import Result
-from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.orm import (
-    DeclarativeBase,
     Mapper,
     ORMExecuteState,
     Session,
     UOWTransaction,
 )
 
-from app.aggregations import Declared
 from app.capture import ownership
-from app.capture.entities import capture_sql, plan_for
-
-if TYPE_CHECKING:
-    from app.capture.access import AccessLog
+from app.capture.access import AccessLog
+from app.capture.plans import plan_for
+from app.capture.model import EventedBase
 
 log = logging.getLogger(__name__)
-
-
-
-class EventedBase(AsyncAttrs, DeclarativeBase):
-    """Base of every entity model; its writes and reads raise events.
-
-    Class attributes a model sets:
-    - `__entity__`: topic family (`orders` -> `orders-v2`); `__owner__`: owner service;
-      `__schema_version__`: current schema version; `__legacy__`: older version -> how it is
-      served (`"dual-publish"` or `"downconvert"`); `__aggregations__`: the tables the worker
-      derives from the entity's events (`app/aggregations.py`: `count_by`, `sum_by`, `window_count`);
-    - for an extension instead: `__extends__` (the root model) and `__extension_field__`
-      (the field of the root's data record holding it). Its events are raised as the root.
-    """
-
-    __entity__: ClassVar[str]
-    __owner__: ClassVar[str]
-    __schema_version__: ClassVar[int]
-    __legacy__: ClassVar[dict[int, str]] = {}
-    __aggregations__: ClassVar[tuple[Declared, ...]] = ()
-    __extends__: ClassVar[type["EventedBase"] | None] = None
-    __extension_field__: ClassVar[str | None] = None
-
 
 #: True while the ORM writes (a flush, an ORM bulk statement), whose values were checked
 #: against the schema: `Database` refuses entity-table writes outside it (`UneventedWrite`).
@@ -133,18 +106,6 @@ def _on_load(target: EventedBase, context: Any) -> None:
     if access is not None:
         plan = plan_for(type(target))
         access.add(plan.root_entity, plan.key_of(target), context.session.info.get("on_behalf_of"))
-
-
-def root_models() -> list[type[EventedBase]]:
-    """The models that raise events under their own entity (not extensions)."""
-    return [m.class_ for m in EventedBase.registry.mappers if m.class_.__extends__ is None]
-
-
-def install_capture(conn: Connection) -> None:
-    """Create or replace the capture trigger of every entity table (`capture_sql`)."""
-    for model in root_models():
-        for statement in capture_sql(model):
-            conn.exec_driver_sql(statement)
 
 
 _installed = False

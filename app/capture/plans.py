@@ -1,0 +1,147 @@
+"""Per-model plans: how a model maps to its aggregate and its Avro schema, and how a write is checked against it."""
+from __future__ import annotations
+
+from datetime import datetime
+from functools import cache
+from typing import Any
+
+from sqlalchemy import Column, inspect
+from sqlalchemy.sql.elements import ClauseElement
+
+from app.wire.schemas import EventSchema, load, non_null, record_fields
+from app.errors import EventsError
+from app.capture.model import EventedBase
+
+
+LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+
+
+class SchemaMismatch(EventsError, ValueError):
+    """A write whose data does not fit the entity's Avro schema; raised before anything is sent."""
+
+    def __init__(self, entity: str, field: str, version: int, problem: str) -> None:
+        super().__init__(f"{entity}: field {field!r} does not fit schema v{version}: {problem}")
+        self.entity, self.field, self.version, self.problem = entity, field, version, problem
+
+
+class EntityPlan:
+    """What the event capture needs to know about one model, computed once per model."""
+
+    def __init__(self, model: type[EventedBase]) -> None:
+        root = model.__extends__ or model
+        self.model = model
+        self.root: type[EventedBase] = root
+        self.is_root = model.__extends__ is None
+        self.root_entity: str = root.__entity__
+        self.version: int = root.__schema_version__
+        self.schema: EventSchema = load(self.root_entity, self.version)
+        self.table = model.__table__  # type: ignore[attr-defined]
+        root_pk = _single_pk(root)
+        if self.is_root:
+            self.key_column: Column[Any] = root_pk
+            self.parent_attr: str | None = None
+            self.fields = self.schema.data_fields()
+            self.path = ""
+        else:
+            self.key_column = next(
+                c for c in self.table.columns
+                if any(fk.column is root_pk for fk in c.foreign_keys)
+            )
+            self.parent_attr = next(
+                (r.key for r in inspect(model).relationships if r.mapper.class_ is root), None
+            )
+            ext_field = model.__extension_field__ or ""
+            self.fields = record_fields(non_null(_field(self.schema.data_fields(), ext_field)["type"]))
+            self.path = ext_field + "."
+        self._key_attr = inspect(model).get_property_by_column(self.key_column).key
+        self._checked = _checked_columns(model, self.fields)
+
+    def key_of(self, obj: EventedBase) -> Any:
+        """The aggregate key of `obj`: its primary key, or its root's for an extension."""
+        return getattr(obj, self._key_attr)
+
+    def validate(self, obj: EventedBase) -> None:
+        """Raise SchemaMismatch if a set attribute of `obj` cannot be encoded in the schema."""
+        state = obj.__dict__
+        for attr, avro_type, nullable_by_default in self._checked:
+            if attr not in state:
+                continue
+            value = state[attr]
+            if isinstance(value, ClauseElement):
+                continue  # a SQL expression (`amount + 1`): computed by the database, read back
+            if value is None and nullable_by_default:
+                continue  # filled by a column default/server default at INSERT
+            problem = type_problem(value, avro_type)
+            if problem:
+                raise SchemaMismatch(self.root_entity, self.path + attr, self.version, problem)
+
+
+def _single_pk(model: type[EventedBase]) -> Column[Any]:
+    pk = inspect(model).primary_key
+    if len(pk) != 1:
+        raise TypeError(f"{model.__name__}: evented entities need a single-column primary key")
+    return pk[0]  # type: ignore[return-value]
+
+
+def _field(fields: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    for f in fields:
+        if f["name"] == name:
+            return f
+    raise LookupError(f"schema has no field {name!r}")
+
+
+def _checked_columns(model: type[EventedBase], fields: list[dict[str, Any]]) -> list[tuple[str, Any, bool]]:
+    """(attribute, Avro type, may be None before INSERT) for every column that is in the schema."""
+    mapper = inspect(model)
+    out = []
+    for f in fields:
+        col = mapper.columns.get(f["name"])
+        if col is None:
+            continue
+        if col.info.get("sensitive"):
+            raise TypeError(f"{model.__name__}.{f['name']} is sensitive but appears in its Avro schema")
+        has_default = col.default is not None or col.server_default is not None or col.autoincrement is True
+        out.append((mapper.get_property_by_column(col).key, f["type"], has_default or col.primary_key))
+    return out
+
+
+def type_problem(value: Any, avro_type: Any) -> str | None:
+    """Why `value` cannot be written as `avro_type`, or None if it can."""
+    if isinstance(avro_type, list):
+        if value is None and "null" in avro_type:
+            return None
+        problems = [type_problem(value, t) for t in avro_type if t != "null"]
+        return None if any(p is None for p in problems) else (problems[0] if problems else "must be null")
+    if value is None:
+        return "must not be null"
+    if isinstance(avro_type, dict):
+        kind = avro_type.get("logicalType") or avro_type["type"]
+        if kind in ("timestamp-micros", "timestamp-millis"):
+            return None if isinstance(value, (datetime, int)) and not isinstance(value, bool) else (
+                f"expected a datetime, got {type(value).__name__} {value!r:.80}")
+        if kind == "enum":
+            return None if value in avro_type["symbols"] else (
+                f"{value!r:.80} is not one of {avro_type['symbols']}")
+        if kind == "uuid":
+            return None if isinstance(value, str) else f"expected a UUID string, got {value!r:.80}"
+        return type_problem(value, avro_type["type"])
+    if avro_type in ("long", "int"):
+        low, high = (LONG_MIN, LONG_MAX) if avro_type == "long" else (INT_MIN, INT_MAX)
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"expected an integer ({avro_type}), got {type(value).__name__} {value!r:.80}"
+        return None if low <= value <= high else f"{value} is out of range for Avro {avro_type}"
+    if avro_type == "string":
+        return None if isinstance(value, str) else f"expected a string, got {type(value).__name__} {value!r:.80}"
+    if avro_type in ("double", "float"):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else (
+            f"expected a number, got {value!r:.80}")
+    if avro_type == "boolean":
+        return None if isinstance(value, bool) else f"expected a boolean, got {value!r:.80}"
+    return None
+
+
+@cache
+def plan_for(model: type[EventedBase]) -> EntityPlan:
+    """The plan of `model`, built on first use."""
+    return EntityPlan(model)
