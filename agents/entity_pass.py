@@ -26,8 +26,8 @@ from faust.types import EventT
 
 from agents.batching import BATCH, WITHIN, take_ready
 from agents.producing import produce_all
-from app.wire.messages import Outgoing
 from app.wire.codec import decode
+from app.wire.messages import Outgoing
 from app.wire.schemas import EventSchema, load
 
 #: A decoded event record, or why the message could not be decoded.

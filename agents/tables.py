@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.streams import _current_event
@@ -27,7 +27,8 @@ def state_table(app: faust.App, settings: Settings, name: str) -> faust.Table:
     changelog = app.topic(changelog_topic(settings.app_id, name), key_type=str, key_serializer="raw",
                           value_serializer="json", partitions=partitions, compacting=True,
                           acks=False, internal=True)
-    table = app.Table(name, default=None, partitions=partitions, key_type=str, changelog_topic=changelog)
+    table = cast(faust.Table, app.Table(name, default=None, partitions=partitions, key_type=str,
+                                        changelog_topic=changelog))
     # The table serializes changelog keys itself (json for str keys): make it raw too, or
     # recovered and standby copies would hold '"12"' where the active one holds '12'.
     table.key_serializer = "raw"

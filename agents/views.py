@@ -30,12 +30,21 @@ from faust.types import EventT
 
 from agents.batching import BATCH, WITHIN, take_ready
 from agents.entity_pass import Decoded, Job
+from agents.producing import produce_all
 from agents.tables import processing, state_table, write_as
 from app.settings import Settings
 from app.topology import aggregations_of, root_models, updates_topic
-from app.views import Aggregation, BadUpdate, BatchItem, PartitionAggregates, apply_batch, merge_part, parse_update, present_state
+from app.views import (
+    Aggregation,
+    BadUpdate,
+    BatchItem,
+    PartitionAggregates,
+    apply_batch,
+    merge_part,
+    parse_update,
+    present_state,
+)
 from app.web.tables import View
-from agents.producing import produce_all
 from app.wire.deadletter import dead_letter
 from app.wire.messages import Outgoing, incoming
 
@@ -158,7 +167,8 @@ def install(app: faust.App, settings: Settings) -> tuple[dict[str, View], dict[t
         jobs[(entity, model.__schema_version__)] = job
         stage1.append(job)
 
-    @app.on_partitions_revoked.connect
+    # mode's stub wants a `signal=` parameter; Faust passes it in **kwargs, which this takes.
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def forget_aggregates(sender: Any, revoked: Any, **_: Any) -> None:
         for job in stage1:
             job.aggregates.clear()  # rebuilt from the table for each partition on its next event

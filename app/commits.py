@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Hashable, Iterable, MutableSet
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -54,7 +54,7 @@ class CommitGuard(Generic[TPKey]):
             self.base.pop(tp, None)
             self.held_since.pop(tp, None)
 
-    def next_commit(self, tp: TPKey, acked: list[int], acked_index: MutableSet[int], now: float,
+    def next_commit(self, tp: TPKey, acked: list[int], acked_index: set[int], now: float,
                     known_committed: int | None = None) -> int | None:
         """The offset to commit for `tp` (consuming its run from `acked`), or None to hold.
 

@@ -34,6 +34,7 @@ class StartupError(EventsError, RuntimeError):
 def is_transient(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) says a server or the network is unavailable, so the
     same operation may succeed later, rather than that the input or the handler is wrong."""
+    from aiokafka.errors import KafkaError
     from asyncpg import exceptions as pg
     from sqlalchemy.exc import DBAPIError
 
@@ -43,6 +44,8 @@ def is_transient(exc: BaseException) -> bool:
         seen.add(id(current))
         if isinstance(current, EventsError):
             return current.transient
+        if isinstance(current, KafkaError) and current.retriable:  # the broker's own verdict
+            return True
         if isinstance(current, DBAPIError) and current.connection_invalidated:
             return True
         if isinstance(current, (OSError, ConnectionError, asyncio.TimeoutError,

@@ -14,9 +14,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from app.errors import EventsError
 from app.faust_compat import fetch_states, set_fetcher_wait
 from app.settings import Settings
-from app.errors import EventsError
 
 log = logging.getLogger(__name__)
 

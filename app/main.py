@@ -12,15 +12,15 @@ from app.cache import CacheResource
 from app.capture.agreement import check_models
 from app.ops import endpoints as ops
 from app.ops.endpoints import Ops
+from app.ops.metrics import DownconvertCounts
+from app.orm import EventedBase
+from app.outbox import relay_host
+from app.registry import load_models
+from app.settings import Settings
+from app.transport import App, DirectTopic
 from app.web import install as web
 from app.web import owner as owner_apis
 from app.web.tables import View
-from app.ops.metrics import DownconvertCounts
-from app.orm import EventedBase
-from app.registry import load_models
-from app.outbox import relay_host
-from app.settings import Settings
-from app.transport import App, DirectTopic
 
 
 class WorkerApp(App):

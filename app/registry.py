@@ -13,9 +13,9 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
+from app.errors import EventsError
 from app.settings import Settings
 from app.wire.schemas import SCHEMA_DIR, add_schema_dir
-from app.errors import EventsError
 
 
 class ModelsNotFound(EventsError, ValueError):

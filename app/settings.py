@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import get_type_hints
-from collections.abc import Mapping
-
 
 LEGACY_MODES = ("dual-publish", "downconvert")
 #: Where the worker runs the outbox relay (app/outbox/relay_host.py): a child process it

@@ -9,9 +9,9 @@ app/capture/model.py, next to the base, and is re-exported here.
 from __future__ import annotations
 
 from app.capture.model import EventedBase, root_models
+from app.settings import LEGACY_MODES, Settings
 from app.views import Aggregation
 from app.wire.schemas import ACCESS_TOPIC, dlq_topic, load, topic_name
-from app.settings import LEGACY_MODES, Settings
 
 __all__ = ["aggregation_names", "aggregations_of", "DOWNCONVERT", "DUAL_PUBLISH", "RELAY_DLQ_TOPIC", "changelog_topic",
            "current_topic", "current_version", "downconvert_targets", "dual_publish_targets",

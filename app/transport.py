@@ -19,23 +19,25 @@ import aiokafka
 import faust
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
+from faust.transport.consumer import ensure_TP
 from faust.transport.drivers import aiokafka as driver
 from faust.types import TP, Message
-from faust.transport.consumer import ensure_TP
 from faust.types.tuples import ack_lock
 
 from app.commits import CommitGuard
 from app.faust_compat import check_coordinator_errors, forget_unacked, replace_read_offsets, set_fetch_max_wait
-from app.web.http import Limits, guard
+from app.kafka import adapt_fetch_wait, fetched_end_offsets
 from app.retries import Retries
 from app.settings import Settings
-from app.kafka import adapt_fetch_wait, fetched_end_offsets
+from app.web.http import Limits, guard
 
 log = logging.getLogger(__name__)
 
 
 class FetchWaitConsumerThread(driver.AIOKafkaConsumerThread):
     """Faust's consumer thread, with the fetch wait taken from the app's settings."""
+
+    consumer: FetchWaitConsumer  # the one that made it (`_new_consumer_thread`): it keeps the seek epoch
 
     def _create_worker_consumer(self, transport: driver.Transport) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
@@ -146,6 +148,7 @@ class FetchWaitConsumer(driver.Consumer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._thread: FetchWaitConsumerThread  # made by `_new_consumer_thread`, below
         #: The message the drain loop is handing to the streams now (see `_ReadOffsets`).
         self.delivering: Message | None = None
         #: Seeks so far (counted on the consumer thread, in the step each seek is made); per
@@ -305,7 +308,7 @@ class FetchWaitConsumer(driver.Consumer):
             await self.seek(tp, guard.base[tp])
         return held
 
-    def _new_consumer_thread(self) -> driver.AIOKafkaConsumerThread:
+    def _new_consumer_thread(self) -> FetchWaitConsumerThread:
         return FetchWaitConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 

@@ -32,8 +32,16 @@ from app.cache import CacheRepository, connect_redis
 from app.embedded.redis import EmbeddedRedis
 from app.orm import Database
 from bench.common import Config, Env, Line, LoopMonitor, TailReader, execute, median, note, settle, spread
-from bench.workers import (StreamConfig, app_worker_argv, commit_to_visible, create_topics, faust_worker, fmt_visible,
-                           round_broker, tracked)
+from bench.workers import (
+    StreamConfig,
+    app_worker_argv,
+    commit_to_visible,
+    create_topics,
+    faust_worker,
+    fmt_visible,
+    round_broker,
+    tracked,
+)
 from models import Order
 
 SOURCE = "orders-v2"

@@ -46,8 +46,19 @@ from app.settings import Settings
 from bench.common import Config, Env, Line, execute, median, note, process_cpu, settle, spread
 from bench.downconvert import _naive
 from bench.relay_throughput import write_backlog
-from bench.workers import (Child, CountReader, StreamConfig, app_worker_argv, child_env, create_topics,
-                           round_broker, run_with_redis, spawn, stop_child, tracked)
+from bench.workers import (
+    Child,
+    CountReader,
+    StreamConfig,
+    app_worker_argv,
+    child_env,
+    create_topics,
+    round_broker,
+    run_with_redis,
+    spawn,
+    stop_child,
+    tracked,
+)
 from models.order import STATUSES
 
 SOURCE = "orders-v2"

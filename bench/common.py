@@ -30,8 +30,8 @@ from app.embedded.postgres import EmbeddedPostgres
 from app.orm import Database
 from app.outbox.relay import to_messages
 from app.schema import create_all
-from app.wire.messages import Outgoing
 from app.settings import Settings
+from app.wire.messages import Outgoing
 from models.order import STATUSES
 
 # --------------------------------------------------------------------------------------------

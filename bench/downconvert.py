@@ -32,9 +32,25 @@ from typing import Any
 
 from app.embedded.broker import EmbeddedBroker
 from bench.common import Config, Env, Line, LoopMonitor, execute, median, note, process_cpu, settle, spread
-from bench.workers import (SHARED, Child, CountReader, Prepared, StreamConfig, app_worker_argv, bench_app_argv,
-                           child_env, create_topics, faust_worker, prefill, round_broker, spawn, stop_child, tracked,
-                           v2_events, wait_event)
+from bench.workers import (
+    SHARED,
+    Child,
+    CountReader,
+    Prepared,
+    StreamConfig,
+    app_worker_argv,
+    bench_app_argv,
+    child_env,
+    create_topics,
+    faust_worker,
+    prefill,
+    round_broker,
+    spawn,
+    stop_child,
+    tracked,
+    v2_events,
+    wait_event,
+)
 
 SOURCE = "orders-v2"
 TARGET = "orders-v1"

@@ -56,10 +56,33 @@ from redis.asyncio import Redis
 from app.embedded.redis import EmbeddedRedis
 from app.wire.codec import decode
 from app.wire.schemas import load
-from bench.common import (SERVER_PIDS, Config, Env, Line, LoopMonitor, TailReader, execute, median, note,
-                          percentile, process_cpu, settle, spread)
-from bench.workers import (Child, app_worker_argv, child_env, create_topics, faust_worker, round_broker,
-                           run_with_redis, spawn, stop_child, tracked)
+from bench.common import (
+    SERVER_PIDS,
+    Config,
+    Env,
+    Line,
+    LoopMonitor,
+    TailReader,
+    execute,
+    median,
+    note,
+    percentile,
+    process_cpu,
+    settle,
+    spread,
+)
+from bench.workers import (
+    Child,
+    app_worker_argv,
+    child_env,
+    create_topics,
+    faust_worker,
+    round_broker,
+    run_with_redis,
+    spawn,
+    stop_child,
+    tracked,
+)
 
 SOURCE = "orders-v2"
 SOURCE_SCHEMA = ("orders", 2)
@@ -212,9 +235,9 @@ async def _round(env: Env, run_dir: Path, redis_server: EmbeddedRedis, seconds: 
         await redis.flushall()
         tasks: list[asyncio.Task[None]] = []
         try:
-            async with contextlib.AsyncExitStack() as readers, faust_worker("freshness", app_worker_argv(), run_dir, DATABASE_URL=env.url,
-                                    KAFKA_BROKER=broker.url, REDIS_URL=redis_server.url,
-                                    RELAY_MODE=layout, **WORKER_ENV) as w:
+            async with contextlib.AsyncExitStack() as readers, faust_worker(
+                    "freshness", app_worker_argv(), run_dir, DATABASE_URL=env.url, KAFKA_BROKER=broker.url,
+                    REDIS_URL=redis_server.url, RELAY_MODE=layout, **WORKER_ENV) as w:
                 if layout == "off":
                     relay = spawn("relay", [sys.executable, "-m", "app", "relay"], run_dir / "relay.log",
                                   child_env(DATABASE_URL=env.url, KAFKA_BROKER=broker.url, RELAY_WEB_PORT="0"))
@@ -240,14 +263,16 @@ async def _round(env: Env, run_dir: Path, redis_server: EmbeddedRedis, seconds: 
                     # p99 per second after the catch-up's end: how long its tail lasts.
                     buckets: dict[int, dict[str, float]] = {}
                     for second in range(int(AFTER_SECONDS)):
-                        part = {k: t for k, t in commits.items() if done + second <= seen.written.get(k, 0.0) < done + second + 1}
+                        part = {k: t for k, t in commits.items()
+                                if done + second <= seen.written.get(k, 0.0) < done + second + 1}
                         if len(part) >= 50:
                             lat = _latencies(part, seen)
                             buckets[second] = {stage: percentile(v, 99) for stage, v in lat.items()}
                     out[0.0]["after"] = buckets
-                    note(f"freshness {layout}: p99 of the orders written at {AFTER_RATE:.0f}/s in each second after the "
-                         "catch-up's last event was seen everywhere: " + "; ".join(
-                             f"+{sec} s: " + ", ".join(f"{st} {v:.0f}" for st, v in b.items()) for sec, b in buckets.items()))
+                    note(f"freshness {layout}: p99 of the orders written at {AFTER_RATE:.0f}/s in each second "
+                         "after the catch-up's last event was seen everywhere: " + "; ".join(
+                             f"+{sec} s: " + ", ".join(f"{st} {v:.0f}" for st, v in b.items())
+                             for sec, b in buckets.items()))
                 pids = {"worker": w.pid, "relay": relay.pid if relay is not None else _relay_child(w.pid),
                         "tansu": broker.pid, "redis": redis_server.pid, "postgres": SERVER_PIDS.get("postgres")}
                 for rate in RATES:
@@ -405,7 +430,8 @@ async def run(env: Env, cfg: Config) -> list[Line]:
                 worst = max(x[0.0]["after"][sec]["orders table"] for x in got if sec in x[0.0]["after"])
                 lines.append(Line(
                     f"write -> orders table p99 at {AFTER_RATE:.0f} commits/s, orders written {sec}-{sec + 1} s after "
-                    f"the catch-up's end (a writer running across it), RELAY_MODE={layout}: median (worst {worst:.0f} ms)",
+                    f"the catch-up's end (a writer running across it), RELAY_MODE={layout}: "
+                    f"median (worst {worst:.0f} ms)",
                     median([x[0.0]["after"][sec]["orders table"] for x in got if sec in x[0.0]["after"]]),
                     median([x[0.0]["after"][sec]["delivery"] for x in got if sec in x[0.0]["after"]]), "ms",
                     "reference", fmt="{:.1f}"))

@@ -19,8 +19,20 @@ from aiokafka import AIOKafkaProducer
 
 from app.orm import Database
 from app.outbox.relay import Relay
-from bench.common import (Config, Env, Line, LoopMonitor, TailReader, create_topic, median, note,
-                          paced, percentile, sample_message, settle)
+from bench.common import (
+    Config,
+    Env,
+    Line,
+    LoopMonitor,
+    TailReader,
+    create_topic,
+    median,
+    note,
+    paced,
+    percentile,
+    sample_message,
+    settle,
+)
 from models import Order
 
 TOPIC = "orders-v2"

@@ -18,8 +18,7 @@ import asyncpg
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 from app.orm import Database
-from bench.common import (RAW_TABLE, Config, Env, Line, LoopMonitor, PlainOrder, execute, median, note, settle,
-                          spread)
+from bench.common import RAW_TABLE, Config, Env, Line, LoopMonitor, PlainOrder, execute, median, note, settle, spread
 from models import Order
 
 POOL = 10  # Database's default pool_size; >= the 8 writers

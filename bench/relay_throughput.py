@@ -30,8 +30,20 @@ from sqlalchemy import insert
 
 from app.orm import Database
 from app.outbox.relay import LOCK_HOLDERS, RELAY_LOCK, Relay
-from bench.common import (Config, Env, Line, LoopMonitor, create_topic, execute, median, note, process_cpu,
-                          sample_message, settle, spread)
+from bench.common import (
+    Config,
+    Env,
+    Line,
+    LoopMonitor,
+    create_topic,
+    execute,
+    median,
+    note,
+    process_cpu,
+    sample_message,
+    settle,
+    spread,
+)
 from bench.workers import child_env, spawn, stop_child, tracked
 from models import Order
 

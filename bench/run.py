@@ -13,10 +13,31 @@ import os
 import sys
 import time
 
-from bench import (cache, catchup, downconvert, freshness, inbox, latency, orm_writes, relay_throughput, restart,
-                   snapshot, views)
-from bench.common import (OTHER_CPU, Config, Env, Line, create_schema, fresh_database, markdown_table, median,
-                          note, servers)
+from bench import (
+    cache,
+    catchup,
+    downconvert,
+    freshness,
+    inbox,
+    latency,
+    orm_writes,
+    relay_throughput,
+    restart,
+    snapshot,
+    views,
+)
+from bench.common import (
+    OTHER_CPU,
+    Config,
+    Env,
+    Line,
+    create_schema,
+    fresh_database,
+    markdown_table,
+    median,
+    note,
+    servers,
+)
 from bench.workers import StreamConfig
 
 BENCHMARKS = {"orm": orm_writes.run, "latency": latency.run, "relay": relay_throughput.run,

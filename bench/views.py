@@ -41,13 +41,29 @@ import aiohttp
 from app.embedded.broker import EmbeddedBroker
 from app.embedded.process import free_port
 from app.orm import Database
-from models.order import ORDERS_PER_MINUTE
-from bench.common import (Config, Env, Line, LoopMonitor, TailReader, execute, median, note, process_cpu, settle,
-                          spread)
-from bench.workers import (PREFILL_KEY_BASE, SHARED, Child, CountReader, StreamConfig, app_worker_argv, child_env,
-                           commit_to_visible, create_topics, faust_worker, fmt_visible, prefill, round_broker, spawn,
-                           stop_child, tracked, v2_events, wait_event, wait_for_log)
-from models.order import STATUSES
+from bench.common import Config, Env, Line, LoopMonitor, TailReader, execute, median, note, process_cpu, settle, spread
+from bench.workers import (
+    PREFILL_KEY_BASE,
+    SHARED,
+    Child,
+    CountReader,
+    StreamConfig,
+    app_worker_argv,
+    child_env,
+    commit_to_visible,
+    create_topics,
+    faust_worker,
+    fmt_visible,
+    prefill,
+    round_broker,
+    spawn,
+    stop_child,
+    tracked,
+    v2_events,
+    wait_event,
+    wait_for_log,
+)
+from models.order import ORDERS_PER_MINUTE, STATUSES
 
 SOURCE = "orders-v2"
 

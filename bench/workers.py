@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,8 +28,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from app.embedded.broker import EmbeddedBroker
 from app.embedded.process import free_port
 from app.embedded.redis import EmbeddedRedis
-from app.wire.codec import encode_message
 from app.orm import Database
+from app.wire.codec import encode_message
 from app.wire.schemas import load
 from bench.common import SERVER_PIDS, Env, TailReader, execute, note, paced, percentile
 from models import Order

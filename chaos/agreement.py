@@ -12,8 +12,8 @@ import aiohttp
 import asyncpg
 
 from app.views import micros, present_count, present_state
-from models.order import CUSTOMER_ORDERS, ORDERS_PER_MINUTE
 from chaos.topiclog import Seen
+from models.order import CUSTOMER_ORDERS, ORDERS_PER_MINUTE
 from services.billing import INVOICED
 
 STATUSES = ("pending", "paid", "shipped", "cancelled")
@@ -89,7 +89,8 @@ def order_matches(state: dict[str, Any] | None, want: dict[str, Any] | None) -> 
     shipping = state.get("shipping")
     got = {"customer_id": state.get("customer_id"), "amount_cents": state.get("amount_cents"),
            "currency": state.get("currency"), "status": str(state.get("status", "")).lower(),
-           "shipping": None if not shipping else {k: shipping.get(k) for k in ("address", "carrier", "tracking_number")}}
+           "shipping": None if not shipping else {
+               k: shipping.get(k) for k in ("address", "carrier", "tracking_number")}}
     return got == want
 
 

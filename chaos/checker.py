@@ -27,8 +27,15 @@ from typing import Any
 
 from app.cache import connect_redis, decode_entry
 from app.wire.codec import downconvert_record, schema_for_topic
-from chaos.agreement import (Snapshot, check_invoices, order_matches, orders_per_minute, snapshot, v1_matches,
-                             view_mismatches)
+from chaos.agreement import (
+    Snapshot,
+    check_invoices,
+    order_matches,
+    orders_per_minute,
+    snapshot,
+    v1_matches,
+    view_mismatches,
+)
 from chaos.copies import check_copies
 from chaos.promises import check_topic
 from chaos.topiclog import TopicLog, Validate, count_messages

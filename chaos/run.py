@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import json
 import logging
+import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-import tempfile
 
 import aiohttp
 

@@ -7,8 +7,8 @@ import random
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from app.schema import create_all
 from app.orm import Database
+from app.schema import create_all
 from app.settings import Settings
 from models import Customer, Order, OrderShipping
 

@@ -12,15 +12,14 @@ import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import models  # noqa: F401  # registers the demo models on EventedBase
-from app.embedded.broker import EmbeddedBroker
-from app.embedded.postgres import EmbeddedPostgres
 from app.capture import roles
 from app.cli.preflight import init_db
+from app.embedded.broker import EmbeddedBroker
+from app.embedded.postgres import EmbeddedPostgres
 from app.orm import Database, EventedBase
 from app.outbox.relay import Relay
 from app.settings import Settings
 from tests.waiting import until
-
 
 #: The fault tests, longest first (seconds measured 2026-12-07): under `pytest -n N` they are
 #: handed out first, so each test process starts with its share of the long ones and the short

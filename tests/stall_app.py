@@ -14,8 +14,8 @@ from typing import Any
 
 import faust
 
-from app.ops.watchdog import WatchdogPolicy
 from app.main import create_app
+from app.ops.watchdog import WatchdogPolicy
 from app.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -439,7 +439,8 @@ async def test_cache_converges_under_concurrent_writers_readers_and_events(
     for oid in cached:
         sequence = await db_sequence(db, "orders", oid)
         state = expected[oid]
-        wanted[oid] = {"sequence": sequence, "deleted": True} if state is None else {"sequence": sequence, "state": state}
+        wanted[oid] = ({"sequence": sequence, "deleted": True} if state is None
+                       else {"sequence": sequence, "state": state})
     assert len(cached) > 50 and cached == wanted
     assert await cache.get_many(Order, ids) == expected
     # How many fills ran, and whether one lost a race (a stale rejection), depends on timing

@@ -5,6 +5,8 @@ import importlib
 import inspect
 import pkgutil
 
+from aiokafka.errors import AuthenticationFailedError, KafkaConnectionError
+
 import app
 from app.capture.plans import SchemaMismatch
 from app.errors import EventsError, StartupError, is_transient
@@ -33,6 +35,7 @@ def test_transient_is_on_the_type_and_reaches_through_causes() -> None:
     assert is_transient(StartupError("PostgreSQL at 127.0.0.1:1 is unreachable"))
     assert not is_transient(SchemaMismatch("orders", "amount_cents", 2, "not an integer"))
     assert is_transient(ConnectionRefusedError()) and not is_transient(KeyError("x"))
+    assert is_transient(KafkaConnectionError()) and not is_transient(AuthenticationFailedError())
     try:
         try:
             raise OSError("connection reset")

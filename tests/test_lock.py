@@ -27,7 +27,7 @@ def locked() -> dict[str, str]:
 def test_the_lock_pins_every_dependency_the_project_declares() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = list(project["dependencies"])
-    for extra in ("embedded", "test"):
+    for extra in ("embedded", "test", "lint"):
         declared += project["optional-dependencies"][extra]
     pins = locked()
     for spec in declared:

@@ -21,11 +21,10 @@ from typing import Any
 from sqlalchemy import Column
 from sqlalchemy.orm import mapped_column
 
+from app.capture.model import EventedBase
+from app.errors import EventsError
 from app.wire import schemas as wire_schemas
 from app.wire.schemas import field_type, non_null, record_fields
-from app.errors import EventsError
-from app.capture.model import EventedBase
-
 
 #: `Column.info` key of a column kept out of events on purpose (see `unevented_column`).
 UNEVENTED = "unevented"

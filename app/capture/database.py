@@ -19,7 +19,7 @@ def _sql_filter(service: str) -> Any:
     """A `before_cursor_execute` hook: early, named errors for SQL the roles would refuse or
     that would write an entity table without its event."""
     foreign = ownership.foreign_sensitive(EventedBase, service)
-    models = {m.local_table.name: m.class_ for m in EventedBase.registry.mappers}
+    models = {m.class_.__tablename__: m.class_ for m in EventedBase.registry.mappers}
     tables = frozenset(models)
 
     def check(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any,

@@ -28,8 +28,8 @@ from sqlalchemy.orm import (
 
 from app.capture import ownership
 from app.capture.access import AccessLog
-from app.capture.plans import plan_for
 from app.capture.model import EventedBase
+from app.capture.plans import plan_for
 
 log = logging.getLogger(__name__)
 

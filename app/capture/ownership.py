@@ -17,9 +17,9 @@ from typing import Any
 
 from sqlalchemy import inspect
 from sqlalchemy.orm import InstrumentedAttribute, mapped_column, undefer
-from app.errors import EventsError
-from app.capture.model import EventedBase
 
+from app.capture.model import EventedBase
+from app.errors import EventsError
 
 #: Key under which `_on_load` notes, in an instance's __dict__, which service loaded it.
 LOADED_BY = "_evented_loaded_by"
@@ -102,7 +102,7 @@ def sensitive_columns(base: type[EventedBase]) -> list[Sensitive]:
                     raise TypeError(f"{model.__name__}.{prop.key} is sensitive: declare it with "
                                     "sensitive_column() so it is deferred")
                 root = model.__extends__ or model
-                out.append(Sensitive(model, root.__entity__, col.table.name, col.name, prop.key,
+                out.append(Sensitive(model, root.__entity__, model.__tablename__, col.name, prop.key,
                                      owner_of(model)))
     return out
 

@@ -5,13 +5,12 @@ from datetime import datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Column, inspect
+from sqlalchemy import Column, Table, inspect
 from sqlalchemy.sql.elements import ClauseElement
 
-from app.wire.schemas import EventSchema, load, non_null, record_fields
-from app.errors import EventsError
 from app.capture.model import EventedBase
-
+from app.errors import EventsError
+from app.wire.schemas import EventSchema, load, non_null, record_fields
 
 LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
@@ -36,7 +35,8 @@ class EntityPlan:
         self.root_entity: str = root.__entity__
         self.version: int = root.__schema_version__
         self.schema: EventSchema = load(self.root_entity, self.version)
-        self.table = model.__table__  # type: ignore[attr-defined]
+        # SQLAlchemy types `__table__` as any FromClause; every evented model maps one Table.
+        self.table: Table = model.__table__  # type: ignore[assignment]
         root_pk = _single_pk(root)
         if self.is_root:
             self.key_column: Column[Any] = root_pk

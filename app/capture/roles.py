@@ -31,9 +31,11 @@ from sqlalchemy import Connection, Table, text
 from sqlalchemy.engine import make_url
 
 from app.capture.model import EventedBase
+
 # The stream worker's role: defined in app/settings.py (the relay reads it there), named here
 # with the services' roles it is provisioned beside.
 from app.settings import WORKER
+
 #: Held while provisioning, so two `init-db` runs do not interleave their REVOKE/GRANTs.
 _LOCK = 7325002
 
@@ -159,9 +161,9 @@ def grant_sql(base: type[EventedBase], prefix: str, extra: tuple[str, ...] = ())
         mine = f"(consumer = {_lit(service)} OR starts_with(consumer, {_lit(service + '.')}))"
         policy = _q(f"inbox_of_{roles[service]}")
         out.append(f"GRANT SELECT, INSERT, UPDATE, DELETE ON inbox, inbox_keys TO {role}")
-        for table in ("inbox", "inbox_keys"):
-            out += [f"DROP POLICY IF EXISTS {policy} ON {table}",
-                    f"CREATE POLICY {policy} ON {table} FOR ALL TO {role} USING {mine} WITH CHECK {mine}"]
+        for inbox_table in ("inbox", "inbox_keys"):
+            out += [f"DROP POLICY IF EXISTS {policy} ON {inbox_table}",
+                    f"CREATE POLICY {policy} ON {inbox_table} FOR ALL TO {role} USING {mine} WITH CHECK {mine}"]
     return out
 
 

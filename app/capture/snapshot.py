@@ -29,8 +29,8 @@ from sqlalchemy.dialects import postgresql
 
 from app.capture.model import EventedBase
 from app.capture.outbox_trigger import _identifier, _literal, state_sql
-from app.capture.plans import plan_for
 from app.capture.ownership import owner_of
+from app.capture.plans import plan_for
 
 #: Keys per transaction.
 CHUNK = 2000
@@ -54,7 +54,8 @@ def plan(root: type[EventedBase]) -> SnapshotPlan:
     key, table = _identifier(p.key_column.name), _identifier(p.table.name)
     literal, topic, owner = _literal(entity), _literal(p.schema.topic), _literal(owner_of(root))
     keys_sql = (f'SELECT "{key}" AS k, "{key}"::text AS t FROM "{table}" '
-                f'WHERE $1::text IS NULL OR "{key}" > CAST($1 AS {p.key_column.type.compile(dialect=postgresql.dialect())}) '
+                f'WHERE $1::text IS NULL OR "{key}" > '
+                f'CAST($1 AS {p.key_column.type.compile(dialect=postgresql.dialect())}) '
                 f'ORDER BY "{key}" LIMIT $2')
     insert_sql = f"""
 WITH inserted AS (

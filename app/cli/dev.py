@@ -25,7 +25,6 @@ from typing import IO, Any
 
 from app.settings import Settings
 
-
 #: What a run with the embedded broker derives from its events, wiped at its start (see the
 #: module docstring); the embedded PostgreSQL's `postgres` is kept.
 DERIVED_DIRS = ("redis", "broker", "faust-data")
@@ -107,6 +106,7 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
                   flush=True)
     servers: list[Any] = []
     children: list[subprocess.Popen[bytes]] = []
+    commands: list[list[str]] = []  # each child's command line, to start it again
     logs: list[IO[bytes]] = []
     env = dict(os.environ)
     # SIGTERM ends the run like Ctrl-C does, through the same cleanup. Ctrl-C itself is reset
@@ -151,7 +151,8 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
             log = open_log(run, name)
             logs.append(log)
             names.append(name)
-            children.append(subprocess.Popen([sys.executable, *args], env={**env, **extra}, stdout=log,
+            commands.append([sys.executable, *args])
+            children.append(subprocess.Popen(commands[-1], env={**env, **extra}, stdout=log,
                                              stderr=subprocess.STDOUT))
 
         if demo:  # the demo's worker also answers for the customers service (app/web/owner.py)
@@ -167,7 +168,6 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
             spawn("billing", "-m", "app", "billing")
         print("starting: " + ", ".join(names) + " (waiting until they are ready)", flush=True)
         from app.ops.liveness import STALL_EXIT_CODE
-        commands = [list(child.args) for child in children]  # type: ignore[arg-type]
         ended = asyncio.run(wait_ready(full, children, names))
         if ended is None:
             print(banner(full, run, children, names, snapshot=not settings.kafka_broker), flush=True)
@@ -202,8 +202,8 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
             stop_process(child)
         for server in reversed(servers):
             server.stop()
-        for log in logs:
-            log.close()
+        for handle in logs:
+            handle.close()
 
 
 def relay_port(settings: Settings, name: str) -> int:

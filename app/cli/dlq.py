@@ -24,10 +24,18 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
-from app.settings import Settings
 from app.kafka import TopicError, make_consumer, read_to_end, topic_partitions
-from app.wire.deadletter import (ERROR_CLASS, ERROR_MESSAGE, OUTBOX_ID, REDRIVEN_FROM, SOURCE_OFFSET,
-                                 SOURCE_PARTITION, SOURCE_TOPIC, outbox_row)
+from app.settings import Settings
+from app.wire.deadletter import (
+    ERROR_CLASS,
+    ERROR_MESSAGE,
+    OUTBOX_ID,
+    REDRIVEN_FROM,
+    SOURCE_OFFSET,
+    SOURCE_PARTITION,
+    SOURCE_TOPIC,
+    outbox_row,
+)
 from app.wire.deadletter import PREFIX as DLQ_PREFIX
 from app.wire.messages import Headers, Outgoing
 
@@ -246,7 +254,8 @@ async def _send_and_commit(producer: AIOKafkaProducer, consumer: AIOKafkaConsume
     for letter, _ in sendable:  # a batch is ordered by partition, then offset
         commit[TopicPartition(letter.topic, letter.partition)] = letter.offset + 1
     await consumer.commit(commit)
-    return [Redriven(letter, ack.topic, ack.partition, ack.offset) for (letter, _), ack in zip(sendable, acks, strict=True)]
+    return [Redriven(letter, ack.topic, ack.partition, ack.offset)
+            for (letter, _), ack in zip(sendable, acks, strict=True)]
 
 
 async def dlq_command(settings: Settings, args: argparse.Namespace) -> int:

@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     dev = sub.add_parser("dev", help="start embedded servers for unset URLs, the worker, and a demo writer")
     dev.add_argument("--demo", action="store_true", help="also run a demo service writing orders")
-    dev.add_argument("--rate", type=float, default=20.0, help="demo writes per second (default 20; 0: no writer, billing only)")
+    dev.add_argument("--rate", type=float, default=20.0,
+                     help="demo writes per second (default 20; 0: no writer, billing only)")
     dev.add_argument("--data-dir", default=".run", help="where embedded servers keep data and logs")
     dev.add_argument("--for-seconds", type=float, default=0.0, help="stop after this long (0: until Ctrl-C)")
     sub.add_parser("worker", help="run the Faust worker (faust -A app.main worker -l info)")
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     outbox_sub = outbox.add_subparsers(dest="outbox_command", required=True)
     outbox_sub.add_parser("status", help="pending rows and the age of the oldest")
     sub.add_parser("billing", help="the billing demo service: keeps one invoice per paid order from "
-                                   "orders-v2 through the transactional inbox; /metrics and /health on BILLING_WEB_PORT")
+                                   "orders-v2 through the transactional inbox; /metrics and /health on "
+                                   "BILLING_WEB_PORT")
     demo = sub.add_parser("demo", help="a demo service writing orders through the ORM")
     demo.add_argument("--rate", type=float, default=20.0, help="writes per second")
     demo.add_argument("--count", type=int, default=0, help="stop after this many writes (0: never)")
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--for-seconds", type=float, default=0.0, help="stop after this long (0: until Ctrl-C)")
     tail.add_argument("--schema", metavar="ENTITY:VERSION", default=None,
                       help="decode with this schema (default: from the topic name <entity>-v<N>)")
-    consumers = topic_sub.add_parser("consumers", help="consumer groups with committed offsets on a topic, lag per partition")
+    consumers = topic_sub.add_parser("consumers",
+                                     help="consumer groups with committed offsets on a topic, lag per partition")
     consumers.add_argument("topic")
     archive = topic_sub.add_parser("archive", help="write every message of a topic, up to its end when the command "
                                                    "starts, to an Avro container file")
@@ -102,8 +105,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(run_dev(settings, demo=args.demo, rate=args.rate, data_dir=args.data_dir,
                              for_seconds=args.for_seconds))
         if args.command == "schemas":
-            from app.registry import load_models
             from app.cli.schemas import run_check
+            from app.registry import load_models
             load_models(settings)  # the models, and the converters between versions beside them
             sys.exit(run_check(Path(args.dir) if args.dir else None))
         if args.command == "asyncapi":

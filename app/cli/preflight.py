@@ -95,8 +95,8 @@ async def init_db(settings: Settings) -> list[str]:
     from sqlalchemy.ext.asyncio import create_async_engine
 
     from app.capture import roles
-    from app.schema import create_schema
     from app.orm import EventedBase
+    from app.schema import create_schema
 
     check_models_agree(settings)  # before a table is created from a model that would drop a column
     await check_database(settings)

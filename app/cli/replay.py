@@ -35,8 +35,8 @@ from aiokafka.protocol.admin import DeleteGroupsRequest
 
 from app.cli.preflight import check_broker
 from app.faust_compat import send_to_node
-from app.settings import Settings
 from app.kafka import TopicError, delete_topics, make_admin
+from app.settings import Settings
 from app.topology import is_view_topic
 
 # Kafka error codes of DeleteGroups that are not failures of the replay.

@@ -27,7 +27,7 @@ def run_check(schema_dir: Path | None = None) -> int:
         found = check_dir(directory)
         report.ok += found.ok
         report.problems += found.problems
-    directory = directories[0] if len(directories) == 1 else ", ".join(map(str, directories))
+    where = str(directories[0]) if len(directories) == 1 else ", ".join(map(str, directories))
     # The models against the same files: a column the schema lacks would be dropped from
     # every event.
     models = disagreements(EventedBase, schema_dir)
@@ -39,6 +39,6 @@ def run_check(schema_dir: Path | None = None) -> int:
     for line in report.problems:
         print(line, file=sys.stderr)
     if report.problems:
-        print(f"schemas check: {len(report.problems)} problem(s) in {directory}", file=sys.stderr)
+        print(f"schemas check: {len(report.problems)} problem(s) in {where}", file=sys.stderr)
         return 1
     return 0

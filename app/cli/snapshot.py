@@ -11,15 +11,15 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from app.capture.model import root_models
+from app.capture.model import EventedBase, root_models
+from app.capture.snapshot import SnapshotResult, count_entity, snapshot_entity
 from app.cli.preflight import StartupError, check_database
 from app.cli.progress import Throttled
-from app.capture.snapshot import SnapshotResult, count_entity, snapshot_entity
 from app.registry import load_models
 from app.settings import Settings
 
 
-def chosen_roots(names: Sequence[str]) -> list[type]:
+def chosen_roots(names: Sequence[str]) -> list[type[EventedBase]]:
     """The root models of `names` (every root model when empty); StartupError naming an unknown one."""
     roots = {model.__entity__: model for model in root_models()}
     unknown = [name for name in names if name not in roots]
@@ -55,8 +55,10 @@ async def run_snapshot(settings: Settings, entities: Sequence[str], *, dry_run: 
             took = time.monotonic() - t0
             rate = f", {result.published / took:,.0f}/s" if took > 0 and result.published else ""
             skipped = result.rows - result.published
-            unsequenced = f"; {skipped} row(s) with no sequence skipped (never written through capture)" if skipped else ""
-            print(f"{root.__entity__}: {result.published} event(s) written to the outbox in {took:.1f} s{rate}{unsequenced}")
+            unsequenced = (f"; {skipped} row(s) with no sequence skipped (never written through capture)"
+                           if skipped else "")
+            print(f"{root.__entity__}: {result.published} event(s) written to the outbox in {took:.1f} s"
+                  f"{rate}{unsequenced}")
     finally:
         await conn.close()
     if quiet:

@@ -9,9 +9,9 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import fastavro
 import fastavro.write
@@ -20,8 +20,16 @@ from aiokafka.errors import KafkaError
 
 from app.cli.preflight import check_broker
 from app.cli.progress import Throttled
-from app.kafka import (LAG_CAVEAT, TopicError, delete_topics, fetched_end_offsets, make_admin, make_consumer,
-                       read_until, topic_partitions)
+from app.kafka import (
+    LAG_CAVEAT,
+    TopicError,
+    delete_topics,
+    fetched_end_offsets,
+    make_admin,
+    make_consumer,
+    read_until,
+    topic_partitions,
+)
 from app.settings import Settings
 from app.wire.codec import decode, schema_for_topic
 from app.wire.schemas import EventSchema, load
@@ -218,7 +226,8 @@ def format_group_offsets(topic: str, rows: list[GroupOffset]) -> list[str]:
     table = [("group", "partition", "committed", "end", "lag")]
     table += [(r.group, str(r.partition), str(r.committed), str(r.end), str(r.lag)) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(5)]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
              for row in table]
     totals: dict[str, int] = {}
     for r in rows:

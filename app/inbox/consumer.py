@@ -34,11 +34,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.errors import EventsError, is_transient
 from app.inbox import store
 from app.inbox.events import InboxEvent, to_event
 from app.kafka import TopicError, adapt_fetch_wait, ensure_topics, topic_partitions
@@ -50,7 +52,6 @@ from app.wire.codec import schema_for_topic
 from app.wire.deadletter import dead_letter
 from app.wire.messages import Incoming
 from app.wire.schemas import EventSchema
-from app.errors import EventsError, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ class Inbox:
         async with self.db.session() as session:
             conn = await session.connection()
             keyed = sorted({(e.entity, e.key) for e in events if e.sequenced})
-            rows = (await conn.exec_driver_sql(store.CLAIM_AND_LOCK, (
+            rows: list[Any] = (await conn.exec_driver_sql(store.CLAIM_AND_LOCK, (
                 self.name, [e.event_id for e in events], [e.topic for e in events],
                 [e.partition for e in events], [e.offset for e in events],
                 [k[0] for k in keyed], [k[1] for k in keyed]))).all()

@@ -92,9 +92,8 @@ def _package_version() -> str:
 def _channels(settings: Settings) -> list[Channel]:
     """Every topic, in a stable order: per entity current, older versions, DLQ; then access, outbox DLQ."""
     from app.registry import load_models
-    from app.topology import RELAY_DLQ_TOPIC
+    from app.topology import DOWNCONVERT, DUAL_PUBLISH, RELAY_DLQ_TOPIC, current_version, legacy_modes, root_model
     from app.wire.schemas import ACCESS_TOPIC, dlq_topic, load
-    from app.topology import DOWNCONVERT, DUAL_PUBLISH, current_version, legacy_modes, root_model
 
     load_models(settings)  # the entities whose topics the document lists
     out: list[Channel] = []

@@ -25,11 +25,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from app.ops.consumer_state import ConsumerStateSignal, consumer_state
 from app.ops.health import not_ready
-from app.ops.watchdog import Watchdog, WatchdogPolicy
 from app.ops.metrics import DownconvertCounts, Sources, new_registry
 from app.ops.progress import ProgressSensor
-from app.settings import Settings
 from app.ops.status_page import StatusHistory, page, status_body
+from app.ops.watchdog import Watchdog, WatchdogPolicy
+from app.settings import Settings
 from app.web.errors import guarded
 from app.web.params import wants_html
 

@@ -37,9 +37,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from app.faust_compat import (
+    consumer_task_errors,
+    delivery_queues,
+    fetch_in_flight,
+    fetch_states,
+    flow_partitions,
+    kafka_consumer,
+    read_offsets,
+    recovery_task,
+)
 from app.ops.consumer_state import consumer_state
-from app.faust_compat import (consumer_task_errors, delivery_queues, fetch_in_flight, fetch_states, flow_partitions,
-                              kafka_consumer, read_offsets, recovery_task)
 
 log = logging.getLogger(__name__)
 

@@ -40,10 +40,10 @@ from app.ops.progress import ProgressSensor
 from app.topology import evented_topics
 
 if TYPE_CHECKING:
-    from app.web.tables import View
     from app.cache import CacheStats
     from app.outbox.relay import RelayStats
     from app.outbox.relay_host import RelayHost
+    from app.web.tables import View
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ class Sources:
 
     def dead_letters(self) -> dict[tuple[str, str], int]:
         """(stage, dead-letter topic) -> messages dead-lettered by this worker."""
-        from app.wire.schemas import dlq_topic
         from app.topology import RELAY_DLQ_TOPIC
+        from app.wire.schemas import dlq_topic
 
         out = {("relay", RELAY_DLQ_TOPIC): self.relay.stats.dead_lettered if self.relay is not None else 0}
         for topic, count in self.downconverted.dead_lettered.items():

@@ -54,7 +54,8 @@ def process_web(registry: CollectorRegistry, ready: Readiness,
 
 def status_html(values: dict[str, Any]) -> str:
     """A small page of `values`, one row each, that reloads itself every 2 s."""
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</td></tr>"
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th>"
+                   f"<td>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</td></tr>"
                    for k, v in values.items())
     return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="2">'
             '<title>status</title><style>body{font:15px/1.5 system-ui,sans-serif;margin:40px;color:#1f2328}'

@@ -130,7 +130,8 @@ td.num, th.num { text-align: right; font-family: ui-monospace, SFMono-Regular, M
 <svg id="chart" viewBox="0 0 1100 300" preserveAspectRatio="none" data-points="0" role="img"
      aria-label="events per second per stage and outbox lag"></svg></div>
 <div class="panel"><h2>agents</h2><table><thead><tr><th>agent</th><th>state</th><th class="num">processed</th>
-<th class="num">in flight</th><th class="num">lag</th><th class="num">errors</th><th class="num">restarts</th></tr></thead>
+<th class="num">in flight</th><th class="num">lag</th><th class="num">errors</th>
+<th class="num">restarts</th></tr></thead>
 <tbody id="agents"></tbody></table></div>
 </main>
 <script>

@@ -42,12 +42,12 @@ from typing import TYPE_CHECKING, Any
 import faust
 from mode import Service
 
+from app.errors import EventsError
 from app.ops.actors import actors_of, await_chain, await_leaf, is_running
 from app.ops.liveness import ConsumerLiveness
 from app.ops.offsets import agent_lag, agent_topics, partition_offsets
 from app.ops.progress import AgentProgress, ProgressSensor
 from app.retries import Backoff, retries_of
-from app.errors import EventsError
 
 if TYPE_CHECKING:
     from faust.types import AgentT

@@ -24,16 +24,17 @@ import asyncpg
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner  # type: ignore[import-untyped]
 
+from app.errors import is_transient
 from app.kafka import ensure_topics
+from app.outbox.store import CHANNEL, LAG_SQL, SHARDS
 from app.retries import Backoff
-from app.wire.convert import convert_record
+from app.settings import WORKER, Settings
+from app.topology import RELAY_DLQ_TOPIC, dual_publish_targets, evented_topics
 from app.wire.codec import encode_message, schema_for_topic
+from app.wire.convert import convert_record
 from app.wire.deadletter import outbox_dead_letter
 from app.wire.messages import Outgoing, envelope
 from app.wire.schemas import load
-from app.topology import RELAY_DLQ_TOPIC, dual_publish_targets, evented_topics
-from app.outbox.store import CHANNEL, LAG_SQL, SHARDS
-from app.settings import WORKER, Settings
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,12 @@ class Relay:
         self.stats.active = False
         self.stats.error = self.stats.last_error = f"{type(exc).__name__}: {exc}"
         self.stats.last_error_at = time.time()
-        log.warning("relay: %s; retrying", self.stats.error)
+        # Either way the relay reconnects and tries again: nothing is lost while rows wait. A
+        # server that does not answer is expected; anything else is a bug, so its traceback.
+        if is_transient(exc):
+            log.warning("relay: %s; retrying", self.stats.error)
+        else:
+            log.error("relay: %s; retrying", self.stats.error, exc_info=exc)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):

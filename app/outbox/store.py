@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, text
 
-
 #: Outbox shards: relays divide them among themselves (app/outbox/relay.py).
 SHARDS = 16
 

@@ -77,7 +77,8 @@ def error_html(status: int, body: dict[str, Any]) -> str:
         phrase = HTTPStatus(status).phrase
     except ValueError:
         phrase = "Error"
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</td></tr>"
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th>"
+                   f"<td>{html.escape(json.dumps(v) if not isinstance(v, str) else v)}</td></tr>"
                    for k, v in body.items() if k not in ("error", "status"))
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{status} {phrase}</title>'
             '<style>body{font:15px/1.5 system-ui,sans-serif;margin:40px;color:#1f2328}'

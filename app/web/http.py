@@ -40,7 +40,6 @@ from aiohttp.web_server import Server
 from app.faust_compat import set_web_runner
 from app.web.errors import error_body, error_response, prefers_html
 
-
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from app.wire.schemas import load
 from app.errors import EventsError
+from app.wire.schemas import load
 
 Data = dict[str, Any]
 
@@ -57,7 +57,8 @@ def chain(entity: str, source: int, target: int,
     for version in range(source, target, -1 if target < source else 1):
         step = registry.get((entity, version, version + (-1 if target < source else 1)))
         if step is None:
-            raise ConversionError(f"no converter for {entity} v{version} -> v{version - 1 if target < source else version + 1}")
+            step = version - 1 if target < source else version + 1
+            raise ConversionError(f"no converter for {entity} v{version} -> v{step}")
         steps.append(step)
     return steps
 

@@ -5,11 +5,12 @@ One format for every stage. Every dead letter starts with the headers `reason` w
 `dlq_source_partition` and `dlq_source_offset` for a message an agent consumed, or
 `dlq_outbox_id` for an outbox row the relay could not encode or publish. An agent's letter is
 the consumed message, untouched (key, value, its own headers after ours), on
-`<source topic>.dlq` (an inbox consumer's on `<source topic>.<consumer>.dlq`). The relay's is the outbox row as JSON (`content-type:
-application/json`) on `outbox.dlq`, its `dlq_source_topic` the topic the row was meant for:
-its event never reached a topic, so the row is what can be published again.
-`python -m app dlq list|redrive` read both (app/cli/dlq.py). Agents produce their output (dead
-letters included) before their input is acked (agents/producing.py), and the relay deletes a row only once its
+`<source topic>.dlq` (an inbox consumer's on `<source topic>.<consumer>.dlq`). The relay's is
+the outbox row as JSON (`content-type: application/json`) on `outbox.dlq`, its
+`dlq_source_topic` the topic the row was meant for: its event never reached a topic, so the
+row is what can be published again. `python -m app dlq list|redrive` read both
+(app/cli/dlq.py). Agents produce their output (dead letters included) before their input is
+acked (agents/producing.py), and the relay deletes a row only once its
 letter is acked, so a crash sends a letter twice at worst and never loses one.
 """
 from __future__ import annotations

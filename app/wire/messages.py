@@ -44,7 +44,9 @@ class Outgoing:
 
 def incoming(message: faust.types.Message) -> Incoming:
     """The parts of a consumed Faust message an agent keeps."""
-    return Incoming(message.key, message.value, message.partition, message.offset, list(message.headers or ()))
+    headers = message.headers or ()
+    return Incoming(message.key, message.value, message.partition, message.offset,
+                    list(headers.items()) if isinstance(headers, Mapping) else list(headers))
 
 
 def envelope(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -6,9 +6,9 @@ import random
 import signal
 import subprocess
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +20,14 @@ from app.cache import CacheRepository, connect_redis, decode_entry
 from app.capture.roles import WORKER
 from app.embedded.process import free_port
 from app.embedded.redis import EmbeddedRedis
-from app.wire.codec import encode_message
 from app.orm import Database
-from app.wire.schemas import load
 from app.settings import Settings
+from app.wire.codec import encode_message
+from app.wire.schemas import load
 from models import Order, OrderShipping
+from tests.http import get_json, get_text
 from tests.processes import start_worker, stop
 from tests.waiting import until
-from tests.http import get_json, get_text
-
 
 #: Documented staleness bound of cached reads: the cache agent's lag behind the topic. The
 #: commit -> refresh p99 is tens of ms on a quiet machine; this allows for a loaded CI box.

@@ -14,12 +14,11 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from sqlalchemy import update
 
-from app.wire.schemas import dlq_topic
-from app.wire.codec import encode_message
 from app.orm import Database
 from app.outbox.relay import Relay, to_messages
-from app.wire.schemas import load
 from app.settings import Settings
+from app.wire.codec import encode_message
+from app.wire.schemas import dlq_topic, load
 from models import Order, OrderShipping
 from tests.kafka import Received, TopicReader
 from tests.processes import start_worker, stop

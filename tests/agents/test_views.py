@@ -17,16 +17,16 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.exc import StaleDataError
 
+from app.cli.topics import group_offsets
 from app.embedded.process import free_port
+from app.kafka import fetched_end_offsets, topic_partitions
 from app.orm import Database
 from app.settings import Settings
-from app.cli.topics import group_offsets
-from app.kafka import fetched_end_offsets, topic_partitions
 from app.views import present_count, present_state
-from models.order import CUSTOMER_ORDERS, ORDERS_PER_MINUTE
 from chaos.agreement import orders_per_minute
 from chaos.topiclog import Seen
 from models import Order, OrderShipping
+from models.order import CUSTOMER_ORDERS, ORDERS_PER_MINUTE
 from tests.kafka import TopicReader
 from tests.processes import start_worker, stop
 from tests.waiting import until

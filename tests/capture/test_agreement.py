@@ -71,7 +71,8 @@ def test_a_column_missing_from_the_schema_is_refused_naming_model_column_and_fil
 
 
 def test_a_column_kept_out_on_purpose_passes(tmp_path: Path) -> None:
-    base = catalog({"internal_note": unevented_column(String(100)), "supplier_cost_cents": sensitive_column(BigInteger)})
+    base = catalog({"internal_note": unevented_column(String(100)),
+                    "supplier_cost_cents": sensitive_column(BigInteger)})
     assert disagreements(base, schema(tmp_path, ID, NAME)) == []
 
 
@@ -115,7 +116,8 @@ def test_an_aggregation_naming_a_field_the_schema_lacks_is_refused(tmp_path: Pat
 
 def test_an_aggregation_named_like_an_entity_or_windows_on_two_time_fields_are_refused(tmp_path: Path) -> None:
     base = catalog({"__aggregations__": (count_by("products", "name"),
-                                         window_count("per_minute", time="id"), window_count("per_hour", time="made_at"))})
+                                         window_count("per_minute", time="id"),
+                                         window_count("per_hour", time="made_at"))})
     problems = disagreements(base, schema(tmp_path, ID, NAME, {"name": "made_at", "type": "long", "default": 0}))
     assert any("windows must share one" in p and "['id', 'made_at']" in p for p in problems)
     assert any(p.startswith("Product: aggregation 'products' has the name of entity 'products'") for p in problems)

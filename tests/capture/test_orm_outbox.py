@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import delete, func, select, text, update
 
 from app.orm import Database, SchemaMismatch
-from app.outbox.store import SHARDS
 from app.outbox.relay import Relay
+from app.outbox.store import SHARDS
 from app.settings import Settings
 from models import Customer, Order, OrderShipping
 from tests.kafka import Received, TopicReader

@@ -10,8 +10,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
 from app.capture import ownership
-from app.orm import Database, EventedBase, OwnershipError
 from app.capture.ownership import UneventedWrite
+from app.orm import Database, EventedBase, OwnershipError
 from app.settings import Settings
 from models import Customer
 

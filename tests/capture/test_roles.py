@@ -19,9 +19,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import undefer
 
-from app.orm import Database, OwnershipError
 from app.capture.ownership import UneventedWrite
 from app.capture.roles import WORKER, role_name, service_url
+from app.orm import Database, OwnershipError
 from app.settings import Settings
 from models import Customer, Order
 

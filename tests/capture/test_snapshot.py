@@ -93,7 +93,8 @@ async def test_up_to_date_consumers_skip_the_snapshot_and_a_new_one_rebuilds_the
         """Apply as every view does (newer sequence only); how many changed the table."""
         changed = 0
         for m in messages:
-            applied = apply_event(m.key, table.get(m.key), m.record["sequence"], plain_state(m.record["data"]), m.partition)
+            applied = apply_event(m.key, table.get(m.key), m.record["sequence"], plain_state(m.record["data"]),
+                                  m.partition)
             if applied is not None:
                 table[m.key], changed = applied[0], changed + 1
         return changed

@@ -17,14 +17,13 @@ from redis.asyncio import Redis
 
 from app.cache import encode_entry
 from app.views import micros
-from models.order import ORDERS_PER_MINUTE
-from chaos.agreement import (Snapshot, check_invoices, order_matches, orders_per_minute, v1_matches,
-                             view_mismatches)
+from chaos.agreement import Snapshot, check_invoices, order_matches, orders_per_minute, v1_matches, view_mismatches
 from chaos.checker import Checker, Report, convertible
 from chaos.copies import check_copies, in_order
 from chaos.metrics import COMMITS_PAST_UNACKED, count_over, sample_sum
 from chaos.promises import check_topic
 from chaos.topiclog import Seen
+from models.order import ORDERS_PER_MINUTE
 
 NOW = datetime.now(timezone.utc).replace(second=10, microsecond=0)
 

@@ -14,12 +14,11 @@ from aiokafka import AIOKafkaConsumer
 
 from app.kafka import topic_partitions
 from app.topology import inbox_dead_letter_topic
+from app.wire.schemas import dlq_topic
 from chaos.checker import Report, count_messages
 from chaos.run import Session
 from chaos.suite import run_fault
-from app.wire.schemas import dlq_topic
 from tests.chaos.conftest import REPORT
-
 
 
 @pytest.fixture

@@ -59,6 +59,7 @@ def test_every_command_has_help() -> None:
     for args in (["--help"], ["dev", "--help"], ["worker", "--help"], ["relay", "--help"],
                  ["outbox", "status", "--help"], ["demo", "--help"], ["init-db", "--help"],
                  ["schemas", "check", "--help"], ["dlq", "list", "--help"], ["dlq", "redrive", "--help"],
-                 ["topic", "consumers", "--help"], ["topic", "archive", "--help"], ["replay", "--help"], ["asyncapi", "--help"]):
+                 ["topic", "consumers", "--help"], ["topic", "archive", "--help"], ["replay", "--help"],
+                 ["asyncapi", "--help"]):
         done = run_app(*args)
         assert done.returncode == 0 and "usage:" in done.stdout, args

@@ -16,8 +16,8 @@ import asyncpg
 
 from app.capture.roles import service_url
 from app.cli.dev import wipe_state
-from app.orm import Database
 from app.embedded.process import free_port
+from app.orm import Database
 from app.settings import Settings
 from models import Order
 from tests.http import get_json
@@ -164,6 +164,7 @@ async def _check_rebuilt(url: str, env: dict[str, str]) -> dict[str, Any]:
                              what=f"order {key} through the cache")
         assert cached[1]["state"]["status"] == status
     paid = sum(1 for s in state["orders"].values() if s == "paid")
-    await until(lambda: _answer(f"{base}/tables/orders_by_status/paid/"), lambda r: r[0] == 200 and r[1]["value"] == paid,
+    await until(lambda: _answer(f"{base}/tables/orders_by_status/paid/"),
+                lambda r: r[0] == 200 and r[1]["value"] == paid,
                 timeout=30, what=f"orders_by_status[paid] = {paid}")
     return {**state, "billing": await _billing_caught_up(env, len(state["orders"]))}

@@ -12,10 +12,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from app.cli.dlq import REDRIVEN_FROM, list_dead_letters, redrive, redrive_group
-from app.kafka import ensure_topics
+from app.kafka import TopicError, ensure_topics
 from app.outbox.relay import dead_letter
 from app.settings import Settings
-from app.kafka import TopicError
 from tests.kafka import TopicReader
 from tests.processes import run_app
 
@@ -93,7 +92,8 @@ async def test_redrive_sends_the_originals_once(kafka: Settings, topics: tuple[s
         received = await reader.wait_for(lambda ms: len(ms) >= 4)
     by_key = {m.key: m for m in received}
     assert len(received) == 4 and set(by_key) == {key.decode() for key, *_ in sent}
-    for (key, value, original, partition), item in zip(sorted(sent), sorted(done, key=lambda d: d.letter.key or b""), strict=True):
+    by_key = sorted(done, key=lambda d: d.letter.key or b"")
+    for (key, value, original, partition), item in zip(sorted(sent), by_key, strict=True):
         got = by_key[key.decode()]
         assert got.value == value and got.partition == partition
         assert not any(k.startswith("dlq_") and k != REDRIVEN_FROM for k in got.headers)

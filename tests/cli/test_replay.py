@@ -18,9 +18,9 @@ from app.embedded.redis import EmbeddedRedis
 from app.orm import Database
 from app.settings import Settings
 from models import Order
+from tests.agents.test_rocksdb_tables import fetch
 from tests.kafka import TopicReader
 from tests.processes import ROOT, app_env, start_worker, stop
-from tests.agents.test_rocksdb_tables import fetch
 from tests.waiting import until
 
 FORGED_SEQUENCE = 10**9  # higher than any real sequence: no replayed event can overwrite it

@@ -1,4 +1,5 @@
-"""`topic list` / `topic tail` / `topic consumers` / `topic archive` against the session's embedded Tansu broker (fresh topics per test)."""
+"""`topic list` / `topic tail` / `topic consumers` / `topic archive` against the session's embedded
+Tansu broker (fresh topics per test)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,11 +15,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from app.wire.codec import encode_message
-from app.wire.schemas import load
-from app.settings import Settings
 from app.cli.topics import ProgressLine, archive_topic, format_group_offsets, group_offsets
 from app.kafka import LAG_CAVEAT, TopicError, ensure_topics, read_to_end, read_until
+from app.settings import Settings
+from app.wire.codec import encode_message
+from app.wire.schemas import load
 from tests.processes import run_app
 from tests.waiting import until
 

@@ -23,9 +23,9 @@ from redis.asyncio import Redis
 from sqlalchemy import select
 
 from app.embedded.process import free_port
+from app.kafka import fetched_end_offsets
 from app.orm import Database
 from app.settings import Settings
-from app.kafka import fetched_end_offsets
 from models import Customer, Order, OrderShipping
 from tests.kafka import TopicReader
 from tests.processes import start_worker, stop

@@ -16,11 +16,10 @@ import pytest
 from referencing import Registry
 
 from app.ops.asyncapi import AVRO_SCHEMA_FORMAT, build_document
-from app.wire.codec import ce_headers, schema_for_topic
-from app.topology import current_version, evented_topics, legacy_modes
-from app.topology import RELAY_DLQ_TOPIC
-from app.wire.schemas import SCHEMA_DIR, field_type, topic_name
 from app.settings import Settings
+from app.topology import RELAY_DLQ_TOPIC, current_version, evented_topics, legacy_modes
+from app.wire.codec import ce_headers, schema_for_topic
+from app.wire.schemas import SCHEMA_DIR, field_type, topic_name
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = Path(__file__).resolve().parents[1] / "fixtures" / "asyncapi" / "3.0.0.json"

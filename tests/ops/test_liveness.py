@@ -13,7 +13,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
 from aiokafka import TopicPartition
 
 from app.ops.liveness import STALL_EXIT_CODE, ConsumerLiveness
@@ -60,7 +59,8 @@ def fake_app(*, fetched_ago: float | None = 0.0, in_flight: bool = False, buffer
                            consumer=SimpleNamespace(_thread=SimpleNamespace(_consumer=consumer), flow_active=True,
                                                     _active_partitions={TP0}, _paused_partitions=set(),
                                                     _buffered_partitions=set(), _read_offset={TP0: 10}),
-                           flow_control=SimpleNamespace(is_active=lambda: True), tables=SimpleNamespace(recovery=recovery))
+                           flow_control=SimpleNamespace(is_active=lambda: True),
+                           tables=SimpleNamespace(recovery=recovery))
 
 
 def liveness(app: Any, exits: list[int]) -> ConsumerLiveness:

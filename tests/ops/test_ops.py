@@ -26,15 +26,15 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.embedded.process import free_port
-from app.ops.actors import await_chain, await_leaf
-from app.ops.watchdog import AgentWatch, Watchdog, WatchdogPolicy
+from app.kafka import ensure_topics
 from app.main import create_app
+from app.ops.actors import await_chain, await_leaf
 from app.ops.offsets import PartitionOffsets, agent_lag
 from app.ops.progress import AgentProgress, ProgressSensor
+from app.ops.watchdog import AgentWatch, Watchdog, WatchdogPolicy
 from app.orm import Database
-from app.topology import evented_topics
-from app.kafka import ensure_topics
 from app.settings import Settings
+from app.topology import evented_topics
 from models import Order
 from tests.http import get_text as get
 from tests.processes import ROOT, app_env, stop, wait_for_log
@@ -339,7 +339,8 @@ async def test_metrics_export_every_stage_and_counters_move_under_load(
     partitions = {dict(labels)["partition"] for (name, labels) in samples
                   if name == "mse_consumer_lag" and dict(labels)["topic"] == "orders-v2"}
     assert partitions == {"0", "1", "2", "3"}
-    assert sum(value(samples, "mse_consumer_highwater", topic="orders-v2", partition=p) for p in partitions) >= len(orders)
+    highwaters = (value(samples, "mse_consumer_highwater", topic="orders-v2", partition=p) for p in partitions)
+    assert sum(highwaters) >= len(orders)
     for agent in ("process_orders", "refresh_cache_orders"):
         assert value(samples, "mse_agent_up", agent=agent) == 1
         assert value(samples, "mse_agent_errors_total", agent=agent) == 0

@@ -14,10 +14,10 @@ import aiohttp
 import pytest
 
 from app.embedded.process import free_port
-from app.orm import Database
-from app.topology import evented_topics
 from app.kafka import ensure_topics
+from app.orm import Database
 from app.settings import Settings
+from app.topology import evented_topics
 from models import Order
 from tests.processes import ROOT, start_worker, stop
 from tests.waiting import until

@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from app.wire.codec import downconvert
 from app.orm import Database
 from app.outbox.relay import Relay
-from app.wire.schemas import load
 from app.settings import Settings
+from app.wire.codec import downconvert
+from app.wire.schemas import load
 from models import Order, OrderShipping
 from tests.kafka import TopicReader
 from tests.waiting import until

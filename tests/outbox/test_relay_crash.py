@@ -13,8 +13,8 @@ from sqlalchemy import insert, select, text
 from app.embedded.broker import EmbeddedBroker
 from app.embedded.process import free_port
 from app.orm import Database
-from app.outbox.store import SHARDS
 from app.outbox.relay import RELAY_LOCK, Relay
+from app.outbox.store import SHARDS
 from app.settings import Settings
 from app.views import apply_event, plain_state
 from models import Order

@@ -1,7 +1,6 @@
 """Where the worker runs its relay (RELAY_MODE): a supervised child process by default, or a thread."""
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import sys

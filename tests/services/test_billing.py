@@ -56,7 +56,8 @@ async def write_orders(db: Database, rng: random.Random, ids: list[int], steps: 
         async with db.session() as s:
             roll = rng.random()
             if roll < 0.35 or not ids:
-                order = Order(customer_id=1, amount_cents=rng.randrange(100, 10_000), currency=rng.choice(["EUR", "USD"]))
+                order = Order(customer_id=1, amount_cents=rng.randrange(100, 10_000),
+                              currency=rng.choice(["EUR", "USD"]))
                 s.add(order)
                 await s.flush()
                 ids.append(order.id)

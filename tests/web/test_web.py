@@ -24,10 +24,10 @@ from yarl import URL
 
 from app.cache import connect_redis, decode_entry, entity_key
 from app.embedded.process import free_port
-from app.orm import Database
-from app.topology import evented_topics
 from app.kafka import ensure_topics
+from app.orm import Database
 from app.settings import Settings
+from app.topology import evented_topics
 from app.web.errors import HttpError, bad, prefers_html
 from app.web.install import WebViews
 from app.web.tables import order_key

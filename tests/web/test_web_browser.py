@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from app.orm import Database
-from app.topology import evented_topics
 from app.kafka import ensure_topics
+from app.orm import Database
 from app.settings import Settings
+from app.topology import evented_topics
 from tests.processes import ROOT, stop
 from tests.web.test_web import Worker, create_orders, get, spawn, visible
 

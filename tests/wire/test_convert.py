@@ -7,13 +7,12 @@ import pytest
 
 from agents.downconvert import convert_batch
 from agents.entity_pass import decode_all
-from app.wire.messages import Incoming
-from app.wire.schemas import dlq_topic
-from app.wire.convert import CONVERTERS, ConversionError, Converter, chain, convert_record
-from models.order import orders_v2_to_v1
-from app.wire.codec import decode, downconvert, encode_message
 from app.outbox.relay import to_messages
-from app.wire.schemas import load
+from app.wire.codec import decode, downconvert, encode_message
+from app.wire.convert import CONVERTERS, ConversionError, Converter, chain, convert_record
+from app.wire.messages import Incoming
+from app.wire.schemas import dlq_topic, load
+from models.order import orders_v2_to_v1
 
 T0 = datetime(2026, 11, 27, 6, 0, 0, 123456, tzinfo=timezone.utc)
 
