@@ -116,7 +116,7 @@ async def take_ready(stream: StreamT[Any], max_: int, within: tuple[float, float
             full.set()
             consumed.clear()
             # At most max_ per batch. (StreamT leaves out mode's Service methods; a Stream has them.)
-            await stream.wait(consumed)  # type: ignore[attr-defined]
+            await stream.wait(consumed)  # type: ignore[attr-defined]  # StreamT leaves out mode's Service.wait
         return value
 
     add.release = release  # type: ignore[attr-defined]  # read by the next take_ready on this stream
@@ -131,7 +131,7 @@ async def take_ready(stream: StreamT[Any], max_: int, within: tuple[float, float
     stream.enable_acks = False  # acked below, once the body is done with the batch
     stream.add_processor(add)
     # mode's stub wants a `signal=` parameter; Faust passes it in **kwargs, which `revoked` takes.
-    stream.app.on_partitions_revoked.connect(revoked)  # type: ignore[arg-type]
+    stream.app.on_partitions_revoked.connect(revoked)  # type: ignore[arg-type]  # mode's stub wants a signal= parameter
     drain_passively(stream, channel)  # as Faust's take_events: the stream is drained in the background
     try:
         while not stream.should_stop:

@@ -82,5 +82,5 @@ def _declare(app: faust.App, schema: EventSchema, jobs: list[Job]) -> None:
                 job.sent(out)  # counted once produced: numbers never run ahead of Kafka
 
     # The metrics and status page count this agent's events once for each job's stage.
-    process_entity.stages = tuple(job.stage for job in jobs)  # type: ignore[attr-defined]
+    process_entity.stages = tuple(job.stage for job in jobs)  # type: ignore[attr-defined]  # read by app/ops/metrics.py
     app.agent(topic, name=name)(process_entity)

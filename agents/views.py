@@ -144,7 +144,7 @@ def _declare_stage2(app: faust.App, settings: Settings, aggregation: Aggregation
         await merge_into(app, target, stream, aggregation)
 
     # Internal repartition input: it counts for no pipeline stage (app/ops/metrics.py).
-    apply_updates.stages = ()  # type: ignore[attr-defined]
+    apply_updates.stages = ()  # type: ignore[attr-defined]  # read by app/ops/metrics.py
     app.agent(topic, name=f"apply_{aggregation.name}_updates")(apply_updates)
 
 
@@ -168,7 +168,7 @@ def install(app: faust.App, settings: Settings) -> tuple[dict[str, View], dict[t
         stage1.append(job)
 
     # mode's stub wants a `signal=` parameter; Faust passes it in **kwargs, which this takes.
-    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # mode's stub wants a signal= parameter
     async def forget_aggregates(sender: Any, revoked: Any, **_: Any) -> None:
         for job in stage1:
             job.aggregates.clear()  # rebuilt from the table for each partition on its next event

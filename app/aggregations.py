@@ -106,7 +106,7 @@ class _Declared:
         if key is None:
             return self
         types = {f["name"]: f["type"] for f in schema_fields}
-        return replace(self, keys_rule=KeyRule.of(types[key]))  # type: ignore[type-var]
+        return replace(self, keys_rule=KeyRule.of(types[key]))  # type: ignore[type-var]  # dataclasses.replace on a generic frozen dataclass
 
 
 class _Counted(_Declared):
@@ -232,7 +232,7 @@ class SumBy(_Declared):
         for state, sign in ((before, -1), (after, 1)):
             group = _group(state, self.key)
             if group is not None:
-                self._add(part, group, state, sign)  # type: ignore[arg-type]
+                self._add(part, group, state, sign)  # type: ignore[arg-type]  # state is not None here: _group returned a group
                 changed.add(group)
         return changed
 

@@ -26,14 +26,14 @@ def set_fetch_max_wait(consumer: "aiokafka.AIOKafkaConsumer", wait_ms: int) -> N
     aiokafka keeps `fetch_max_wait_ms` as `_fetch_max_wait_ms` and reads it when `start()`
     builds the fetcher, so setting it before start is enough.
     """
-    consumer._fetch_max_wait_ms = wait_ms  # type: ignore[attr-defined]
+    consumer._fetch_max_wait_ms = wait_ms
 
 
 def set_fetcher_wait(consumer: "aiokafka.AIOKafkaConsumer", wait_ms: int) -> None:
     """Change the fetch wait of a started consumer's next fetch requests (`Fetcher.
     _fetch_max_wait_ms`, read each time the fetcher builds a request). Call it on the
     consumer's own loop."""
-    consumer._fetcher._fetch_max_wait_ms = wait_ms  # type: ignore[attr-defined]
+    consumer._fetcher._fetch_max_wait_ms = wait_ms
 
 
 def forget_unacked(consumer: Any, message: Any) -> None:
@@ -54,7 +54,7 @@ def replace_read_offsets(consumer: Any, offsets: MutableMapping[Any, int | None]
 
 def agent_error_handler(agent: Any) -> Callable[..., Any] | None:
     """The `on_error=` handler of a Faust agent (kept as `Agent._on_error`)."""
-    return agent._on_error  # type: ignore[no-any-return]
+    return agent._on_error
 
 
 def set_agent_error_handler(agent: Any, handler: Callable[..., Any]) -> None:
@@ -66,7 +66,7 @@ def committed_offsets(consumer: Any) -> Mapping[Any, int | None]:
     """tp -> the committed offset the consumer read from the broker when the partition was
     assigned (`Consumer._committed_offset`); the Monitor only knows this worker's own commits,
     and the metrics need the group's position before the first of them."""
-    return getattr(consumer, "_committed_offset", {})  # type: ignore[no-any-return]
+    return getattr(consumer, "_committed_offset", {})
 
 
 def agent_actors(agent: Any) -> list[Any]:
@@ -132,7 +132,7 @@ def check_coordinator_errors(consumer: "aiokafka.AIOKafkaConsumer") -> None:
     """Raise what aiokafka's group coordinator has pushed to the user, releasing it
     (`_coordinator.check_errors()`; `AIOKafkaConsumer.getmany` calls it, Faust's direct
     `fetcher.fetched_records()` path does not). Call it on the consumer's own loop."""
-    consumer._coordinator.check_errors()  # type: ignore[attr-defined]
+    consumer._coordinator.check_errors()
 
 
 def consumer_task_errors(consumer: "aiokafka.AIOKafkaConsumer") -> dict[str, str]:
@@ -170,7 +170,7 @@ def fetch_states(consumer: "aiokafka.AIOKafkaConsumer") -> dict[Any, FetchState]
     """tp -> its `FetchState`, for every assigned partition (aiokafka's `TopicPartitionState`
     and its fetcher's `_records`). Read from another thread it is a snapshot: a RuntimeError
     (changed while read) is the caller's to retry."""
-    buffered = set(consumer._fetcher._records)  # type: ignore[attr-defined]
+    buffered = set(consumer._fetcher._records)
     return {tp: FetchState(
         paused=bool(state.paused), buffered=tp in buffered,
         position=state.position if state.has_valid_position else None, highwater=state.highwater,
@@ -180,7 +180,7 @@ def fetch_states(consumer: "aiokafka.AIOKafkaConsumer") -> dict[Any, FetchState]
 
 def fetch_in_flight(consumer: "aiokafka.AIOKafkaConsumer") -> bool:
     """Whether a fetch request is out (`Fetcher._in_flight`: nodes with one pending)."""
-    return bool(consumer._fetcher._in_flight)  # type: ignore[attr-defined]
+    return bool(consumer._fetcher._in_flight)
 
 
 def recovery_task(recovery: Any) -> Any:
@@ -229,7 +229,7 @@ def partition_states(consumer: "aiokafka.AIOKafkaConsumer") -> dict[Any, Any]:
     Faust's own `verify_event_path` reads it. The state carries `highwater`, `timestamp` (ms since
     the epoch of the partition's last fetch response), `paused`, `awaiting_reset`, `position`.
     """
-    subscription = consumer._subscription.subscription  # type: ignore[attr-defined]
+    subscription = consumer._subscription.subscription
     assignment = subscription.assignment if subscription is not None else None
     if assignment is None:
         return {}
@@ -243,7 +243,7 @@ def partition_status(state: Any) -> str:
 
 def fetcher(consumer: "aiokafka.AIOKafkaConsumer") -> Any:
     """The consumer's `Fetcher` (`_fetcher`; None before start)."""
-    return consumer._fetcher  # type: ignore[attr-defined]
+    return consumer._fetcher
 
 
 def fetched_buffers(fetcher: Any) -> dict[Any, Any]:
@@ -265,7 +265,7 @@ def fetcher_requests(fetcher: Any) -> tuple[set[int], set[Any], Any]:
 
 def group_coordinator(consumer: "aiokafka.AIOKafkaConsumer") -> Any:
     """The consumer's `GroupCoordinator` (`_coordinator`; None before start)."""
-    return consumer._coordinator  # type: ignore[attr-defined]
+    return consumer._coordinator
 
 
 def coordinator_tasks(coordinator: Any) -> dict[str, Any]:
@@ -290,7 +290,7 @@ def flow_partitions(consumer: Any) -> dict[str, set[Any]]:
 
 def read_offsets(consumer: Any) -> Mapping[Any, int | None]:
     """tp -> the offset Faust's drain loop last delivered (`Consumer._read_offset`)."""
-    return getattr(consumer, "_read_offset", {})  # type: ignore[no-any-return]
+    return getattr(consumer, "_read_offset", {})
 
 
 def service_futures(service: Any) -> list[Any]:

@@ -197,7 +197,7 @@ class Settings:
 
     def with_(self, **changes: object) -> "Settings":
         """A copy with some fields changed (tests build theirs this way)."""
-        return replace(self, **changes)  # type: ignore[arg-type]
+        return replace(self, **changes)  # type: ignore[arg-type]  # field names are checked by dataclasses at run time
 
     @property
     def advertised_host(self) -> str:
@@ -255,7 +255,7 @@ def _parse(var: str, raw: str, kind: object) -> object:
         return raw.strip().lower() not in ("0", "false", "no")
     if kind in (int, float):
         try:
-            return kind(raw)  # type: ignore[operator]
+            return kind(raw)
         except ValueError:
             raise ValueError(f"{var}={raw!r} is not {'an integer' if kind is int else 'a number'}: "
                              f"set it to one, or unset it for the default") from None

@@ -254,7 +254,7 @@ class FetchWaitConsumer(driver.Consumer):
         self.sought[tp] = self.seek_epoch
 
     async def seek_to_committed(self) -> Mapping[TP, int]:
-        return await self._thread.call_thread(self._thread.seek_to_committed_marked)  # type: ignore[no-any-return]
+        return await self._thread.call_thread(self._thread.seek_to_committed_marked)
 
     async def _seek(self, partition: TP, offset: int) -> None:
         # Faust seeks from this thread while the consumer thread may be draining a fetch:

@@ -35,8 +35,7 @@ class EntityPlan:
         self.root_entity: str = root.__entity__
         self.version: int = root.__schema_version__
         self.schema: EventSchema = load(self.root_entity, self.version)
-        # SQLAlchemy types `__table__` as any FromClause; every evented model maps one Table.
-        self.table: Table = model.__table__  # type: ignore[assignment]
+        self.table: Table = model.__table__  # type: ignore[assignment]  # a FromClause to the stubs; every evented model maps a Table
         root_pk = _single_pk(root)
         if self.is_root:
             self.key_column: Column[Any] = root_pk
@@ -81,7 +80,7 @@ def _single_pk(model: type[EventedBase]) -> Column[Any]:
     pk = inspect(model).primary_key
     if len(pk) != 1:
         raise TypeError(f"{model.__name__}: evented entities need a single-column primary key")
-    return pk[0]  # type: ignore[return-value]
+    return pk[0]  # type: ignore[return-value]  # a mapped primary key is a Column
 
 
 def _field(fields: list[dict[str, Any]], name: str) -> dict[str, Any]:

@@ -275,7 +275,7 @@ class Inbox:
         async with self.db.session() as session:
             conn = await session.connection()
             keyed = sorted({(e.entity, e.key) for e in events if e.sequenced})
-            rows: list[Any] = (await conn.exec_driver_sql(store.CLAIM_AND_LOCK, (
+            rows: Sequence[Any] = (await conn.exec_driver_sql(store.CLAIM_AND_LOCK, (
                 self.name, [e.event_id for e in events], [e.topic for e in events],
                 [e.partition for e in events], [e.offset for e in events],
                 [k[0] for k in keyed], [k[1] for k in keyed]))).all()

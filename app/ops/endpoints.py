@@ -82,8 +82,8 @@ def install(app: faust.App, settings: Settings, *, relay: RelayHost | None = Non
     history = StatusHistory(sources)
     ops = Ops(sources, progress, watchdog, history, new_registry(sources))
     # Both start after table recovery, with the app's other services (Faust starts instances as given).
-    app.service(watchdog)  # type: ignore[arg-type]
-    app.service(history)  # type: ignore[arg-type]
+    app.service(watchdog)  # type: ignore[arg-type]  # Faust's stub wants a class; it takes an instance as well
+    app.service(history)  # type: ignore[arg-type]  # as above
     # A dependency of the app, not an app service: those start only after table recovery, and a
     # recovery stalled by a rebalance is one of the things SIGUSR2 is for.
     app.add_dependency(ConsumerStateSignal(app))

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 def not_ready(app: faust.App, relay: RelayHost | None, watchdog: Watchdog | None) -> list[str]:
     """Why the worker should not get traffic yet; [] when it is ready."""
     reasons = []
-    recovery = app.tables.recovery  # type: ignore[attr-defined]
+    recovery = app.tables.recovery  # type: ignore[attr-defined]  # on TableManager, not TableManagerT
     if not recovery.completed.is_set():
         reasons.append("tables: changelog recovery has not completed")
     elif recovery.in_recovery:

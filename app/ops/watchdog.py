@@ -146,7 +146,7 @@ class Watchdog(Service):
 
     def settled(self) -> bool:
         """Whether partitions are assigned and recovered: actors are not being moved around."""
-        recovery = self.app.tables.recovery  # type: ignore[attr-defined]
+        recovery = self.app.tables.recovery  # type: ignore[attr-defined]  # on TableManager, not TableManagerT
         return recovery.completed.is_set() and not recovery.in_recovery and not self.app.rebalancing
 
     async def check(self) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner  # type: ignore[import-untyped]
+from aiokafka.partitioner import DefaultPartitioner
 
 from app.errors import is_transient
 from app.kafka import ensure_topics

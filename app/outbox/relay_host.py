@@ -176,7 +176,7 @@ class ProcessRelay:
 
     def _report(self, fields: dict[str, object]) -> None:
         """The child's stats, its counters added to those of the children before it."""
-        now = RelayStats(**{**fields, "shards": tuple(fields.get("shards") or ())})  # type: ignore[arg-type]
+        now = RelayStats(**{**fields, "shards": tuple(fields.get("shards") or ())})  # type: ignore[arg-type]  # fields of the child's own RelayStats
         base = self._carried
         self._stats = dataclasses.replace(
             now, published=base.published + now.published, batches=base.batches + now.batches,

@@ -107,7 +107,7 @@ def error_middleware(limits: Limits) -> Callable[..., Awaitable[web.StreamRespon
                 and (response.content_type or "") == "application/json" and response.body is not None):
             # Our views answer errors in JSON; a browser gets the same error as a page.
             try:
-                body = json.loads(bytes(response.body))  # type: ignore[arg-type]
+                body = json.loads(bytes(response.body))  # type: ignore[arg-type]  # a JSON answer's body is bytes, not a Payload
             except ValueError:
                 return response
             if isinstance(body, dict) and "error" in body:

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import faust
-from aiokafka.partitioner import DefaultPartitioner  # type: ignore[import-untyped]
+from aiokafka.partitioner import DefaultPartitioner
 from faust.web import Request, Response
 from faust.web import View as FaustView
 from yarl import URL

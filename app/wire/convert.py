@@ -57,8 +57,8 @@ def chain(entity: str, source: int, target: int,
     for version in range(source, target, -1 if target < source else 1):
         step = registry.get((entity, version, version + (-1 if target < source else 1)))
         if step is None:
-            step = version - 1 if target < source else version + 1
-            raise ConversionError(f"no converter for {entity} v{version} -> v{step}")
+            wanted = version - 1 if target < source else version + 1
+            raise ConversionError(f"no converter for {entity} v{version} -> v{wanted}")
         steps.append(step)
     return steps
 
