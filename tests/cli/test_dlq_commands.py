@@ -92,8 +92,8 @@ async def test_redrive_sends_the_originals_once(kafka: Settings, topics: tuple[s
         received = await reader.wait_for(lambda ms: len(ms) >= 4)
     by_key = {m.key: m for m in received}
     assert len(received) == 4 and set(by_key) == {key.decode() for key, *_ in sent}
-    by_key = sorted(done, key=lambda d: d.letter.key or b"")
-    for (key, value, original, partition), item in zip(sorted(sent), by_key, strict=True):
+    done_by_key = sorted(done, key=lambda d: d.letter.key or b"")
+    for (key, value, original, partition), item in zip(sorted(sent), done_by_key, strict=True):
         got = by_key[key.decode()]
         assert got.value == value and got.partition == partition
         assert not any(k.startswith("dlq_") and k != REDRIVEN_FROM for k in got.headers)
