@@ -134,18 +134,31 @@ async def merge_into(app: faust.App, target: faust.Table, stream: faust.StreamT[
             write_as(event, target, key, value)  # one changelog message per key per batch
 
 
+class ApplyUpdates:
+    """Stage 2 of one aggregation, the agent `apply_<aggregation>_updates`: each batch's newest
+    part per key merged into the aggregation's table, written once per key."""
+
+    #: The pipeline stages its events count for (app/ops/metrics.py): none, its input is the
+    #: internal repartition topic stage 1 writes.
+    stages: tuple[str, ...] = ()
+
+    def __init__(self, app: faust.App, target: faust.Table, aggregation: Aggregation) -> None:
+        self.app = app
+        self.target = target
+        self.aggregation = aggregation
+        self.__doc__ = f"Stage 2 of {aggregation.name}: its parts merged into its table."
+
+    async def __call__(self, stream: faust.StreamT[Any]) -> None:
+        """The agent's body: Faust calls it with the stream of the updates topic."""
+        await merge_into(self.app, self.target, stream, self.aggregation)
+
+
 def _declare_stage2(app: faust.App, settings: Settings, aggregation: Aggregation, target: faust.Table) -> None:
     # Stage 1 sends JSON; stage 2 reads raw bytes and validates them itself, so poison is
     # dead-lettered instead of crashing the agent (Faust's decode error would).
     topic = app.topic(updates_topic(settings.app_id, aggregation.name), partitions=settings.topic_partitions,
                       internal=True, key_type=None, key_serializer="raw", value_serializer="raw")
-
-    async def apply_updates(stream: faust.StreamT[Any]) -> None:
-        await merge_into(app, target, stream, aggregation)
-
-    # Internal repartition input: it counts for no pipeline stage (app/ops/metrics.py).
-    apply_updates.stages = ()  # type: ignore[attr-defined]  # read by app/ops/metrics.py
-    app.agent(topic, name=f"apply_{aggregation.name}_updates")(apply_updates)
+    app.agent(topic, name=f"apply_{aggregation.name}_updates")(ApplyUpdates(app, target, aggregation))
 
 
 def install(app: faust.App, settings: Settings) -> tuple[dict[str, View], dict[tuple[str, int], Job]]:

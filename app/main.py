@@ -1,6 +1,6 @@
 """The Faust app (`faust -A app.main worker -l info`): wiring only.
 
-It declares the agents (`agents/`), the views, the one cache repository, the web views and the
+It declares the agents (`agents/`), the views, the one cache repository, the web handlers and the
 operations endpoints, and hands each the parts it uses: nothing else in `app/` imports `agents/`.
 """
 from __future__ import annotations

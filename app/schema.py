@@ -9,7 +9,7 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.capture.model import EventedBase
-from app.capture.outbox_trigger import install_capture
+from app.capture.outbox_trigger import create_capture_triggers
 from app.inbox import store as inbox
 from app.outbox import store as outbox
 
@@ -18,9 +18,9 @@ def create_schema(conn: Connection) -> None:
     """Create the entity tables, the outbox and its triggers, the inbox, and the capture
     triggers (idempotent)."""
     EventedBase.metadata.create_all(conn)
-    outbox.install(conn)
-    inbox.install(conn)
-    install_capture(conn)
+    outbox.create_tables(conn)
+    inbox.create_tables(conn)
+    create_capture_triggers(conn)
 
 
 async def create_all(engine: AsyncEngine) -> None:

@@ -160,7 +160,7 @@ def _literal(value: str) -> str:
     return f"'{value}'"
 
 
-def install_capture(conn: Connection) -> None:
+def create_capture_triggers(conn: Connection) -> None:
     """Create or replace the capture trigger of every entity table (`capture_sql`)."""
     for model in root_models():
         for statement in capture_sql(model):

@@ -68,7 +68,7 @@ ON CONFLICT (consumer, entity, key) DO UPDATE SET sequence = GREATEST(inbox_keys
 PRUNE = "DELETE FROM inbox WHERE consumer = $1 AND applied_at < clock_timestamp() - make_interval(secs => $2)"
 
 
-def install(conn: Connection) -> None:
+def create_tables(conn: Connection) -> None:
     """Create the inbox tables (idempotent)."""
     # The same advisory lock as the outbox's installer: concurrent installers do not race.
     conn.execute(text("SELECT pg_advisory_xact_lock(7325001)"))

@@ -147,7 +147,10 @@ class ProcessRelay:
         backoff = Backoff(0.5, 10.0)
         while not self._stopping:
             started = time.monotonic()
-            code = await self._run_child()
+            try:
+                code: int | str = await self._run_child()
+            except Exception as exc:  # it could not be started (e.g. out of memory): try again
+                code = f"{type(exc).__name__}: {exc}"
             if self._stopping:
                 return
             # Totals carry over to the next child; what it reports is added to them.

@@ -54,7 +54,7 @@ CHANNEL = "outbox"
 #: Pending rows and the age of the oldest, in seconds: the relay's lag gauge and `outbox status`.
 LAG_SQL = "SELECT count(*), EXTRACT(epoch FROM clock_timestamp() - min(occurred_at)) FROM outbox"
 
-def install(conn: Connection) -> None:
+def create_tables(conn: Connection) -> None:
     """Create the outbox, the sequences table and the NOTIFY trigger."""
     # An advisory lock keeps concurrent installers (several workers starting) from racing.
     conn.execute(text("SELECT pg_advisory_xact_lock(7325001)"))

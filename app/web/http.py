@@ -1,6 +1,6 @@
 """The worker's HTTP server, hardened: one error format, bounded read times, bounded connections.
 
-Faust serves its web views with aiohttp. Left alone, aiohttp answers its own errors (404 and
+Faust serves its web pages with aiohttp. Left alone, aiohttp answers its own errors (404 and
 405 from the router, a malformed request line, headers over 8,190 bytes) in `text/plain`,
 echoing part of the request, logs a full traceback for each malformed request, and holds a
 connection that sent half its headers open indefinitely (slowloris). Here:

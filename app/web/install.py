@@ -1,4 +1,4 @@
-"""The web views on the worker's Faust web server: `install` mounts them, `WebViews` dispatches.
+"""The HTTP handlers on the worker's Faust web server: `install` mounts them, `WebHandlers` dispatches.
 
 Endpoints (JSON unless a browser asks for HTML; every error is JSON `{"error": ...}`):
 
@@ -39,12 +39,12 @@ from app.web.tables import TableReads, View
 if TYPE_CHECKING:
     from app.cache import CacheResource
 
-__all__ = ["install", "WebViews"]
+__all__ = ["install", "WebHandlers"]
 
 Handler = Callable[[FaustView, Request], Awaitable[Response]]
 
 
-class WebViews:
+class WebHandlers:
     """The handlers behind `/tables/` and `/entities/`, and the resources they hold."""
 
     def __init__(self, app: faust.App, settings: Settings, views: Mapping[str, View],
@@ -83,10 +83,10 @@ class WebViews:
 
 
 def install(app: faust.App, settings: Settings, views: Mapping[str, View],
-            cache: CacheResource | None) -> WebViews:
+            cache: CacheResource | None) -> WebHandlers:
     """Serve `views` and the entities (through `cache`) on the worker's web server; returns
     the handlers."""
-    handlers = WebViews(app, settings, views, cache)
+    handlers = WebHandlers(app, settings, views, cache)
     for view in views.values():
         handlers.lookups.staleness.watch(view.table)
 
@@ -97,7 +97,7 @@ def install(app: faust.App, settings: Settings, views: Mapping[str, View],
         """Materialized-view tables."""
 
         async def get(self, request: Request, **_: Any) -> Response:
-            """Dispatch to `WebViews.tables`."""
+            """Dispatch to `WebHandlers.tables`."""
             return await handlers.dispatch(self, request, handlers.tables)
 
     @app.page("/entities{tail:[\\s\\S]*}", name="mse-entities")
@@ -105,7 +105,7 @@ def install(app: faust.App, settings: Settings, views: Mapping[str, View],
         """Current entity state for request/response callers."""
 
         async def get(self, request: Request, **_: Any) -> Response:
-            """Dispatch to `WebViews.entities`."""
+            """Dispatch to `WebHandlers.entities`."""
             return await handlers.dispatch(self, request, handlers.entities)
 
     return handlers

@@ -1,4 +1,4 @@
-"""Request parsing of the web views: path segments, query parameters, keys and integers.
+"""Request parsing of the web handlers: path segments, query parameters, keys and integers.
 
 Paths and queries are parsed from the raw request target, not from aiohttp's decoded view of
 it, so every malformed input is refused the same way: a 400 (`bad`) naming the parameter.

@@ -1,4 +1,4 @@
-"""The worker's web views on a real worker, broker, PostgreSQL and Redis: tables, routing, standbys, entities."""
+"""The worker's HTTP handlers on a real worker, broker, PostgreSQL and Redis: tables, routing, standbys, entities."""
 from __future__ import annotations
 
 import asyncio
@@ -29,7 +29,7 @@ from app.orm import Database
 from app.settings import Settings
 from app.topology import evented_topics
 from app.web.errors import HttpError, bad, prefers_html
-from app.web.install import WebViews
+from app.web.install import WebHandlers
 from app.web.tables import order_key
 from models import Customer, Order, OrderShipping
 from tests.processes import listening, start_worker, stop
@@ -493,7 +493,7 @@ async def split(a: Worker, b: Worker) -> bool:
 
 
 class FakeView:
-    """Just enough of a Faust view for `WebViews.dispatch`."""
+    """Just enough of a Faust view for `WebHandlers.dispatch`."""
 
     def json(self, value: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Reply:
         """The answer as a Reply."""
@@ -501,14 +501,14 @@ class FakeView:
 
 
 class FakeRequest:
-    """Just enough of a request for `WebViews.dispatch`."""
+    """Just enough of a request for `WebHandlers.dispatch`."""
 
     method = "GET"
     rel_url = URL("/tables/boom/")
 
 
 async def test_an_unexpected_error_is_a_bare_500_json_and_an_http_error_its_own_answer() -> None:
-    handlers = WebViews(faust.App(f"probe-{uuid.uuid4().hex[:8]}"), Settings(), {})
+    handlers = WebHandlers(faust.App(f"probe-{uuid.uuid4().hex[:8]}"), Settings(), {})
 
     async def broken(view: Any, request: Any) -> Any:
         """A handler with a bug."""
@@ -540,7 +540,7 @@ class HeldBehind:
 
 @pytest.mark.parametrize("lag", [0, 7])
 def test_a_local_copy_answers_up_to_max_lag_and_is_refused_one_message_past_it(lag: int) -> None:
-    handlers = WebViews(faust.App(f"probe-{uuid.uuid4().hex[:8]}"), Settings(), {})
+    handlers = WebHandlers(faust.App(f"probe-{uuid.uuid4().hex[:8]}"), Settings(), {})
     handlers.lookups.staleness = HeldBehind(lag)  # type: ignore[assignment]
     view = SimpleNamespace(table=SimpleNamespace(data={"7": {"status": "paid"}}), present=lambda stored: stored,
                            window=None)
