@@ -64,7 +64,10 @@ class LoopRelay:
     async def stop(self) -> None:
         self._relay.stop()
         if self._task is not None:
-            await self._task
+            try:  # it finishes its batch; a connect that hangs is cancelled
+                await asyncio.wait_for(self._task, STOP_TIMEOUT)
+            except asyncio.TimeoutError:
+                log.warning("relay did not stop in %.0f s; cancelled", STOP_TIMEOUT)
 
 
 class ThreadRelay:

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
 from app.orm import Database
-from app.outbox.relay_host import ProcessRelay, ThreadRelay
+from app.outbox.relay_host import LoopRelay, ProcessRelay, ThreadRelay
 from app.settings import Settings
 from models import Order
 from tests.kafka import TopicReader
@@ -88,11 +89,13 @@ async def test_a_supervised_relay_stops_when_its_worker_is_killed(settings: Sett
             child.kill()
 
 
-async def test_the_thread_relay_publishes_on_its_own_loop_and_stops(settings: Settings, db: Database) -> None:
-    host = ThreadRelay(settings)
+@pytest.mark.parametrize("host_type", [ThreadRelay, LoopRelay])
+async def test_the_thread_and_loop_relays_publish_and_stop(settings: Settings, db: Database,
+                                                           host_type: type[ThreadRelay | LoopRelay]) -> None:
+    host = host_type(settings)
     await host.start()
     try:
-        await until(lambda: host.stats.active, timeout=30, what="the relay thread holds its shards")
+        await until(lambda: host.stats.active, timeout=30, what="the relay holds its shards")
         async with TopicReader(settings.bootstrap_servers, "orders-v2") as reader:
             keys = await write_orders(db, 10, customer_id=31004)
             await until(lambda: seen(reader, keys), lambda left: not left, timeout=30, what="orders published")
