@@ -42,7 +42,6 @@ from redis.asyncio import Redis
 from app.embedded.broker import EmbeddedBroker
 from app.embedded.process import free_port
 from app.orm import Database
-from app.settings import Settings
 from bench.common import Config, Env, Line, execute, median, note, process_cpu, settle, spread
 from bench.downconvert import _naive
 from bench.relay_throughput import write_backlog
@@ -57,6 +56,7 @@ from bench.workers import (
     run_with_redis,
     spawn,
     stop_child,
+    topic_sizes,
     tracked,
 )
 from models.order import STATUSES
@@ -122,11 +122,7 @@ async def _stage2(http: aiohttp.ClientSession, url: str) -> int:
 async def _messages_per_event(broker: EmbeddedBroker, app_id: str, n: int, layout: str) -> None:
     """Print the messages the worker wrote to each of its own topics (table changelogs,
     repartition updates) per order event of the backlog: what issue 31 wants fewer of."""
-    from app.cli.topics import topic_list
-
-    listed = await topic_list(Settings(kafka_broker=broker.url), internal=True)
-    sizes = {t.topic.removeprefix(f"{app_id}-"): t.messages for t in listed
-             if t.topic.startswith(f"{app_id}-") and not t.topic.endswith(("__assignor-__leader", ".dlq"))}
+    sizes = await topic_sizes(broker.url, app_id, own_only=True)
     note(f"catch-up {layout}: worker messages per order event {sum(sizes.values()) / n:.2f} "
          "(and 1 on orders-v1): " + ", ".join(f"{name} {count / n:.2f}" for name, count
                                              in sorted(sizes.items(), key=lambda kv: -kv[1])))

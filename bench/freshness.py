@@ -81,6 +81,7 @@ from bench.workers import (
     run_with_redis,
     spawn,
     stop_child,
+    topic_sizes,
     tracked,
 )
 
@@ -277,7 +278,7 @@ async def _round(env: Env, run_dir: Path, redis_server: EmbeddedRedis, seconds: 
                         "tansu": broker.pid, "redis": redis_server.pid, "postgres": SERVER_PIDS.get("postgres")}
                 for rate in RATES:
                     await settle()
-                    sizes0, batches0 = await _topic_sizes(broker.url, app_id), await _relay_batches(w)
+                    sizes0, batches0 = await topic_sizes(broker.url, app_id), await _relay_batches(w)
                     idle0 = _cpu_parts(pids)
                     await asyncio.sleep(2.0)  # idle: what polling costs with the topics as they are now
                     cpu0 = _cpu_parts(pids)
@@ -286,7 +287,7 @@ async def _round(env: Env, run_dir: Path, redis_server: EmbeddedRedis, seconds: 
                     commits, achieved, machine = await _write(env, run_dir, rate, seconds, w)
                     missing = await _wait_all(commits, seen, 60)
                     cpu1 = _cpu_parts(pids)
-                    sizes1, batches1 = await _topic_sizes(broker.url, app_id), await _relay_batches(w)
+                    sizes1, batches1 = await topic_sizes(broker.url, app_id), await _relay_batches(w)
                     lat = _latencies(commits, seen)
                     per_event = {name: (cpu1[name] - cpu0[name]) / max(1, len(commits)) * 1e6 for name in cpu1}
                     messages = {t: (sizes1.get(t, 0) - sizes0.get(t, 0)) / max(1, len(commits)) for t in sizes1}
@@ -339,16 +340,6 @@ async def _catch_up(env: Env, seen: Seen, n: int) -> dict[str, Any]:
     note(f"freshness catch-up of {n:,}: " + ", ".join(f"{stage} all in {t - t0:.1f} s ({n / max(t - t0, 1e-9):,.0f}/s)"
                                                       for stage, t in last.items()) + f"; missing {missing}")
     return r
-
-
-async def _topic_sizes(broker_url: str, app_id: str) -> dict[str, int]:
-    """Messages in each topic: the event topics and the worker's own (changelogs, repartition)."""
-    from app.cli.topics import topic_list
-    from app.settings import Settings
-
-    listed = await topic_list(Settings(kafka_broker=broker_url), internal=True)
-    return {t.topic.removeprefix(f"{app_id}-"): t.messages for t in listed
-            if not t.topic.endswith(("__assignor-__leader", ".dlq"))}
 
 
 async def _relay_batches(worker: Child) -> float:

@@ -225,6 +225,18 @@ def round_broker(run_dir: Path) -> Iterator[EmbeddedBroker]:
         broker.stop()
 
 
+async def topic_sizes(broker_url: str, app_id: str, *, own_only: bool = False) -> dict[str, int]:
+    """Messages in each topic: the event topics and the worker's own (changelogs, repartition;
+    named without the `<app id>-` prefix), or, `own_only`, the worker's alone."""
+    from app.cli.topics import topic_list
+    from app.settings import Settings
+
+    listed = await topic_list(Settings(kafka_broker=broker_url), internal=True)
+    return {t.topic.removeprefix(f"{app_id}-"): t.messages for t in listed
+            if not t.topic.endswith(("__assignor-__leader", ".dlq"))
+            and (t.topic.startswith(f"{app_id}-") or not own_only)}
+
+
 async def create_topics(bootstrap: str, topics: list[str], partitions: int) -> None:
     """Create topics (all with `partitions` partitions) on the broker."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
