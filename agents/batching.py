@@ -1,4 +1,6 @@
-"""take_ready: batches of the events that are ready, for agents that process a batch at a time.
+"""Batches in and out, for agents that process a batch at a time: `take_ready` takes the events
+that are ready, `produce_all` sends a batch's output and waits for the broker to ack all of it
+before the loop body returns and the batch is acked.
 
 Faust's `Stream.take_events(n, within)` waits `within` seconds for every batch that is not full.
 A short window keeps latency low but makes batches small under load, and each batch has a
@@ -29,10 +31,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import faust
 from faust.types import EventT, StreamT
 from mode.utils.futures import notify
 
 from app.faust_compat import drain_passively, passive_drainer_running, processors, remove_processor
+from app.retries import retries_of
+from app.wire.messages import Outgoing
 
 #: Events per batch, and the shortest and longest window a batch waits to fill, for the
 #: stream jobs: the short one bounds the latency a batch adds while the worker keeps up; under
@@ -164,3 +169,15 @@ async def take_ready(stream: StreamT[Any], max_: int, within: tuple[float, float
     finally:
         remove_processor(stream, add)
         stream.app.on_partitions_revoked.disconnect(revoked)  # type: ignore[arg-type]  # as `connect`
+
+
+async def produce_all(app: faust.App, messages: list[Outgoing], *, stage: str = "produce") -> None:
+    """Send `messages` in order and wait for every ack, retrying until the broker takes them."""
+    async def attempt() -> None:
+        # Sent one after the other (each send only queues), then every ack awaited together.
+        futures = [await app.producer.send(m.topic, m.key, m.value, m.partition, m.timestamp, m.headers)
+                   for m in messages]
+        await asyncio.gather(*futures)
+
+    # The input is not acked until this is produced: never lose it.
+    await retries_of(app).until_done(stage, attempt, first_backoff=0.1, max_backoff=5.0)

@@ -18,16 +18,14 @@ from typing import Any
 
 import faust
 
-from agents.batching import WITHIN, take_ready
-from agents.producing import produce_all
+from agents.batching import WITHIN, produce_all, take_ready
 from app.cache import CacheRepository, CacheResource
 from app.retries import Retries, retries_of
 from app.settings import Settings
 from app.topology import downconvert_targets, root_models
 from app.views import plain_state
-from app.wire.codec import decode
 from app.wire.deadletter import dead_letter
-from app.wire.messages import incoming
+from app.wire.messages import decode, incoming
 from app.wire.schemas import EventSchema, load
 
 log = logging.getLogger(__name__)

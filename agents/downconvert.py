@@ -16,9 +16,8 @@ from faust.types import EventT
 from agents.entity_pass import Decoded
 from app.settings import Settings
 from app.topology import current_version, downconvert_targets
-from app.wire.codec import downconvert_record
 from app.wire.deadletter import dead_letter
-from app.wire.messages import Incoming, Outgoing, incoming
+from app.wire.messages import Incoming, Outgoing, downconvert_record, incoming
 from app.wire.schemas import EventSchema, dlq_topic, load
 
 #: Called after each produced batch with (source topic, events converted, events dead-lettered).

@@ -24,10 +24,8 @@ from typing import Any, Protocol
 import faust
 from faust.types import EventT
 
-from agents.batching import BATCH, WITHIN, take_ready
-from agents.producing import produce_all
-from app.wire.codec import decode
-from app.wire.messages import Outgoing
+from agents.batching import BATCH, WITHIN, produce_all, take_ready
+from app.wire.messages import Outgoing, decode
 from app.wire.schemas import EventSchema, load
 
 #: A decoded event record, or why the message could not be decoded.

@@ -2,7 +2,7 @@
 
 Redis key `entity:<entity>:<key>` holds the JSON `{"sequence": n, "state": {...}}`, or the
 tombstone `{"sequence": n, "deleted": true}` (with a TTL) for a deleted or missing entity.
-`state` is the aggregate's data exactly as its events carry it (`app.capture.outbox_trigger.state_sql`):
+`state` is the aggregate's data exactly as its events carry it (`app.capture.plans.state_sql`):
 root columns plus extensions nested (an order's `shipping`), no sensitive columns, and
 timestamps as epoch microseconds (ints), like the Avro `timestamp-micros` fields.
 
@@ -42,8 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import text
 from sqlalchemy.sql.elements import TextClause
 
-from app.capture.outbox_trigger import state_sql
-from app.capture.plans import plan_for
+from app.capture.plans import plan_for, state_sql
 from app.capture.roles import WORKER
 from app.orm import Database, EventedBase
 from app.settings import Settings

@@ -9,7 +9,6 @@ from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.capture.model import EventedBase
-from app.capture.outbox_trigger import create_capture_triggers
 from app.inbox import store as inbox
 from app.outbox import store as outbox
 
@@ -20,7 +19,7 @@ def create_schema(conn: Connection) -> None:
     EventedBase.metadata.create_all(conn)
     outbox.create_tables(conn)
     inbox.create_tables(conn)
-    create_capture_triggers(conn)
+    outbox.create_capture_triggers(conn)
 
 
 async def create_all(engine: AsyncEngine) -> None:

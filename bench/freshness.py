@@ -54,7 +54,7 @@ from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
 from app.embedded.redis import EmbeddedRedis
-from app.wire.codec import decode
+from app.wire.messages import decode
 from app.wire.schemas import load
 from bench.common import (
     SERVER_PIDS,

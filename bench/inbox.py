@@ -9,7 +9,7 @@ rotating order, each as its own child process (as a service runs its consumer, l
   `bench_inbox_rows` through the session: at batch 1 with a `handler`, at batch 100 with a
   `batch_handler` writing the transaction's rows in one `executemany`;
 - raw: `python -m bench.inbox raw`, an `AIOKafkaConsumer` (assign, seek to the beginning) that
-  decodes each message with `app.wire.codec.decode` and inserts the same rows with asyncpg,
+  decodes each message with `app.wire.messages.decode` and inserts the same rows with asyncpg,
   one transaction (`executemany`) per fetched batch of up to 100 (as the batched inbox), committing the Kafka
   offsets after each database commit; no deduplication.
 The row table (and `inbox`, `inbox_keys`) is truncated before each variant. The bench polls
@@ -41,7 +41,7 @@ from app.kafka import delete_topics, make_admin, topic_partitions
 from app.orm import Database
 from app.settings import Settings
 from app.topology import inbox_dead_letter_topic
-from app.wire.codec import decode
+from app.wire.messages import decode
 from app.wire.schemas import load
 from bench.catchup import Watch, _poll
 from bench.common import Config, Env, Line, LoopMonitor, execute, median, note, process_cpu, settle, spread

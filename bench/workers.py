@@ -29,7 +29,7 @@ from app.embedded.broker import EmbeddedBroker
 from app.embedded.process import free_port
 from app.embedded.redis import EmbeddedRedis
 from app.orm import Database
-from app.wire.codec import encode_message
+from app.wire.messages import encode_message
 from app.wire.schemas import load
 from bench.common import SERVER_PIDS, Env, TailReader, execute, note, paced, percentile
 from models import Order

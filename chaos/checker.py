@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.cache import connect_redis, decode_entry
-from app.wire.codec import downconvert_record, schema_for_topic
+from app.wire.messages import downconvert_record, schema_for_topic
 from chaos.agreement import (
     Snapshot,
     check_invoices,

@@ -10,7 +10,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from app.wire.codec import decode, schema_for_topic
+from app.wire.messages import decode, schema_for_topic
 
 
 @dataclass(frozen=True)

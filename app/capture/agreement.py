@@ -1,6 +1,6 @@
 """Model and schema agree: every column an event should carry is a field of the entity's `.avsc`.
 
-An entity's event state is built from the fields of its Avro schema (`entities.state_sql`), so
+An entity's event state is built from the fields of its Avro schema (`plans.state_sql`), so
 a column the schema lacks would be dropped from every event without a word; a sensitive column
 in the schema would fail at `init-db` or the first write; a schema field with neither a column
 nor a default could never be filled. `schemas check`, `init-db`, the relay and the worker run

@@ -5,7 +5,7 @@ How a write becomes an event:
   ownership and validates new and changed objects against the entity's Avro schema, so a bad
   write fails before any SQL is sent;
 - PostgreSQL does the rest: a deferred capture trigger on every entity table
-  (`app.capture.outbox_trigger.capture_sql`, installed by `init-db`) bumps the aggregate's
+  (`app.outbox.store.capture_sql`, installed by `init-db`) bumps the aggregate's
   sequence under its row lock and writes one outbox row per aggregate per transaction, with
   the aggregate's state as committed, at COMMIT, in no round trip of the writer's own;
 - the relay (`app.outbox.relay.Relay`) publishes committed rows. Rollback discards the rows with

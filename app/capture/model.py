@@ -1,7 +1,7 @@
 """EventedBase: the declarative base every entity model derives from, and what a model declares.
 
 Nothing here acts: the listeners that make writes raise events are in `listeners.py`, the
-plans that validate them in `plans.py`, the capture triggers in `outbox_trigger.py`. This
+plans that validate them in `plans.py`, the capture triggers in `app/outbox/store.py`. This
 module imports none of them, so every one of them can import the base.
 """
 from __future__ import annotations

@@ -1,11 +1,16 @@
-"""Per-model plans: how a model maps to its aggregate and its Avro schema, and how a write is checked against it."""
+"""Per-model plans: how a model maps to its aggregate and its Avro schema, how a write is checked
+against it, and the SQL that reads an aggregate's state as its events carry it (`state_sql`:
+the capture trigger, the snapshot and the cache's read on a miss all use it).
+"""
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Column, Table, inspect
+from sqlalchemy import Column, DateTime, Table, inspect
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql.elements import ClauseElement
 
 from app.capture.model import EventedBase
@@ -144,3 +149,60 @@ def type_problem(value: Any, avro_type: Any) -> str | None:
 def plan_for(model: type[EventedBase]) -> EntityPlan:
     """The plan of `model`, built on first use."""
     return EntityPlan(model)
+
+
+def _value_sql(alias: str, column: Column[Any]) -> str:
+    """SQL for one column's value in the event's JSON: timestamps as epoch microseconds."""
+    ref = f'{alias}."{column.name}"'
+    if isinstance(column.type, DateTime):
+        return f"(extract(epoch from {ref}) * 1000000)::bigint"
+    return ref
+
+
+def _object_sql(alias: str, model: type[EventedBase], fields: list[dict[str, Any]]) -> list[str]:
+    """`'name', value` pairs for json_build_object, for the schema fields that are columns."""
+    cols = inspect(model).columns
+    return [f"'{f['name']}', {_value_sql(alias, cols[f['name']])}" for f in fields if f["name"] in cols]
+
+
+@cache
+def state_sql(root: type[EventedBase], key: str = "ev.key") -> str:
+    """A scalar subquery giving the JSON state of the aggregate whose key (as text) is `key`."""
+    plan = plan_for(root)
+    parts = _object_sql("r", root, plan.fields)
+    for ext in extensions_of(root):
+        ep = plan_for(ext)
+        inner = ", ".join(_object_sql("e", ext, ep.fields))
+        parts.append(
+            f"'{ext.__extension_field__}', (SELECT json_build_object({inner}) "
+            f'FROM "{ep.table.name}" e WHERE e."{ep.key_column.name}" = r."{plan.key_column.name}")'
+        )
+    key_type = plan.key_column.type.compile(dialect=_pg_dialect())
+    return (
+        f"(SELECT json_build_object({', '.join(parts)}) FROM \"{plan.table.name}\" r "
+        f"WHERE r.\"{plan.key_column.name}\" = CAST({key} AS {key_type}))"
+    )
+
+
+def extensions_of(root: type[EventedBase]) -> list[type[EventedBase]]:
+    """The models that extend `root`."""
+    return [m.class_ for m in root.registry.mappers if getattr(m.class_, "__extends__", None) is root]
+
+
+@cache
+def _pg_dialect() -> Any:
+    return postgresql.dialect()
+
+
+def sql_identifier(name: str) -> str:
+    """A table or column name defined in code, checked before it goes into DDL."""
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise ValueError(f"unexpected characters in name {name!r}")
+    return name
+
+
+def sql_literal(value: str) -> str:
+    """A SQL string literal of a name defined in code (entity, topic)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", value):
+        raise ValueError(f"unexpected characters in {value!r}")
+    return f"'{value}'"

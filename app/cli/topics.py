@@ -31,7 +31,7 @@ from app.kafka import (
     topic_partitions,
 )
 from app.settings import Settings
-from app.wire.codec import decode, schema_for_topic
+from app.wire.messages import decode, schema_for_topic
 from app.wire.schemas import EventSchema, load
 
 

@@ -48,9 +48,8 @@ from app.orm import Database
 from app.retries import Backoff
 from app.settings import Settings
 from app.topology import inbox_dead_letter_topic
-from app.wire.codec import schema_for_topic
 from app.wire.deadletter import dead_letter
-from app.wire.messages import Incoming
+from app.wire.messages import Incoming, schema_for_topic
 from app.wire.schemas import EventSchema
 
 log = logging.getLogger(__name__)

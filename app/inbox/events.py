@@ -8,7 +8,7 @@ from typing import Any
 
 from aiokafka import ConsumerRecord
 
-from app.wire.codec import decode, schema_for_topic
+from app.wire.messages import decode, schema_for_topic
 from app.wire.schemas import EventSchema
 
 

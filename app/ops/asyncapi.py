@@ -217,8 +217,8 @@ def _header(description: str, **schema: Any) -> Schema:
 
 
 def _ce_headers(schema: EventSchema) -> dict[str, Schema]:
-    """The CloudEvents binary-mode headers of `schema`'s topic, as `app.wire.codec.ce_headers` writes them."""
-    from app.wire.codec import CONTENT_TYPE
+    """The CloudEvents binary-mode headers of `schema`'s topic, as `app.wire.messages.ce_headers` writes them."""
+    from app.wire.messages import CONTENT_TYPE
     from app.wire.schemas import field_type
 
     ops = field_type(schema.raw, "op")["symbols"]

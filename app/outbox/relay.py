@@ -30,10 +30,9 @@ from app.outbox.store import CHANNEL, LAG_SQL, SHARDS
 from app.retries import Backoff
 from app.settings import WORKER, Settings
 from app.topology import RELAY_DLQ_TOPIC, dual_publish_targets, evented_topics
-from app.wire.codec import encode_message, schema_for_topic
 from app.wire.convert import convert_record
 from app.wire.deadletter import outbox_dead_letter
-from app.wire.messages import Outgoing, envelope
+from app.wire.messages import Outgoing, encode_message, envelope, schema_for_topic
 from app.wire.schemas import load
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,13 @@
-"""The outbox table: its DDL, shards, NOTIFY channel and lag query (rows are written by app/capture/)."""
+"""The outbox: its tables, shards, NOTIFY channel and lag query, and the capture triggers that
+write one row per aggregate per transaction at COMMIT (`capture_sql`).
+"""
 from __future__ import annotations
 
 from sqlalchemy import Connection, text
+
+from app.capture.model import EventedBase, root_models
+from app.capture.ownership import owner_of
+from app.capture.plans import extensions_of, plan_for, sql_identifier, sql_literal, state_sql
 
 #: Outbox shards: relays divide them among themselves (app/outbox/relay.py).
 SHARDS = 16
@@ -9,7 +15,7 @@ SHARDS = 16
 #: Idempotent DDL. `event_sequences` holds the per-aggregate sequence: its row lock
 #: serializes writers of one aggregate, and it outlives a delete, so a re-created key
 #: keeps counting up instead of restarting at 1 behind events consumers already applied.
-#: `xact` and `outbox_id` are the capture trigger's (app/capture/outbox_trigger.py `capture_sql`): the
+#: `xact` and `outbox_id` are the capture trigger's (`capture_sql` below): the
 #: transaction that last wrote the key's event, and that event's outbox row.
 DDL = [
     """CREATE TABLE IF NOT EXISTS event_sequences (
@@ -45,7 +51,7 @@ DDL = [
        BEGIN PERFORM pg_notify('outbox', ''); RETURN NULL; END $$""",
     "DROP TRIGGER IF EXISTS outbox_notify ON outbox",
     # Not for rows the capture triggers write (trigger depth 1): they notify once per
-    # transaction themselves (app/capture/outbox_trigger.py `capture_sql`).
+    # transaction themselves (`capture_sql` below).
     """CREATE TRIGGER outbox_notify AFTER INSERT ON outbox
        FOR EACH STATEMENT WHEN (pg_trigger_depth() < 1) EXECUTE FUNCTION outbox_notify()""",
 ]
@@ -60,3 +66,98 @@ def create_tables(conn: Connection) -> None:
     conn.execute(text("SELECT pg_advisory_xact_lock(7325001)"))
     for statement in DDL:
         conn.execute(text(statement))
+
+
+_CAPTURE_FUNCTION = """
+CREATE OR REPLACE FUNCTION "{function}"() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $fn$
+DECLARE
+  k text;
+  s bigint;
+  id bigint;
+BEGIN
+  IF TG_OP = 'DELETE' THEN k := OLD."{key}"::text; ELSE k := NEW."{key}"::text; END IF;
+  INSERT INTO event_sequences AS q (entity, key, seq, xact, outbox_id)
+  VALUES ({entity}, k, 1, pg_current_xact_id(), nextval('outbox_id_seq'))
+  ON CONFLICT (entity, key) DO UPDATE
+    SET seq = q.seq + 1, xact = excluded.xact, outbox_id = nextval('outbox_id_seq')
+    WHERE q.xact IS DISTINCT FROM excluded.xact
+  RETURNING q.seq, q.outbox_id INTO s, id;
+  -- The state is read by the next statement, so in a new snapshot: it includes what a
+  -- writer that held the key's lock above committed meanwhile.
+  IF s IS NOT NULL THEN
+    -- Wake the relays once per transaction (the outbox's own NOTIFY trigger skips rows
+    -- written here): NOTIFY is delivered at commit and folded anyway, but each call costs.
+    IF current_setting('mse.notified', true) IS DISTINCT FROM pg_current_xact_id()::text THEN
+      PERFORM pg_notify('outbox', '');
+      PERFORM set_config('mse.notified', pg_current_xact_id()::text, true);
+    END IF;
+    INSERT INTO outbox (id, topic, entity, schema_version, key, op, service, sequence, data)
+    SELECT id, {topic}, {entity}, {version}, k,
+           CASE WHEN st.state IS NULL THEN 'delete' WHEN {created} THEN 'create' ELSE 'update' END,
+           {owner}, s, st.state
+    FROM (SELECT {state} AS state) st;
+  ELSE
+    UPDATE outbox o SET data = st.state,
+      op = CASE WHEN st.state IS NULL THEN 'delete' WHEN o.op = 'delete' THEN 'create' ELSE o.op END
+    FROM event_sequences q, (SELECT {state} AS state) st
+    WHERE q.entity = {entity} AND q.key = k AND o.id = q.outbox_id;
+  END IF;
+  RETURN NULL;
+END $fn$"""
+
+_CAPTURE_TRIGGER = """
+CREATE CONSTRAINT TRIGGER mse_capture AFTER INSERT OR UPDATE OR DELETE ON "{table}"
+DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION "{function}"()"""
+
+
+def capture_sql(root: type[EventedBase]) -> list[str]:
+    """DDL of the capture triggers of `root` and its extensions (idempotent).
+
+    Each entity table gets a deferred constraint trigger: PostgreSQL queues one entry per
+    written row and runs the queue at COMMIT, inside the committing transaction. The outbox
+    row costs the writer no round trip of its own, it carries the aggregate's state as
+    committed, and a write made with raw SQL, on any connection, raises its event too.
+
+    For one aggregate key, the first entry of a transaction takes the key's row in
+    `event_sequences` (its lock serializes the key's writers; `xact` marks the key as done in
+    this transaction), reads the state in a fresh snapshot (so it includes what a writer that
+    held the lock just committed) and inserts the outbox row: one event per aggregate per
+    transaction. Later entries of the key (a root and its extension, a second flush) find
+    `xact` set and only refresh that row's state: under `SET CONSTRAINTS ... IMMEDIATE` they
+    run after later writes, which the event must carry. The outbox id is drawn under the key's
+    lock, so a key's events have ids in sequence order and the relay's `ORDER BY id` keeps it.
+
+    SECURITY DEFINER (owned by whoever installs the schema): the service roles need no UPDATE
+    on the outbox, and `service` is the entity's owner, the one role PostgreSQL lets write the
+    table, whatever the connection claims.
+    """
+    plan = plan_for(root)
+    out: list[str] = []
+    for model in [root, *extensions_of(root)]:
+        mp = plan_for(model)
+        table = sql_identifier(mp.table.name)
+        function = f"mse_capture_{table}"
+        out += [
+            _CAPTURE_FUNCTION.format(
+                function=function, key=sql_identifier(mp.key_column.name),
+                entity=sql_literal(plan.root_entity), topic=sql_literal(plan.schema.topic),
+                version=int(plan.version), owner=sql_literal(owner_of(root)), state=state_sql(root, "k"),
+                # A root row inserted (or deleted and inserted again) in this transaction is
+                # a create; an extension's row never is: its root's own entry came first.
+                created="TG_OP IN ('INSERT', 'DELETE')" if mp.is_root else "false"),
+            # PostgreSQL checks EXECUTE when a trigger is created, not when it fires: without
+            # it no role can attach the function to a table of its own and raise the owner's
+            # events through it.
+            f'REVOKE ALL ON FUNCTION "{function}"() FROM PUBLIC',
+            f'DROP TRIGGER IF EXISTS mse_capture ON "{table}"',
+            _CAPTURE_TRIGGER.format(table=table, function=function),
+        ]
+    return out
+
+
+def create_capture_triggers(conn: Connection) -> None:
+    """Create or replace the capture trigger of every entity table (`capture_sql`)."""
+    for model in root_models():
+        for statement in capture_sql(model):
+            conn.exec_driver_sql(statement)

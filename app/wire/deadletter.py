@@ -10,7 +10,7 @@ the outbox row as JSON (`content-type: application/json`) on `outbox.dlq`, its
 `dlq_source_topic` the topic the row was meant for: its event never reached a topic, so the
 row is what can be published again. `python -m app dlq list|redrive` read both
 (app/cli/dlq.py). Agents produce their output (dead letters included) before their input is
-acked (agents/producing.py), and the relay deletes a row only once its
+acked (agents/batching.py `produce_all`), and the relay deletes a row only once its
 letter is acked, so a crash sends a letter twice at worst and never loses one.
 """
 from __future__ import annotations

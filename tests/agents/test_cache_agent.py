@@ -22,7 +22,7 @@ from app.embedded.process import free_port
 from app.embedded.redis import EmbeddedRedis
 from app.orm import Database
 from app.settings import Settings
-from app.wire.codec import encode_message
+from app.wire.messages import encode_message
 from app.wire.schemas import load
 from models import Order, OrderShipping
 from tests.http import get_json, get_text

@@ -17,7 +17,7 @@ from sqlalchemy import update
 from app.orm import Database
 from app.outbox.relay import Relay, to_messages
 from app.settings import Settings
-from app.wire.codec import encode_message
+from app.wire.messages import encode_message
 from app.wire.schemas import dlq_topic, load
 from models import Order, OrderShipping
 from tests.kafka import Received, TopicReader

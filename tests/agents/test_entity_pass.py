@@ -5,7 +5,7 @@ from typing import Any
 
 from agents.downconvert import Downconvert
 from agents.entity_pass import decode_all
-from app.wire.codec import encode_message
+from app.wire.messages import encode_message
 from app.wire.schemas import dlq_topic, load
 from tests.wire.test_convert import v2_record
 

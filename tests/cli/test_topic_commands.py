@@ -18,7 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from app.cli.topics import ProgressLine, archive_topic, format_group_offsets, group_offsets
 from app.kafka import LAG_CAVEAT, TopicError, ensure_topics, read_to_end, read_until
 from app.settings import Settings
-from app.wire.codec import encode_message
+from app.wire.messages import encode_message
 from app.wire.schemas import load
 from tests.processes import run_app
 from tests.waiting import until

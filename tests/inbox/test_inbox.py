@@ -24,7 +24,7 @@ from app.inbox.events import InboxEvent
 from app.orm import Database
 from app.settings import Settings
 from app.topology import inbox_dead_letter_topic
-from app.wire.codec import encode_message
+from app.wire.messages import encode_message
 from app.wire.schemas import load
 from tests.kafka import TopicReader
 from tests.waiting import until

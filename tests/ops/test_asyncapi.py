@@ -18,7 +18,7 @@ from referencing import Registry
 from app.ops.asyncapi import AVRO_SCHEMA_FORMAT, build_document
 from app.settings import Settings
 from app.topology import RELAY_DLQ_TOPIC, current_version, evented_topics, legacy_modes
-from app.wire.codec import ce_headers, schema_for_topic
+from app.wire.messages import ce_headers, schema_for_topic
 from app.wire.schemas import SCHEMA_DIR, field_type, topic_name
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import pytest
 from app.orm import Database
 from app.outbox.relay import Relay
 from app.settings import Settings
-from app.wire.codec import downconvert
+from app.wire.messages import downconvert
 from app.wire.schemas import load
 from models import Order, OrderShipping
 from tests.kafka import TopicReader

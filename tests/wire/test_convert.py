@@ -8,9 +8,8 @@ import pytest
 from agents.downconvert import convert_batch
 from agents.entity_pass import decode_all
 from app.outbox.relay import to_messages
-from app.wire.codec import decode, downconvert, encode_message
 from app.wire.convert import CONVERTERS, ConversionError, Converter, chain, convert_record
-from app.wire.messages import Incoming
+from app.wire.messages import Incoming, decode, downconvert, encode_message
 from app.wire.schemas import dlq_topic, load
 from models.order import orders_v2_to_v1
 

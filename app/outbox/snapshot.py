@@ -28,9 +28,8 @@ import asyncpg
 from sqlalchemy.dialects import postgresql
 
 from app.capture.model import EventedBase
-from app.capture.outbox_trigger import _identifier, _literal, state_sql
 from app.capture.ownership import owner_of
-from app.capture.plans import plan_for
+from app.capture.plans import plan_for, sql_identifier, sql_literal, state_sql
 
 #: Keys per transaction.
 CHUNK = 2000
@@ -51,8 +50,8 @@ def plan(root: type[EventedBase]) -> SnapshotPlan:
     p = plan_for(root)
     entity = p.root_entity
     # Names from code, checked as the capture triggers check them before they go into SQL.
-    key, table = _identifier(p.key_column.name), _identifier(p.table.name)
-    literal, topic, owner = _literal(entity), _literal(p.schema.topic), _literal(owner_of(root))
+    key, table = sql_identifier(p.key_column.name), sql_identifier(p.table.name)
+    literal, topic, owner = sql_literal(entity), sql_literal(p.schema.topic), sql_literal(owner_of(root))
     keys_sql = (f'SELECT "{key}" AS k, "{key}"::text AS t FROM "{table}" '
                 f'WHERE $1::text IS NULL OR "{key}" > '
                 f'CAST($1 AS {p.key_column.type.compile(dialect=postgresql.dialect())}) '
