@@ -1,5 +1,6 @@
 # The production image: the Faust worker by default; the same image runs the one-shot
-# commands (`python -m app init-db`, `demo`, `outbox status`, `dlq ...`) with another command.
+# commands (`python -m app init-db`, `outbox status`, `dlq ...`, the demo's `python -m services demo`)
+# with another command.
 #   docker build -t microservice-events .
 #   docker compose up            (Apache Kafka, PostgreSQL, Redis, init-db, worker, demo)
 

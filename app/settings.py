@@ -115,7 +115,7 @@ class Settings:
     inbox_max_attempts: int = 5
     inbox_retention_s: float = 7 * 24 * 3600.0
     inbox_prune_interval_s: float = 60.0
-    # The port the billing service (`python -m app billing`) serves /metrics, /health, /status on.
+    # The port the billing service (`python -m services billing`) serves /metrics, /health, /status on.
     billing_web_port: int = 6070
     # PostgreSQL roles (app/capture/roles.py): service `orders` is role `<prefix>orders`.
     db_role_prefix: str = "mse_"

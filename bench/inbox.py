@@ -3,7 +3,7 @@
 Each round pre-fills a fresh topic on the run's broker with N valid orders-v2 create events
 (distinct keys, `bench.workers.v2_events`), then every variant drains it from offset 0, in
 rotating order, each as its own child process (as a service runs its consumer, like
-`python -m app billing`), with a fresh consumer name:
+`python -m services billing`), with a fresh consumer name:
 - inbox, batch 1 and batch 100: `python -m bench.inbox inbox`, an `Inbox` (service `billing`,
   defaults otherwise) that inserts one row per event (order id, amount, currency) into
   `bench_inbox_rows` through the session: at batch 1 with a `handler`, at batch 100 with a

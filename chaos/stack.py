@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = b"[^Worker]: Ready"
-#: What `python -m app billing` logs once its web server is up (its inbox starts right after).
+#: What `python -m services billing` logs once its web server is up (its inbox starts right after).
 BILLING_READY_LINE = b"billing web server on"
 
 
@@ -45,14 +45,15 @@ class StackError(RuntimeError):
 
 @dataclass
 class Process:
-    """One `python -m app <command>` process: a worker (Faust agents, views, cache refresh and
-    the relay), or the billing service."""
+    """One `python -m <module> <command>` process: a worker (`app worker`: Faust agents, views,
+    cache refresh and the relay), or the billing service (`services billing`)."""
 
     name: str
     port: int
     log: Path
     env: dict[str, str]
     command: str = "worker"
+    module: str = "app"
     ready_line: bytes = READY_LINE
     #: Started again by the stack when it exits by itself (see `Stack.self_exits`).
     supervised: bool = False
@@ -93,7 +94,7 @@ class Process:
         self._log_offset = self.log.stat().st_size if self.log.exists() else 0
         self._down_on_purpose = False
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "app", self.command], cwd=ROOT, env=self.env,
+            self.proc = subprocess.Popen([sys.executable, "-m", self.module, self.command], cwd=ROOT, env=self.env,
                                          stdout=out, stderr=subprocess.STDOUT)
 
     async def wait_ready(self, timeout: float) -> bool:
@@ -281,10 +282,10 @@ class Stack:
         return worker
 
     async def _start_billing(self) -> None:
-        """Start the billing service (`python -m app billing`): it consumes `orders-v2` on its own."""
+        """Start the billing service (`python -m services billing`): it consumes `orders-v2` on its own."""
         port = free_port()
         self.billing = Process("billing", port, self.root / f"billing-{port}.log",
-                               self.env(BILLING_WEB_PORT=str(port)), command="billing",
+                               self.env(BILLING_WEB_PORT=str(port)), command="billing", module="services",
                                ready_line=BILLING_READY_LINE)
         await self.billing.start(60)
 

@@ -5,7 +5,7 @@ event carries the order's state, and the inbox (`app.inbox`) applies each event 
 An order is invoiced while its status is paid or shipped; a cancelled or deleted order's
 invoice is removed. The invoice writes go through the evented ORM in the inbox's transaction,
 so `invoices-v1` events are raised exactly when the order event is applied.
-`python -m app billing` runs it, with `/metrics`, `/health/*` and `/status` (`/status.json`) on
+`python -m services billing` runs it, with `/metrics`, `/health/*` and `/status` (`/status.json`) on
 `BILLING_WEB_PORT`.
 """
 from __future__ import annotations

@@ -38,8 +38,18 @@ def listening(pid: int, port: int) -> set[str]:
 
 def spawn_app(settings: Settings, *args: str, log: Path, **extra: str) -> subprocess.Popen[bytes]:
     """Start `python -m app <args>` with output to `log`."""
+    return _spawn("app", settings, args, log, extra)
+
+
+def spawn_service(settings: Settings, *args: str, log: Path, **extra: str) -> subprocess.Popen[bytes]:
+    """Start one of the demo's services, `python -m services <args>`, with output to `log`."""
+    return _spawn("services", settings, args, log, extra)
+
+
+def _spawn(module: str, settings: Settings, args: tuple[str, ...], log: Path,
+           extra: dict[str, str]) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "app", *args], cwd=ROOT,
+        return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT,
                                 env=app_env(settings, **extra), stdout=out, stderr=subprocess.STDOUT)
 
 

@@ -24,6 +24,7 @@ import yaml
 
 from app.cli.main import build_parser
 from app.settings import Settings
+from services.__main__ import build_parser as build_services_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DESIGN_VARIABLES = ("DATABASE_URL", "KAFKA_BROKER", "REDIS_URL", "SERVICE_NAME", "WEB_PORT")
@@ -459,11 +460,13 @@ def test_the_worker_waits_for_its_servers_and_init(services: dict[str, dict[str,
 
 
 def test_commands_are_valid_app_commands(services: dict[str, dict[str, Any]], final: Stage) -> None:
-    expected = {"init": ["init-db"], "worker": ["worker"], "demo": ["demo", "--rate", "20"]}
+    expected = {"init": ["app", "init-db"], "worker": ["app", "worker"],
+                "demo": ["services", "demo", "--rate", "20"], "billing": ["services", "billing"]}
     for name, args in expected.items():
         argv = command(services[name], final)
-        assert argv == ["python", "-m", "app", *args], argv
-        build_parser().parse_args(argv[3:])  # exits (SystemExit) on a command the CLI does not know
+        assert argv == ["python", "-m", *args], argv
+        # Exits (SystemExit) on a command the CLI does not know.
+        (build_parser() if args[0] == "app" else build_services_parser()).parse_args(argv[3:])
 
 
 def test_only_the_worker_keeps_the_image_healthcheck(services: dict[str, dict[str, Any]], final: Stage) -> None:

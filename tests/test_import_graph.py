@@ -101,3 +101,15 @@ def test_no_two_packages_import_each_other_even_through_others() -> None:
             if package_of(source) != package_of(target):
                 edges[package_of(source)].add(package_of(target))
     assert [sorted(c) for c in cycles({package_of(m) for m in found}, edges)] == []
+
+
+def test_the_library_never_imports_the_demo() -> None:
+    # STYLE habit 11: app/ and agents/ serve every company service; the demo's models and
+    # services are one of them, loaded by name (MODELS) or started on their own (`python -m services`).
+    found = modules()
+    library = ("app", "agents")
+    demo = ("models", "services")
+    reaching = sorted(f"{source} -> {target}" for source, targets in import_edges(found).items()
+                      for target in targets
+                      if source.split(".")[0] in library and target.split(".")[0] in demo)
+    assert reaching == []

@@ -163,9 +163,9 @@ def run_dev(settings: Settings, *, demo: bool, rate: float, data_dir: str, for_s
                 spawn("relay" if i == 0 else f"relay-{i + 1}", "-m", "app", "relay",
                       RELAY_WEB_PORT=str(full.relay_web_port + i if full.relay_web_port else 0))
         if demo and rate > 0:
-            spawn("demo", "-m", "app", "demo", "--rate", str(rate))
+            spawn("demo", "-m", "services", "demo", "--rate", str(rate))
         if demo:  # the consuming side: invoices from the demo's orders, through the inbox
-            spawn("billing", "-m", "app", "billing")
+            spawn("billing", "-m", "services", "billing")
         print("starting: " + ", ".join(names) + " (waiting until they are ready)", flush=True)
         from app.ops.liveness import STALL_EXIT_CODE
         ended = asyncio.run(wait_ready(full, children, names))

@@ -1,4 +1,7 @@
-"""`python -m app`: the operator's commands (dev stack, worker, relay, outbox status, demo)."""
+"""`python -m app`: the operator's commands (dev stack, worker, relay, outbox status, topics, dead letters).
+
+The demo's own services start with `python -m services` (`services/__main__.py`).
+"""
 from __future__ import annotations
 
 import argparse
@@ -38,12 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     outbox = sub.add_parser("outbox", help="outbox commands")
     outbox_sub = outbox.add_subparsers(dest="outbox_command", required=True)
     outbox_sub.add_parser("status", help="pending rows and the age of the oldest")
-    sub.add_parser("billing", help="the billing demo service: keeps one invoice per paid order from "
-                                   "orders-v2 through the transactional inbox; /metrics and /health on "
-                                   "BILLING_WEB_PORT")
-    demo = sub.add_parser("demo", help="a demo service writing orders through the ORM")
-    demo.add_argument("--rate", type=float, default=20.0, help="writes per second")
-    demo.add_argument("--count", type=int, default=0, help="stop after this many writes (0: never)")
     schemas = sub.add_parser("schemas", help="schema commands")
     schemas_sub = schemas.add_subparsers(dest="schemas_command", required=True)
     check = schemas_sub.add_parser("check", help="every .avsc parses; every older version resolves from each newer one")
@@ -86,19 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def begin(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings]:
+    """The parsed arguments and the settings, with logging set up; a setting that does not parse
+    is one line naming it and exit 2, not a traceback."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args, Settings.from_env()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run one command; startup failures print one line and exit non-zero.
 
     Each command's module is imported only when it runs, so `--help` and `schemas check`
     need neither Faust nor the servers' clients.
     """
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        settings = Settings.from_env()
-    except ValueError as exc:  # a setting that does not parse: name it, not a traceback
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    args, settings = begin(build_parser(), argv)
     try:
         if args.command == "dev":
             from app.cli.dev import run_dev
@@ -137,14 +140,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.command == "outbox":
             from app.cli.outbox import outbox_status
             asyncio.run(outbox_status(settings))
-        elif args.command == "billing":
-            require(settings, "kafka_broker", "KAFKA_BROKER")
-            from services.billing import run_billing  # the demo's billing service
-            asyncio.run(check_all(settings))
-            asyncio.run(run_billing(settings))
-        elif args.command == "demo":
-            from services.demo import run_demo  # the demo's writer
-            asyncio.run(run_demo(settings, rate=args.rate, count=args.count))
     except (StartupError, ModelsNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -1,2 +1,2 @@
-"""The worker's web layer: hardened HTTP (`http`), request parsing (`params`), the table views
-(`tables`, `pages`, `routing`, `staleness`) and entities (`entities`); `install` mounts them."""
+"""The worker's web layer: hardened HTTP (`http`), request parsing (`params`), reads of the view
+tables (`tables`, `pages`, `routing`, `staleness`) and entities (`entities`); `install` mounts them."""

@@ -39,13 +39,13 @@ class EntityReads:
         self.settings = settings
         self.cache = cache
 
-    async def entities(self, page_view: FaustView, request: Request) -> Response:
+    async def entities(self, endpoint: FaustView, request: Request) -> Response:
         """`/entities/` (the entity names) and `/entities/<entity>/<key>/`."""
         segments = path_segments(request.rel_url.raw_path, "/entities", ("entity", "key"))
         parse_query(request.rel_url.raw_query_string, ())
         models = self.models()
         if not segments:
-            return page_view.json({"entities": sorted(models)})
+            return endpoint.json({"entities": sorted(models)})
         entity = check_key(segments[0], "entity")
         model = models.get(entity)
         if model is None:
@@ -63,7 +63,7 @@ class EntityReads:
             raise HttpError(503, "entity store unavailable", {"Retry-After": "1"}, entity=entity, key=key) from None
         if state is None:
             raise HttpError(404, "entity not found", entity=entity, key=key)
-        return page_view.json({"entity": entity, "key": key, "state": state})
+        return endpoint.json({"entity": entity, "key": key, "state": state})
 
     def models(self) -> dict[str, type[EventedBase]]:
         """Entity name -> root model."""

@@ -2,7 +2,7 @@
 
 JSON `{"error": ..., "status": ...}` for API clients, a small HTML page for browsers (`Accept`
 ranking text/html first: `prefers_html`, which the table pages use too), never an echo of the
-input. A view raises `HttpError` for an error answer; `guarded` turns it into its JSON answer
+input. A handler raises `HttpError` for an error answer; `guarded` turns it into its JSON answer
 and any other exception into a bare 500 `{"error": "internal error"}`, the traceback logged
 here and never sent to the caller. `app.web.http` applies the same format to what aiohttp
 itself refuses.
@@ -116,16 +116,16 @@ def bad(param: str, problem: str) -> HttpError:
     return HttpError(400, f"{param}: {problem}", parameter=param)
 
 
-async def guarded(view: FaustView, request: Request, answer: Callable[[], Awaitable[Response]],
+async def guarded(endpoint: FaustView, request: Request, answer: Callable[[], Awaitable[Response]],
                   where: str = "web") -> Response:
     """`answer()`; an HttpError becomes its JSON answer, anything else a bare 500 logged as `where`."""
     try:
         return await answer()
     except HttpError as exc:
-        return view.json(exc.body(), status=exc.status, headers=exc.headers or None)
+        return endpoint.json(exc.body(), status=exc.status, headers=exc.headers or None)
     except asyncio.CancelledError:
         raise
     except Exception:
         # Logged here with the traceback; the caller gets none of it.
         log.exception("%s: %s %s failed", where, request.method, request.rel_url.raw_path)
-        return view.json({"error": "internal error"}, status=500)
+        return endpoint.json({"error": "internal error"}, status=500)

@@ -8,7 +8,7 @@ connection that sent half its headers open indefinitely (slowloris). Here:
 - **One error format** (`app.web.errors.error_response`): JSON `{"error": ..., "status": ...}` for API
   clients, a small HTML page for browsers (`Accept` ranking text/html first: `prefers_html`,
   which the table pages use too), never an echo of the input. `error_middleware` applies it
-  to router errors and to the JSON errors our views return; `GuardedRequestHandler.handle_error`
+  to router errors and to the JSON errors our handlers return; `GuardedRequestHandler.handle_error`
   to what aiohttp's parser refuses, logged as one line.
 - **Header read time**: a request whose headers are not complete `header_timeout` seconds
   after its first byte (or after the connection opened) gets 408 and the connection closes.
@@ -95,7 +95,7 @@ def error_middleware(limits: Limits) -> Callable[..., Awaitable[web.StreamRespon
             headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             return error_response(exc.status, error_body(exc.status, error, extra), accept, headers)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            # Faust's own table views forward a key's lookup to the worker owning its partition;
+            # Faust's own table endpoints forward a key's lookup to the worker owning its partition;
             # that worker is gone (killed, mid-rebalance). A 503 the client can retry, in one log
             # line: a traceback per request cost the survivor of a takeover whole seconds.
             log.warning("web: %s %s: the owner of the key's partition cannot be reached (%s)",
@@ -105,7 +105,7 @@ def error_middleware(limits: Limits) -> Callable[..., Awaitable[web.StreamRespon
                                   headers={"Retry-After": "1"})
         if (response.status >= 400 and isinstance(response, web.Response) and prefers_html(accept)
                 and (response.content_type or "") == "application/json" and response.body is not None):
-            # Our views answer errors in JSON; a browser gets the same error as a page.
+            # Our handlers answer errors in JSON; a browser gets the same error as a page.
             try:
                 body = json.loads(bytes(response.body))  # type: ignore[arg-type]  # a JSON answer's body is bytes, not a Payload
             except ValueError:

@@ -55,31 +55,31 @@ class WebHandlers:
         self.lookups = KeyLookups(app, self.reads, Staleness(app))
         self.entity_reads = EntityReads(app, settings, cache)
 
-    async def dispatch(self, view: FaustView, request: Request, handler: Handler) -> Response:
+    async def dispatch(self, endpoint: FaustView, request: Request, handler: Handler) -> Response:
         """Run a handler; HttpError becomes its JSON answer, anything else a bare 500."""
-        return await guarded(view, request, lambda: handler(view, request))
+        return await guarded(endpoint, request, lambda: handler(endpoint, request))
 
-    async def tables(self, page_view: FaustView, request: Request) -> Response:
+    async def tables(self, endpoint: FaustView, request: Request) -> Response:
         """`/tables/`, `/tables/<name>/`, `/tables/<name>/<key>/`."""
         segments = path_segments(request.rel_url.raw_path, "/tables", ("name", "key"))
         if not segments:
             query = parse_query(request.rel_url.raw_query_string, ("format",))
-            return self.reads.index(page_view, request, query)
+            return self.reads.index(endpoint, request, query)
         name = check_key(segments[0], "name")
         view = self.reads.view_or_404(name)
         if len(segments) == 1:
             query = parse_query(request.rel_url.raw_query_string, ("limit", "after", "prefix", "format"))
-            return self.reads.listing(page_view, request, name, view, query)
+            return self.reads.listing(endpoint, request, name, view, query)
         key = check_key(segments[1], "key")
         query = parse_query(request.rel_url.raw_query_string, ("max_lag",))
         max_lag = None
         if "max_lag" in query:
             max_lag = parse_int(query["max_lag"], "max_lag", 0, None, MAX_LAG_DIGITS)
-        return await self.lookups.lookup(page_view, request, name, view, key, max_lag)
+        return await self.lookups.lookup(endpoint, request, name, view, key, max_lag)
 
-    async def entities(self, page_view: FaustView, request: Request) -> Response:
+    async def entities(self, endpoint: FaustView, request: Request) -> Response:
         """`/entities/` and `/entities/<entity>/<key>/` (`EntityReads.entities`)."""
-        return await self.entity_reads.entities(page_view, request)
+        return await self.entity_reads.entities(endpoint, request)
 
 
 def install(app: faust.App, settings: Settings, views: Mapping[str, View],

@@ -146,7 +146,7 @@ class OwnerApis:
         self.tokens = settings.service_token_map()
         self.apis = {owner: OwnerApi(settings, owner) for owner in settings.owner_apis}
 
-    async def answer(self, view: FaustView, request: Request) -> Response:
+    async def answer(self, endpoint: FaustView, request: Request) -> Response:
         segments = path_segments(request.rel_url.raw_path, "/services", ("service", "entity", "key"))
         parse_query(request.rel_url.raw_query_string, ())
         if len(segments) != 3:
@@ -156,7 +156,7 @@ class OwnerApis:
         api = self.apis.get(owner)
         if api is None:
             raise HttpError(404, f"no owner API of service {owner!r} here", service=owner)
-        return view.json(await api.read(caller, entity, key))
+        return endpoint.json(await api.read(caller, entity, key))
 
     async def close(self) -> None:
         for api in self.apis.values():

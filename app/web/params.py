@@ -1,6 +1,6 @@
 """Request parsing of the web handlers: path segments, query parameters, keys and integers.
 
-Paths and queries are parsed from the raw request target, not from aiohttp's decoded view of
+Paths and queries are parsed from the raw request target, not from aiohttp's decoded form of
 it, so every malformed input is refused the same way: a 400 (`bad`) naming the parameter.
 Keys, names, cursors and prefixes are at most 200 characters of `[A-Za-z0-9._:-]`.
 """

@@ -52,7 +52,7 @@ class KeyLookups:
         mine = self.reads.canonical()
         return (url.host, url.port or 80) == (mine.host, mine.port or 80)
 
-    async def lookup(self, page_view: FaustView, request: Request, name: str, view: View, key: str,
+    async def lookup(self, endpoint: FaustView, request: Request, name: str, view: View, key: str,
                      max_lag: int | None) -> Response:
         """A key's value from its owner; from the local copy when allowed and fresh enough."""
         tp = TP(self.reads.changelog(view), self.reads.partition_of(view, key))
@@ -62,22 +62,22 @@ class KeyLookups:
             owner = None
         if owner is not None and self.is_self(owner):
             if self.staleness.rebalancing():
-                return self.from_copy(page_view, name, view, key, tp, max_lag,
+                return self.from_copy(endpoint, name, view, key, tp, max_lag,
                                       "this worker is rebalancing: its copy of the partition may be behind")
-            return self.answer(page_view, name, view, key, {SERVED_BY: "active"})
+            return self.answer(endpoint, name, view, key, {SERVED_BY: "active"})
         if owner is None:
-            return self.from_copy(page_view, name, view, key, tp, max_lag,
+            return self.from_copy(endpoint, name, view, key, tp, max_lag,
                                   "the owner of the key's partition is unknown (rebalancing)")
         if request.headers.get(ROUTED_HEADER):
-            return self.from_copy(page_view, name, view, key, tp, max_lag,
+            return self.from_copy(endpoint, name, view, key, tp, max_lag,
                                   "workers disagree on the owner of the key's partition (rebalancing)")
-        forwarded = await self.forward(page_view, owner, request)
+        forwarded = await self.forward(endpoint, owner, request)
         if forwarded is not None:
             return forwarded
-        return self.from_copy(page_view, name, view, key, tp, max_lag,
+        return self.from_copy(endpoint, name, view, key, tp, max_lag,
                               f"the owner of the key's partition ({owner}) cannot be reached")
 
-    def answer(self, page_view: FaustView, name: str, view: View, key: str,
+    def answer(self, endpoint: FaustView, name: str, view: View, key: str,
                headers: dict[str, str]) -> Response:
         """The local table's value of `key` (404 if absent or hidden)."""
         headers = {**headers, WORKER: str(self.reads.canonical())}
@@ -85,9 +85,9 @@ class KeyLookups:
         value = None if stored is None else view.present(stored)
         if value is None:
             raise HttpError(404, "key not found", headers, table=name, key=key)
-        return page_view.json({"table": name, **self.reads.item_json(view, key, value)}, headers=headers)
+        return endpoint.json({"table": name, **self.reads.item_json(view, key, value)}, headers=headers)
 
-    def from_copy(self, page_view: FaustView, name: str, view: View, key: str, tp: TP,
+    def from_copy(self, endpoint: FaustView, name: str, view: View, key: str, tp: TP,
                   max_lag: int | None, reason: str) -> Response:
         """The local copy's answer if the caller accepts it and it is fresh enough; else 503."""
         retry = {"Retry-After": "1"}
@@ -102,9 +102,9 @@ class KeyLookups:
         if lag > max_lag:
             raise HttpError(503, f"{reason}; the local copy is {lag} changelog messages behind",
                             retry, table=name, key=key, lag=lag, max_lag=max_lag)
-        return self.answer(page_view, name, view, key, {SERVED_BY: "standby", STANDBY_LAG: str(lag)})
+        return self.answer(endpoint, name, view, key, {SERVED_BY: "standby", STANDBY_LAG: str(lag)})
 
-    async def forward(self, page_view: FaustView, owner: URL, request: Request) -> Response | None:
+    async def forward(self, endpoint: FaustView, owner: URL, request: Request) -> Response | None:
         """The owner's answer to the same request; None if the owner cannot be reached."""
         # Our own forwarding rather than Faust's route_req: it keeps the owner's headers,
         # bounds the wait, and marks the request so it is never forwarded twice.
@@ -117,7 +117,7 @@ class KeyLookups:
                     timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT)) as response:
                 body = await response.read()
                 passed = {h: response.headers[h] for h in PASSED_THROUGH if h in response.headers}
-                return page_view.bytes(body, content_type=response.content_type,
+                return endpoint.bytes(body, content_type=response.content_type,
                                        status=response.status, headers=passed)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             log.info("web: owner %s unreachable for %s: %r", owner, request.rel_url.raw_path, exc)

@@ -151,7 +151,7 @@ class TableReads:
             raise HttpError(404, "unknown table", table=name)
         return view
 
-    def index(self, page_view: FaustView, request: Request, query: Mapping[str, str]) -> Response:
+    def index(self, endpoint: FaustView, request: Request, query: Mapping[str, str]) -> Response:
         """Every view table with its kind, key count and partitions held here."""
         tables = []
         for name, view in self.views.items():
@@ -165,10 +165,10 @@ class TableReads:
             })
         body = {"worker": str(self.canonical()), "tables": tables}
         if wants_html(request.headers.get("Accept", ""), query):
-            return page_view.html(render_index(body))
-        return page_view.json(body)
+            return endpoint.html(render_index(body))
+        return endpoint.json(body)
 
-    def listing(self, page_view: FaustView, request: Request, name: str, view: View,
+    def listing(self, endpoint: FaustView, request: Request, name: str, view: View,
                 query: Mapping[str, str]) -> Response:
         """One page of a table's items."""
         limit = DEFAULT_LIMIT
@@ -187,5 +187,5 @@ class TableReads:
             "next": page.next,
         }
         if html_wanted:
-            return page_view.html(render_listing(body, windowed=view.window is not None))
-        return page_view.json(body)
+            return endpoint.html(render_listing(body, windowed=view.window is not None))
+        return endpoint.json(body)

@@ -57,7 +57,7 @@ def test_the_worker_runs_its_relay_as_a_child_unless_told_otherwise() -> None:
 
 def test_every_command_has_help() -> None:
     for args in (["--help"], ["dev", "--help"], ["worker", "--help"], ["relay", "--help"],
-                 ["outbox", "status", "--help"], ["demo", "--help"], ["init-db", "--help"],
+                 ["outbox", "status", "--help"], ["init-db", "--help"],
                  ["schemas", "check", "--help"], ["dlq", "list", "--help"], ["dlq", "redrive", "--help"],
                  ["topic", "consumers", "--help"], ["topic", "archive", "--help"], ["replay", "--help"],
                  ["asyncapi", "--help"]):

@@ -1,4 +1,4 @@
-"""The billing service as users run it (`python -m app billing`), killed with SIGKILL under load.
+"""The billing service as users run it (`python -m services billing`), killed with SIGKILL under load.
 
 Orders are written through the ORM and published by the relay while the billing process is
 killed and restarted again and again, at random points (between its handler and its database
@@ -32,7 +32,7 @@ from app.topology import inbox_dead_letter_topic
 from chaos.agreement import check_invoices
 from models import Order
 from services.billing import SERVICE
-from tests.processes import listening, spawn_app, stop, wait_for_log
+from tests.processes import listening, spawn_service, stop, wait_for_log
 from tests.waiting import until
 
 KILLS = 8
@@ -45,7 +45,7 @@ def status(port: int) -> dict[str, Any]:
 
 async def start_billing(settings: Settings, log: Path, port: int) -> subprocess.Popen[bytes]:
     start = log.stat().st_size if log.exists() else 0
-    child = spawn_app(settings, "billing", log=log, BILLING_WEB_PORT=str(port))
+    child = spawn_service(settings, "billing", log=log, BILLING_WEB_PORT=str(port))
     await wait_for_log(log, "billing web server", child, start=start)
     return child
 
