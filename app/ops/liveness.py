@@ -28,11 +28,14 @@ A stall is one of:
   keeps them at 0 while other partitions' records wait their turn (a worker started onto a
   backlog was once restarted for nothing that way);
 - for `stall_after` seconds, outside a rebalance: one partition's fetched records waited untaken
-  at the same read offset while every queue stayed empty, however the loop fares with other
-  partitions. Each of the loop's takes drains every partition's fetched records, so a wait this
-  long is a loop crawling, not a turn: seen in a full CI run, where a worker started onto a
-  backlog crept through standby changelog records (two in the seconds between two dumps) while
-  the stage-2 updates' fetched records waited 55 s behind them, and the views never converged.
+  at the same read offset while nothing held the loop back on purpose (no queue it fills full,
+  the producer's buffer within its limit), however the loop fares with other partitions. Each
+  of the loop's takes drains every partition's fetched records, so a wait this long is a loop
+  crawling, not a turn: seen in three full CI runs, where a worker started onto a backlog crept
+  through standby changelog records (two in the seconds between two dumps) while the stage-2
+  updates' fetched records waited 55 s behind them, and the views never converged. A queue
+  holding a few events does not hold the loop back (only a full one blocks its put), and one
+  did hold an event in the third run.
 """
 from __future__ import annotations
 
@@ -125,7 +128,7 @@ class ConsumerLiveness:
         if starved:
             names = ", ".join(f"{tp.topic}:{tp.partition}" for tp in starved[:8])
             return (f"fetched records of {len(starved)} partition(s) ({names}) not taken for {self.stall_after:.0f} s "
-                    f"while every delivery queue is empty (the drain loop does not reach them)")
+                    f"with no queue full and the producer keeping up (the drain loop does not reach them)")
         unfetched = self._unfetched(consumer)
         if not self._held(bool(unfetched), "_unfetched_since", now, self.stall_after):
             return ""
@@ -161,15 +164,16 @@ class ConsumerLiveness:
         return waiting and not self._queued()
 
     def _starved(self, consumer: Any, now: float) -> list[Any]:
-        """Partitions whose fetched records waited `stall_after` s untaken at one read offset, the
-        queues empty at every look (back-pressure or a rebalance starts the count again)."""
+        """Partitions whose fetched records waited `stall_after` s untaken at one read offset,
+        nothing holding the loop back at any look (back-pressure or a rebalance starts the count
+        again)."""
         gap = None if self._looked is None else now - self._looked
         self._looked = now
         # A process that was frozen (SIGSTOP, a suspended VM) had no chance to take anything:
         # the wait counts from the first look after it, not from before.
         if gap is not None and gap > self.untaken_after:
             self._waiting = {}
-        if not self._flowing() or self._queued():
+        if not self._flowing() or self._held_back():
             self._waiting = {}
             return []
         try:
@@ -198,6 +202,15 @@ class ConsumerLiveness:
         their stream's buffer full) in the fetcher on purpose."""
         sets = flow_partitions(self.app.consumer)
         return sets["active"] - sets["paused"] - sets["buffered"]
+
+    def _held_back(self) -> bool:
+        """Whether the drain loop may wait on purpose: a queue it fills is full (an agent slower
+        than its input: the put blocks), or the producer's buffer is over its limit (Faust's
+        conductor then waits for the broker before each message)."""
+        if any(0 < getattr(queue, "maxsize", 0) <= queue.qsize() for _, queue in delivery_queues(self.app)):
+            return True
+        buffer = getattr(getattr(self.app, "producer", None), "buffer", None)
+        return buffer is not None and buffer.size > buffer.max_messages
 
     def _queued(self) -> bool:
         """Whether a queue the drain loop fills holds events (some agent has work)."""
