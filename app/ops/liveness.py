@@ -26,16 +26,7 @@ A stall is one of:
   back-pressure, would show). Empty queues alone do not say so: a loop working through a long
   run of standby changelog records, or flushing the producer buffer before each message,
   keeps them at 0 while other partitions' records wait their turn (a worker started onto a
-  backlog was once restarted for nothing that way);
-- for `stall_after` seconds, outside a rebalance: one partition's fetched records waited untaken
-  at the same read offset while nothing held the loop back on purpose (no queue it fills full,
-  the producer's buffer within its limit), however the loop fares with other partitions. Each
-  of the loop's takes drains every partition's fetched records, so a wait this long is a loop
-  crawling, not a turn: seen in three full CI runs, where a worker started onto a backlog crept
-  through standby changelog records (two in the seconds between two dumps) while the stage-2
-  updates' fetched records waited 55 s behind them, and the views never converged. A queue
-  holding a few events does not hold the loop back (only a full one blocks its put), and one
-  did hold an event in the third run.
+  backlog was once restarted for nothing that way).
 """
 from __future__ import annotations
 
@@ -87,10 +78,6 @@ class ConsumerLiveness:
         #: The drain loop's read offsets at the last look (None: no look yet): a change is a
         #: message delivered.
         self._delivered: tuple[tuple[str, Any], ...] | None = None
-        #: tp -> (its read offset, since when its fetched records have waited untaken at it).
-        self._waiting: dict[Any, tuple[int | None, float]] = {}
-        #: When `_starved` last looked (None: never).
-        self._looked: float | None = None
 
     def check(self, now: float | None = None) -> str:
         """Look once; on a stall, report it and exit after `grace` s. Returns the reason or ""."""
@@ -124,11 +111,6 @@ class ConsumerLiveness:
         if self._held(self._untaken(consumer), "_untaken_since", now, self.untaken_after):
             return (f"fetched records not taken for {self.untaken_after:.0f} s while every delivery queue is "
                     f"empty (the drain loop does not run)")
-        starved = self._starved(consumer, now)
-        if starved:
-            names = ", ".join(f"{tp.topic}:{tp.partition}" for tp in starved[:8])
-            return (f"fetched records of {len(starved)} partition(s) ({names}) not taken for {self.stall_after:.0f} s "
-                    f"with no queue full and the producer keeping up (the drain loop does not reach them)")
         unfetched = self._unfetched(consumer)
         if not self._held(bool(unfetched), "_unfetched_since", now, self.stall_after):
             return ""
@@ -152,69 +134,25 @@ class ConsumerLiveness:
         delivered = tuple(sorted((str(tp), offset) for tp, offset in list(read_offsets(app.consumer).items())))
         moved = self._delivered is not None and delivered != self._delivered
         self._delivered = delivered
-        if moved or not self._flowing():
-            return False  # it delivered a message (it runs, however slowly), or it waits for a rebalance
-        takes = self._takes()
+        if moved:
+            return False  # the drain loop delivered a message: it runs, however slowly
+        recovery = app.tables.recovery
+        if (app.rebalancing or not recovery.completed.is_set() or recovery.in_recovery
+                or not getattr(app.consumer, "flow_active", False) or not app.flow_control.is_active()):
+            return False  # the drain loop waits for the rebalance, as it should
+        # Only partitions the drain loop takes from: Faust leaves the others' records (paused,
+        # or their stream's buffer full) in the fetcher on purpose.
+        sets = flow_partitions(app.consumer)
+        takes = sets["active"] - sets["paused"] - sets["buffered"]
         try:
             waiting = any(state.buffered and tp in takes for tp, state in fetch_states(consumer).items())
         except RuntimeError:
             return False
+        if not waiting:
+            return False
         # The queues the drain loop fills: one with events in it means some agent has work
         # (a full one blocks the loop: back-pressure, the watchdog's business).
-        return waiting and not self._queued()
-
-    def _starved(self, consumer: Any, now: float) -> list[Any]:
-        """Partitions whose fetched records waited `stall_after` s untaken at one read offset,
-        nothing holding the loop back at any look (back-pressure or a rebalance starts the count
-        again)."""
-        gap = None if self._looked is None else now - self._looked
-        self._looked = now
-        # A process that was frozen (SIGSTOP, a suspended VM) had no chance to take anything:
-        # the wait counts from the first look after it, not from before.
-        if gap is not None and gap > self.untaken_after:
-            self._waiting = {}
-        if not self._flowing() or self._held_back():
-            self._waiting = {}
-            return []
-        try:
-            states = fetch_states(consumer)
-        except RuntimeError:  # changed under us by the consumer's thread: look again next time
-            return []
-        reads, takes = read_offsets(self.app.consumer), self._takes()
-        waiting: dict[Any, tuple[int | None, float]] = {}
-        for tp, state in states.items():
-            if state.buffered and tp in takes:
-                offset = reads.get(tp)
-                before = self._waiting.get(tp)
-                waiting[tp] = before if before is not None and before[0] == offset else (offset, now)
-        self._waiting = waiting
-        return sorted(tp for tp, (_, since) in waiting.items() if now - since >= self.stall_after)
-
-    def _flowing(self) -> bool:
-        """Whether the drain loop should be taking records: no rebalance or recovery, the flow on."""
-        app = self.app
-        recovery = app.tables.recovery
-        return not (app.rebalancing or not recovery.completed.is_set() or recovery.in_recovery
-                    or not getattr(app.consumer, "flow_active", False) or not app.flow_control.is_active())
-
-    def _takes(self) -> set[Any]:
-        """The partitions the drain loop takes from: Faust leaves the others' records (paused, or
-        their stream's buffer full) in the fetcher on purpose."""
-        sets = flow_partitions(self.app.consumer)
-        return sets["active"] - sets["paused"] - sets["buffered"]
-
-    def _held_back(self) -> bool:
-        """Whether the drain loop may wait on purpose: a queue it fills is full (an agent slower
-        than its input: the put blocks), or the producer's buffer is over its limit (Faust's
-        conductor then waits for the broker before each message)."""
-        if any(0 < getattr(queue, "maxsize", 0) <= queue.qsize() for _, queue in delivery_queues(self.app)):
-            return True
-        buffer = getattr(getattr(self.app, "producer", None), "buffer", None)
-        return buffer is not None and buffer.size > buffer.max_messages
-
-    def _queued(self) -> bool:
-        """Whether a queue the drain loop fills holds events (some agent has work)."""
-        return any(queue.qsize() for _, queue in delivery_queues(self.app))
+        return not any(queue.qsize() for _, queue in delivery_queues(app))
 
     def _unfetched(self, consumer: Any) -> list[Any]:
         """Assigned, unpaused partitions with no recent fetch response, while nothing explains it."""

@@ -143,65 +143,6 @@ def test_a_drain_loop_that_delivers_slowly_while_every_queue_is_empty_is_not_a_s
     assert exits == []
 
 
-def test_one_partitions_records_left_untaken_while_the_loop_delivers_others_are_a_stall() -> None:
-    # Seen in full CI runs: the loop crawled through standby changelog records (about one a
-    # second) while a stage-2 input partition's fetched records waited behind them for a minute.
-    app, exits = fake_app(buffered=True), []
-    other = TopicPartition("orders-changelog", 1)
-    app.consumer._read_offset[other] = 0
-    rule = liveness(app, exits)
-    for second in range(30):
-        app.consumer._read_offset[other] += 1  # the loop delivers, but never reaches orders-v2:0
-        assert rule.check(now=float(second)) == "", second
-    app.consumer._read_offset[other] += 1
-    assert "fetched records of 1 partition(s) (orders-v2:0) not taken for 30 s" in rule.check(now=30.0)
-
-
-def test_a_partitions_wait_counts_again_after_back_pressure_or_a_delivery() -> None:
-    app, exits = fake_app(buffered=True), []
-    other = TopicPartition("orders-changelog", 1)
-    app.consumer._read_offset[other] = 0
-    queue = app.topics[0]._queue
-    queue.maxsize = 4
-    app.producer = SimpleNamespace(buffer=SimpleNamespace(size=0, max_messages=100))
-    rule = liveness(app, exits)
-    for second in range(90):
-        app.consumer._read_offset[other] += 1
-        # A full queue (an agent slower than its input) for a while, then the producer's buffer
-        # over its limit (the broker slow), then orders-v2:0 itself delivered once.
-        queue.qsize = (lambda: 4) if 10 <= second < 20 else (lambda: 1)
-        app.producer.buffer.size = 150 if 45 <= second < 50 else 0
-        if second == 70:
-            app.consumer._read_offset[TP0] += 1
-        assert rule.check(now=float(second)) == "", second
-    assert exits == []
-
-
-def test_a_queue_holding_a_few_events_does_not_hide_a_partition_left_untaken() -> None:
-    # The third CI run's dump: one queue held one event while the loop crept on elsewhere.
-    app, exits = fake_app(buffered=True, queued=1), []
-    app.topics[0]._queue.maxsize = 4096
-    other = TopicPartition("orders-changelog", 1)
-    app.consumer._read_offset[other] = 0
-    rule = liveness(app, exits)
-    for second in range(30):
-        app.consumer._read_offset[other] += 1
-        assert rule.check(now=float(second)) == "", second
-    assert "fetched records of 1 partition(s) (orders-v2:0) not taken for 30 s" in rule.check(now=30.0)
-
-
-def test_a_frozen_process_is_not_a_stall_on_its_first_looks_after() -> None:
-    # The worker-pause fault SIGSTOPs the worker for 30 s: records fetched before the pause wait
-    # until the drain loop runs again, which the watchdog's first look may come before.
-    app, exits = fake_app(buffered=True), []
-    app.consumer._read_offset[TopicPartition("orders-changelog", 1)] = 0
-    rule = liveness(app, exits)
-    assert rule.check(now=0.0) == ""
-    for second in range(45, 60):
-        app.consumer._read_offset[TopicPartition("orders-changelog", 1)] += 1
-        assert rule.check(now=float(second)) == "", second
-
-
 def test_nothing_is_a_stall_while_the_worker_stops() -> None:
     app, exits = fake_app(), []
     app.consumer._thread._consumer._fetcher._fetch_task = Task(done=True)
