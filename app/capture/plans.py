@@ -61,6 +61,11 @@ class EntityPlan:
         self._key_attr = inspect(model).get_property_by_column(self.key_column).key
         self._checked = _checked_columns(model, self.fields)
 
+    @property
+    def key_sql_type(self) -> str:
+        """The PostgreSQL type of the aggregate key, for a `CAST` of its text form."""
+        return str(self.key_column.type.compile(dialect=_pg_dialect()))
+
     def key_of(self, obj: EventedBase) -> Any:
         """The aggregate key of `obj`: its primary key, or its root's for an extension."""
         return getattr(obj, self._key_attr)
@@ -177,10 +182,9 @@ def state_sql(root: type[EventedBase], key: str = "ev.key") -> str:
             f"'{ext.__extension_field__}', (SELECT json_build_object({inner}) "
             f'FROM "{ep.table.name}" e WHERE e."{ep.key_column.name}" = r."{plan.key_column.name}")'
         )
-    key_type = plan.key_column.type.compile(dialect=_pg_dialect())
     return (
         f"(SELECT json_build_object({', '.join(parts)}) FROM \"{plan.table.name}\" r "
-        f"WHERE r.\"{plan.key_column.name}\" = CAST({key} AS {key_type}))"
+        f"WHERE r.\"{plan.key_column.name}\" = CAST({key} AS {plan.key_sql_type}))"
     )
 
 

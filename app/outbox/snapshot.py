@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from sqlalchemy.dialects import postgresql
 
 from app.capture.model import EventedBase
 from app.capture.ownership import owner_of
@@ -54,7 +53,7 @@ def plan(root: type[EventedBase]) -> SnapshotPlan:
     literal, topic, owner = sql_literal(entity), sql_literal(p.schema.topic), sql_literal(owner_of(root))
     keys_sql = (f'SELECT "{key}" AS k, "{key}"::text AS t FROM "{table}" '
                 f'WHERE $1::text IS NULL OR "{key}" > '
-                f'CAST($1 AS {p.key_column.type.compile(dialect=postgresql.dialect())}) '
+                f'CAST($1 AS {p.key_sql_type}) '
                 f'ORDER BY "{key}" LIMIT $2')
     insert_sql = f"""
 WITH inserted AS (
