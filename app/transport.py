@@ -9,6 +9,7 @@ own driver.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict
@@ -23,8 +24,10 @@ from faust.transport.consumer import ensure_TP
 from faust.transport.drivers import aiokafka as driver
 from faust.types import TP, Message
 from faust.types.tuples import ack_lock
+from mode.services import WaitResults
 
 from app.commits import CommitGuard
+from app.eager import start_eagerly
 from app.faust_compat import check_coordinator_errors, forget_unacked, replace_read_offsets, set_fetch_max_wait
 from app.kafka import adapt_fetch_wait, fetched_end_offsets
 from app.retries import Retries
@@ -165,12 +168,27 @@ class FetchWaitConsumer(driver.Consumer):
         deliver = self.callback
 
         def callback(message: Message) -> Any:
-            # Plain function: the message is noted before the drain loop awaits its delivery.
+            # Plain function: the message is noted before the drain loop awaits its delivery,
+            # which starts now (app/eager.py): almost always it is done by the time the drain
+            # loop gets it, and `wait_first` (below) then needs no Task and no loop iteration.
             self.delivering = message
             self.delivering_epoch = self.batch_epoch
-            return deliver(message)
+            delivery = deliver(message)
+            return start_eagerly(delivery) if asyncio.iscoroutine(delivery) else delivery
 
         self.callback = callback
+
+    async def wait_first(self, *coros: Any, timeout: Any = None) -> WaitResults:
+        # The drain loop races each delivery against `suspend_flow` (a rebalance cancels a
+        # delivery that waits). One that is done already has won: the race would cost four
+        # Tasks and three loop iterations per message (app/eager.py says why that matters).
+        first = coros[0] if coros else None
+        if isinstance(first, asyncio.Future) and first.done() and not self.should_stop:
+            for other in coros[1:]:
+                if asyncio.iscoroutine(other):
+                    other.close()  # the `suspend_flow.wait()` nobody needs
+            return WaitResults([first], [first.result()], False)
+        return await super().wait_first(*coros, timeout=timeout)
 
     def ack(self, message: Message) -> bool:
         # While a rebalance is under way (flow control suspended) or once it has happened

@@ -213,3 +213,91 @@ async def test_stock_faust_loses_a_message_in_the_recovery_completion_sequence(
     commit = await recovery.run()
     assert sorted(set(range(10, 20)) - set(recovery.processed)) == [10], recovery.processed
     assert commit == 20
+
+
+async def drain_ticks(consumer: Any, monkeypatch: pytest.MonkeyPatch, delivered: list[int], count: int) -> int:
+    """Loop iterations the real drain loop takes to deliver `count` fetched messages whose
+    delivery never waits (as Faust's conductor: decode, `put_nowait`)."""
+    fetched = {"done": False}
+
+    async def fetch(active_partitions: set[TP], timeout: float) -> Any:
+        await asyncio.sleep(0)
+        if fetched["done"]:
+            await asyncio.sleep(3600)  # nothing more to read
+        fetched["done"] = True
+        records = [ConsumerRecord(TOPIC, 0, offset, 0, 0, b"k", b"v", None, 1, 1, ()) for offset in range(count)]
+        return Fetched({T0: records}, 0) if isinstance(consumer, FetchWaitConsumer) else {T0: records}
+
+    monkeypatch.setattr(consumer.app.topics, "acks_enabled_for", lambda topic: topic == TOPIC)
+    monkeypatch.setattr(consumer, "_getmany", fetch)
+    monkeypatch.setattr(consumer, "highwater", lambda tp: count)
+    monkeypatch.setattr(consumer, "assignment", lambda: {T0})
+    monkeypatch.setattr(consumer, "_get_active_partitions", lambda: {T0})
+    fetcher = Service()
+    drain = asyncio.ensure_future(consumer._drain_messages(fetcher))
+    ticks = 0
+    try:
+        while len(delivered) < count and ticks < 100 * count:
+            ticks += 1
+            await asyncio.sleep(0)
+    finally:
+        await fetcher.stop()
+        drain.cancel()
+        await asyncio.gather(drain, return_exceptions=True)
+    assert delivered == list(range(count))
+    return ticks
+
+
+async def test_the_drain_loop_delivers_a_fetched_batch_in_a_few_loop_iterations(
+        app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A busy worker's loop iteration takes tens of ms: at three per message, two workers caught
+    # up on a backlog at ~16 messages/s each (app/eager.py).
+    delivered: list[int] = []
+
+    async def deliver(message: Any) -> None:
+        delivered.append(message.offset)
+
+    consumer = app.transport.create_consumer(callback=deliver, on_partitions_revoked=None,
+                                             on_partitions_assigned=None)
+    ticks = await drain_ticks(consumer, monkeypatch, delivered, 300)
+    assert ticks <= 20, f"{ticks} loop iterations for 300 messages"
+
+
+async def test_stock_faust_spends_loop_iterations_on_every_message_it_delivers(
+        app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same on Faust's own consumer: `wait_first` makes four Tasks per message. If this
+    # fails, Faust delivers eagerly itself.
+    delivered: list[int] = []
+
+    async def deliver(message: Any) -> None:
+        delivered.append(message.offset)
+
+    consumer = driver.Consumer(app.transport, callback=deliver, on_partitions_revoked=None,
+                               on_partitions_assigned=None)
+    ticks = await drain_ticks(consumer, monkeypatch, delivered, 300)
+    assert ticks >= 2 * 300, f"{ticks} loop iterations for 300 messages"
+
+
+async def test_a_delivery_that_waits_is_still_cancelled_when_the_flow_is_suspended(app: App) -> None:
+    # A rebalance suspends the flow: a delivery blocked on a full queue must give way, as in Faust.
+    seen: list[str] = []
+
+    async def blocked(message: Any) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    consumer = app.transport.create_consumer(callback=blocked, on_partitions_revoked=None,
+                                             on_partitions_assigned=None)
+    assert isinstance(consumer, FetchWaitConsumer)
+    message = type("M", (), {"tp": T0, "offset": 1})()
+    race = asyncio.ensure_future(consumer.wait_first(consumer.callback(message), consumer.suspend_flow.wait()))
+    await asyncio.sleep(0)
+    assert not race.done()
+    consumer.suspend_flow.set()
+    await asyncio.wait_for(race, 5)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert seen == ["cancelled"]

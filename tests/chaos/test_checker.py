@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -277,12 +278,21 @@ def parts(value: Any) -> dict[str, Any]:
     return {"parts": {"0": {"epoch": 1, "version": 1, "value": value}}}
 
 
+class Tables(dict[tuple[str, str], Any]):
+    """(table, key) -> what the view holds; `asked` counts the lookups per table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: Counter[str] = Counter()
+
+
 @pytest.fixture
-async def views() -> AsyncIterator[tuple[str, dict[tuple[str, str], Any]]]:
+async def views() -> AsyncIterator[tuple[str, Tables]]:
     """A web server answering `/table/<name>/<key>/` from a dict the test fills: the views under test."""
-    tables: dict[tuple[str, str], Any] = {}
+    tables = Tables()
 
     async def lookup(request: web.Request) -> web.Response:
+        tables.asked[request.match_info["name"]] += 1
         found = tables.get((request.match_info["name"], request.match_info["key"]))
         if found is None:
             return web.json_response({"error": "not found"}, status=404)
@@ -317,7 +327,7 @@ def two_orders() -> Snapshot:
                     {"1": micros(NOW), "2": micros(NOW) + 5})
 
 
-async def test_views_that_agree_have_no_mismatch(views: tuple[str, dict[tuple[str, str], Any]]) -> None:
+async def test_views_that_agree_have_no_mismatch(views: tuple[str, Tables]) -> None:
     base, tables = views
     db, minute = two_orders(), ORDERS_PER_MINUTE.start(micros(NOW))
     agreeing(tables, db, minute)
@@ -335,7 +345,7 @@ async def test_views_that_agree_have_no_mismatch(views: tuple[str, dict[tuple[st
     ("orders", "1", {"seq": 0, "state": {"customer_id": 1, "amount_cents": 150, "currency": "EUR",
                                          "status": "PENDING", "shipping": None}}, "orders[1] at sequence 0 != 1"),
 ])
-async def test_a_view_off_by_one_is_reported_on_its_row(views: tuple[str, dict[tuple[str, str], Any]], table: str,
+async def test_a_view_off_by_one_is_reported_on_its_row(views: tuple[str, Tables], table: str,
                                                         key: str, wrong: Any, example: str) -> None:
     base, tables = views
     db, minute = two_orders(), ORDERS_PER_MINUTE.start(micros(NOW))
@@ -368,10 +378,24 @@ async def test_a_stale_cache_entry_is_a_mismatch_and_a_missing_one_is_not(redis_
         await redis.aclose()
 
 
+async def test_stopping_early_leaves_out_the_per_order_lookups_while_an_aggregate_is_wrong(
+        views: tuple[str, Tables]) -> None:
+    base, tables = views
+    db, minute = two_orders(), ORDERS_PER_MINUTE.start(micros(NOW))
+    agreeing(tables, db, minute)
+    tables[("orders_by_status", "pending")] = parts(1)
+    count, examples = await view_mismatches(base, db, {minute: 2}, stop_early=True)
+    assert count == 1 and examples == ["orders_by_status[pending] = 1 != 2"]
+    assert tables.asked["orders"] == 0 and tables.asked["customer_orders"] == 1
+    tables[("orders_by_status", "pending")] = parts(2)
+    assert await view_mismatches(base, db, {minute: 2}, stop_early=True) == (0, [])
+    assert tables.asked["orders"] == 2
+
+
 def test_a_report_is_consistent_only_when_every_count_is_zero_and_commits_add_up() -> None:
     good = Report("f", writes=10, ambiguous=1, committed=11)
     assert good.consistent
-    for broken in ({"lost": 1}, {"reordered": 1}, {"phantom": 1}, {"view_mismatches": 1},
+    for broken in ({"views_checked": False}, {"lost": 1}, {"reordered": 1}, {"phantom": 1}, {"view_mismatches": 1},
                    {"cache_mismatches": 1}, {"v1_mismatches": 1}, {"invoices_missing": 1},
                    {"invoices_doubled": 1}, {"invoice_mismatches": 1}, {"committed": 9}, {"committed": 12}):
         fields: dict[str, Any] = {"writes": 10, "ambiguous": 1, "committed": 11, **broken}
