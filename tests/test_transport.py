@@ -1,5 +1,6 @@
 """The worker's consumer (app/transport.py, app/commits.py): a commit never passes an offset no
-agent finished, and a seek cannot interleave with delivery.
+agent finished, a seek cannot interleave with delivery, and a fetched batch is delivered without
+loop iterations per message (app/eager.py).
 
 Each rule has a test that runs the same steps on Faust's stock consumer and shows what it does
 there (commits past the missing message), so an upgrade that fixes Faust shows up here too.

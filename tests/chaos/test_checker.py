@@ -400,3 +400,32 @@ def test_a_report_is_consistent_only_when_every_count_is_zero_and_commits_add_up
                    {"invoices_doubled": 1}, {"invoice_mismatches": 1}, {"committed": 9}, {"committed": 12}):
         fields: dict[str, Any] = {"writes": 10, "ambiguous": 1, "committed": 11, **broken}
         assert not Report("f", **fields).consistent, broken
+
+
+class ScriptedChecker(Checker):
+    """A checker whose checks find the views wrong until `right_after` checks have run."""
+
+    def __init__(self, right_after: int) -> None:
+        super().__init__("unused", "unused", "unused")
+        self.right_after = right_after
+        self.stopped_early: list[bool] = []
+
+    async def check(self, report: Report, view_url: str, *, stop_early: bool = False) -> Report:
+        self.stopped_early.append(stop_early)
+        report.views_checked = True
+        report.view_mismatches = 0 if len(self.stopped_early) > self.right_after else 3
+        return report
+
+
+async def test_converging_checks_stop_early_and_the_check_at_the_deadline_asks_everything() -> None:
+    checker = ScriptedChecker(right_after=10**6)
+    report = await checker.converge(Report("f"), "unused", timeout=0.0)
+    assert checker.stopped_early == [True, False]
+    assert report.converge_s is None and report.view_mismatches == 3 and not report.ok
+
+
+async def test_a_check_that_finds_everything_right_records_the_time_to_converge() -> None:
+    checker = ScriptedChecker(right_after=1)
+    report = await checker.converge(Report("f"), "unused", timeout=60.0)
+    assert checker.stopped_early == [True, True]
+    assert report.converge_s is not None and report.ok
