@@ -26,6 +26,10 @@ def app_env(settings: Settings, **extra: str) -> dict[str, str]:
                DB_ROLE_PREFIX=settings.db_role_prefix)  # the session's own roles (tests/conftest.py)
     # Each service on its role, as `make dev` and Compose run them (DATABASE_URL_<SERVICE>).
     env.update(settings.service_database_env())
+    # No relay web server unless a test asks for one on a port of its own: tests run in
+    # parallel, and two relays on the default port 6067 made the second one exit at start
+    # ("address already in use"): a supervised relay that published nothing in 60 s.
+    env["RELAY_WEB_PORT"] = "0"
     env.update(extra)
     return env
 
