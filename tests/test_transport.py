@@ -22,6 +22,7 @@ from mode import Service
 from app.commits import CommitGuard
 from app.settings import Settings
 from app.transport import App, Fetched, FetchWaitConsumer
+from tests.waiting import until
 
 TOPIC = "orders-v2"
 T0 = TP(TOPIC, 0)
@@ -224,7 +225,7 @@ async def drain_ticks(consumer: Any, monkeypatch: pytest.MonkeyPatch, delivered:
     async def fetch(active_partitions: set[TP], timeout: float) -> Any:
         await asyncio.sleep(0)
         if fetched["done"]:
-            await asyncio.sleep(3600)  # nothing more to read
+            await asyncio.Event().wait()  # nothing more to read: the fetch waits until cancelled
         fetched["done"] = True
         records = [ConsumerRecord(TOPIC, 0, offset, 0, 0, b"k", b"v", None, 1, 1, ()) for offset in range(count)]
         return Fetched({T0: records}, 0) if isinstance(consumer, FetchWaitConsumer) else {T0: records}
@@ -299,6 +300,5 @@ async def test_a_delivery_that_waits_is_still_cancelled_when_the_flow_is_suspend
     assert not race.done()
     consumer.suspend_flow.set()
     await asyncio.wait_for(race, 5)
-    for _ in range(3):
-        await asyncio.sleep(0)
+    await until(lambda: seen, timeout=5, what="the waiting delivery cancelled")
     assert seen == ["cancelled"]
